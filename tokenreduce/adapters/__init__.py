@@ -1,0 +1,1 @@
+"""How reducers are placed into model families."""

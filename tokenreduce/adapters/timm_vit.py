@@ -1,0 +1,339 @@
+"""Placing a reducer into timm's `VisionTransformer` family (timm 1.x).
+
+The patched model keeps timm's own modules and weights. Only the model-level loop is replaced:
+embedding, then each block either unchanged (called as timm defines it) or through its reducer,
+then the final norm and a head that pools by token size. Blocks that reduce call the block's own
+submodules through `TimmBlockOps`, so LayerScale, q/k norm, drop path and fused attention behave
+exactly as in timm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention, AttentionPoolLatent
+from timm.models._features import feature_take_indices
+from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from tokenreduce.adapters.base import ModelInfo
+from tokenreduce.core.macs import BlockCost, blocks_macs, linear_macs
+from tokenreduce.core.state import ReductionState
+from tokenreduce.errors import ConfigError, UnsupportedModelError
+from tokenreduce.reducers.base import ATTN, KEYS, Signals, TokenReducer
+
+PRE_NORM_BLOCKS = (Block,)
+POST_NORM_BLOCKS = (ResPostBlock,)
+POOLS = ("", "token", "avg", "max", "avgmax", "map")
+MODEL_PARTS = ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm", "num_prefix_tokens")
+ATTENTION_PARTS = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop", "num_heads", "head_dim")
+
+
+def _model_name(model: nn.Module) -> str:
+    return getattr(model, "default_cfg", {}).get("architecture") or type(model).__name__
+
+
+def describe(model: nn.Module) -> ModelInfo:
+    """Check that the adapter can reduce `model` exactly; raise UnsupportedModelError if not."""
+    name = _model_name(model)
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(
+            f"model {name} ({type(model).__name__}) is not a timm VisionTransformer; "
+            "supported: timm.models.vision_transformer.VisionTransformer and its subclasses (ViT, DeiT)"
+        )
+    for part in MODEL_PARTS:
+        if not hasattr(model, part):
+            raise UnsupportedModelError(f"model {name} has no {part!r}, which the timm ViT adapter needs")
+    pool = getattr(model, "global_pool", "")
+    if pool not in POOLS or (pool == "map" and not isinstance(model.attn_pool, AttentionPoolLatent)):
+        raise UnsupportedModelError(
+            f"model {name} pools with global_pool={pool!r}; supported: {', '.join(repr(p) for p in POOLS)}"
+        )
+    for i, blk in enumerate(model.blocks):
+        if type(blk) not in PRE_NORM_BLOCKS + POST_NORM_BLOCKS:
+            raise UnsupportedModelError(
+                f"model {name} block {i} is {type(blk).__name__}; supported blocks: Block, ResPostBlock"
+            )
+        if type(blk.attn) is not Attention or any(not hasattr(blk.attn, p) for p in ATTENTION_PARTS):
+            raise UnsupportedModelError(
+                f"model {name} block {i} uses attention {type(blk.attn).__name__}; supported: timm.layers.Attention"
+            )
+    attn = model.blocks[0].attn
+    return ModelInfo(
+        name=name,
+        depth=len(model.blocks),
+        num_prefix=model.num_prefix_tokens,
+        has_class_token=getattr(model, "cls_token", None) is not None,
+        embed_dim=model.embed_dim,
+        num_heads=attn.num_heads,
+    )
+
+
+# --- one block -------------------------------------------------------------------------------
+def attention_forward(attn: Attention, x: Tensor, bias: Tensor | None, needs: frozenset[str]) -> tuple[Tensor, Signals]:
+    """timm's `Attention.forward`, also returning the signals asked for.
+
+    Keeps the fused kernel unless the attention probabilities are needed.
+    """
+    b, n, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    signals = Signals()
+    if ATTN in needs or not attn.fused_attn:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        probs = logits.softmax(dim=-1)
+        if ATTN in needs:
+            signals.attn = probs
+        out = attn.attn_drop(probs) @ v
+    else:
+        drop = attn.attn_drop.p if attn.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
+    if KEYS in needs:
+        signals.keys = k.mean(dim=1)
+    out = attn.norm(out.transpose(1, 2).reshape(b, n, -1))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), signals
+
+
+class TimmBlockOps:
+    """The steps of a timm `Block` (pre-norm) or `ResPostBlock` (post-norm) for a reducer."""
+
+    def __init__(self, block: nn.Module, checkpointing: bool = False):
+        self.block = block
+        self.pre_norm = isinstance(block, PRE_NORM_BLOCKS)
+        self.checkpointing = checkpointing
+
+    def _run(self, fn, *args):
+        if self.checkpointing:
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def plain(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        return self._run(lambda t, m: self.block(t, attn_mask=m), x, bias)
+
+    def attention(self, x: Tensor, bias: Tensor | None, needs: frozenset[str]) -> tuple[Tensor, Signals]:
+        blk = self.block
+
+        def step(t, m):
+            if self.pre_norm:
+                y, sig = attention_forward(blk.attn, blk.norm1(t), m, needs)
+                return t + blk.drop_path1(blk.ls1(y)), sig.keys, sig.attn
+            y, sig = attention_forward(blk.attn, t, m, needs)
+            return t + blk.drop_path1(blk.norm1(y)), sig.keys, sig.attn
+
+        x, keys, attn = self._run(step, x, bias)
+        return x, Signals(keys=keys, attn=attn)
+
+    def mlp(self, x: Tensor) -> Tensor:
+        blk = self.block
+        if self.pre_norm:
+            return self._run(lambda t: t + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(t)))), x)
+        return self._run(lambda t: t + blk.drop_path2(blk.norm2(blk.mlp(t))), x)
+
+
+# --- the patched model -----------------------------------------------------------------------
+@dataclass
+class Patch:
+    """What `apply` attached to a model: its original class and facts, and the last pass's state."""
+
+    original_class: type
+    info: ModelInfo
+    last_state: ReductionState | None = field(default=None, repr=False)
+
+    def sizes_for(self, x: Tensor) -> Tensor | None:
+        """The last pass's token sizes, if `x` has its batch and token count."""
+        state = self.last_state
+        if state is None or state.sizes is None or state.sizes.shape[:2] != x.shape[:2]:
+            return None
+        return state.sizes
+
+
+def _refuse_masks(attn_mask, is_causal) -> None:
+    if attn_mask is not None or is_causal:
+        raise ConfigError(
+            "attn_mask/is_causal are not supported on a token-reduced model: merged tokens no longer "
+            "line up with a mask over the input tokens; call tokenreduce.remove(model) first"
+        )
+
+
+def _embed(model: VisionTransformer, x: Tensor) -> Tensor:
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    return model.norm_pre(x)
+
+
+def _run_blocks(model: VisionTransformer, x: Tensor, take: set[int] | None = None, last: int | None = None):
+    """Run the blocks with reduction; return the tokens, the pass's state and the taken intermediates."""
+    reducer: TokenReducer = model.token_reducer
+    num_prefix = model.num_prefix_tokens
+    depth = len(model.blocks)
+    removals = reducer.removal_counts(depth, x.shape[1] - num_prefix)
+    state = ReductionState.start(x, num_prefix, removals, reducer.prop_attn, reducer.trace_source)
+    checkpointing = bool(model.grad_checkpointing) and torch.is_grad_enabled() and not torch.jit.is_scripting()
+    taken = []
+    for i, blk in enumerate(model.blocks[: depth if last is None else last + 1]):
+        ops = TimmBlockOps(blk, checkpointing)
+        state.begin_layer(x.shape[1])
+        if reducer.acts_at(i, removals[i]):
+            x = reducer.block_forward(ops, x, state, i, removals[i])
+        else:
+            x = ops.plain(x, state.attn_bias(x.dtype))
+        state.end_layer(x.shape[1])
+        if take is not None and i in take:
+            taken.append(x)
+    state.final_tokens = x.shape[1]
+    return x, state, taken
+
+
+def _weighted_pool(model: VisionTransformer, x: Tensor, sizes: Tensor, pool_type: str | None) -> Tensor:
+    pool_type = model.global_pool if pool_type is None else pool_type
+    if model.attn_pool is not None:
+        if not model.pool_include_prefix:
+            x, sizes = x[:, model.num_prefix_tokens :], sizes[:, model.num_prefix_tokens :]
+        bias = sizes.log().to(x.dtype).transpose(1, 2).unsqueeze(1) if model.token_reducer.prop_attn else None
+        return model.attn_pool(x, attn_mask=bias)
+    if pool_type in ("", "token", "max"):
+        return model.pool_original(x, pool_type)
+    if not model.pool_include_prefix:
+        x, sizes = x[:, model.num_prefix_tokens :], sizes[:, model.num_prefix_tokens :]
+    avg = ((x.float() * sizes).sum(dim=1) / sizes.sum(dim=1)).to(x.dtype)
+    return avg if pool_type == "avg" else 0.5 * (x.amax(dim=1) + avg)
+
+
+class _ReducedViT:
+    """Methods placed in front of the model's own class by `patch`."""
+
+    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        _refuse_masks(attn_mask, is_causal)
+        x, state, _ = _run_blocks(self, _embed(self, x))
+        self._tokenreduce.last_state = state
+        return self.norm(x)
+
+    def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        sizes = self._tokenreduce.sizes_for(x)
+        if sizes is None:
+            return self.pool_original(x, pool_type)
+        return _weighted_pool(self, x, sizes, pool_type)
+
+    def pool_original(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        return self._tokenreduce.original_class.pool(self, x, pool_type)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ):
+        """timm's `forward_intermediates` with reduction; intermediates may have fewer tokens.
+
+        With output_fmt="NCHW" every taken layer must still hold the full grid of patch tokens.
+        """
+        _refuse_masks(attn_mask, is_causal)
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ConfigError(f"output_fmt={output_fmt!r} is invalid; allowed: 'NCHW', 'NLC'")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        batch, _, height, width = x.shape
+        x = _embed(self, x)
+        num_prefix = self.num_prefix_tokens
+        if output_fmt == "NCHW":
+            removals = self.token_reducer.removal_counts(len(self.blocks), x.shape[1] - num_prefix)
+            if any(removals[: max(take) + 1]):
+                raise ConfigError(
+                    f"output_fmt='NCHW' needs the full patch grid, but this reducer removes tokens at or before "
+                    f"layer {max(take)}; allowed: output_fmt='NLC' for token-reduced intermediates"
+                )
+        x, state, intermediates = _run_blocks(self, x, set(take), max_index if stop_early else None)
+        self._tokenreduce.last_state = state
+        if norm:
+            intermediates = [self.norm(y) for y in intermediates]
+        prefix = [y[:, :num_prefix] for y in intermediates] if num_prefix else None
+        intermediates = [y[:, num_prefix:] for y in intermediates]
+        if output_fmt == "NCHW":
+            h, w = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(batch, h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            out = {"image_intermediates": intermediates}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = self.norm(x)
+            return out
+        if return_prefix_tokens and prefix is not None:
+            intermediates = list(zip(intermediates, prefix, strict=True))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+
+_REDUCED_CLASSES: dict[type, type] = {}
+
+
+def _reduced_class(cls: type) -> type:
+    if cls not in _REDUCED_CLASSES:
+        _REDUCED_CLASSES[cls] = type(f"TokenReduced{cls.__name__}", (_ReducedViT, cls), {})
+    return _REDUCED_CLASSES[cls]
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "_tokenreduce", None), Patch)
+
+
+def patch(model: VisionTransformer, reducer: TokenReducer, info: ModelInfo) -> None:
+    model._tokenreduce = Patch(original_class=type(model), info=info)
+    model.token_reducer = reducer
+    model.__class__ = _reduced_class(type(model))
+
+
+def unpatch(model: VisionTransformer) -> None:
+    model.__class__ = model._tokenreduce.original_class
+    del model.token_reducer
+    del model._tokenreduce
+
+
+# --- cost --------------------------------------------------------------------------------------
+def block_costs(model: VisionTransformer) -> list[BlockCost]:
+    return [
+        BlockCost(attn_linear=linear_macs(blk.attn), attn_dim=blk.attn.num_heads * blk.attn.head_dim,
+                  mlp_linear=linear_macs(blk.mlp))
+        for blk in model.blocks
+    ]
+
+
+def _pool_and_head_macs(model: VisionTransformer, final_tokens: int) -> int:
+    heads = [m for m in (getattr(model, "head", None), getattr(model, "head_dist", None)) if m is not None]
+    head = sum(linear_macs(m) for m in heads)
+    pool = model.attn_pool
+    if pool is None:
+        return head
+    tokens = final_tokens if model.pool_include_prefix else final_tokens - model.num_prefix_tokens
+    latent = pool.latent_len
+    attn_dim = pool.num_heads * pool.head_dim
+    macs = latent * linear_macs(pool.q) + tokens * linear_macs(pool.kv) + 2 * latent * tokens * attn_dim
+    macs += latent * linear_macs(pool.proj) + latent * (linear_macs(pool.mlp) if pool.mlp is not None else 0)
+    return macs + head * (1 if pool.pool in ("token", "avg") else latent)
+
+
+def pass_macs(model: VisionTransformer, state: ReductionState) -> dict[str, int]:
+    """MACs of one image for the pass that left `state`, split by where they are spent."""
+    num_patches = state.records[0].tokens_attn - model.num_prefix_tokens
+    proj = model.patch_embed.proj
+    embed = num_patches * proj.weight.numel() if isinstance(proj, nn.Conv2d) else 0  # stride == kernel
+    backbone, reducer = blocks_macs(block_costs(model)[: len(state.records)], state.records)
+    head = _pool_and_head_macs(model, state.final_tokens)
+    return {"embed": embed, "blocks": backbone, "reducer": reducer, "head": head,
+            "total": embed + backbone + reducer + head}

@@ -1,0 +1,69 @@
+"""The public entry points: apply a reducer to a model, remove it, read what the last pass did."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tokenreduce.adapters import timm_vit
+from tokenreduce.errors import ConfigError
+from tokenreduce.reducers.base import TokenReducer, create_reducer
+
+
+def apply(model: nn.Module, reducer: str | TokenReducer, **params) -> nn.Module:
+    """Make `model` reduce its tokens with `reducer` (a registered name or an instance).
+
+    Returns the same model, whose `forward` still returns logits. Applying to a model that already
+    reduces replaces its reducer; nothing is patched twice. Every check runs before the model is
+    touched, so a bad argument leaves it as it was.
+    """
+    if isinstance(reducer, TokenReducer):
+        if params:
+            raise ConfigError(f"parameters {sorted(params)} given with a reducer instance; set them on the instance")
+    else:
+        reducer = create_reducer(reducer, **params)
+    patched = timm_vit.is_patched(model)
+    info = model._tokenreduce.info if patched else timm_vit.describe(model)
+    reducer.check_model(info)
+    if patched:
+        timm_vit.unpatch(model)
+    param = next(model.parameters(), None)
+    if param is not None:
+        reducer.to(param.device)
+    timm_vit.patch(model, reducer, info)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo `apply`: the model is again its original class with its original forward."""
+    if timm_vit.is_patched(model):
+        timm_vit.unpatch(model)
+    return model
+
+
+def reducer_of(model: nn.Module) -> TokenReducer | None:
+    """The reducer applied to `model`, or None."""
+    return model.token_reducer if timm_vit.is_patched(model) else None
+
+
+def stats(model: nn.Module) -> dict:
+    """What the model's last forward pass did, per image.
+
+    tokens:       tokens (prefix included) entering each block, then leaving the last one
+    removed:      tokens each block removed
+    macs:         multiply-accumulates of one image, and its parts (embed, blocks, reducer, head)
+    """
+    if not timm_vit.is_patched(model):
+        raise ConfigError("stats(model): the model has no reducer; call tokenreduce.apply(model, ...) first")
+    state = model._tokenreduce.last_state
+    if state is None:
+        raise ConfigError("stats(model): the model has not run a forward pass since tokenreduce.apply")
+    tokens = state.tokens_per_layer()
+    macs = timm_vit.pass_macs(model, state)
+    return {
+        "reducer": model.token_reducer.name,
+        "params": model.token_reducer.params(),
+        "tokens": tokens,
+        "removed": [a - b for a, b in zip(tokens[:-1], tokens[1:], strict=True)],
+        "macs": macs["total"],
+        "macs_parts": macs,
+    }

@@ -1,0 +1,131 @@
+"""Side-by-side measurement of reducers against the unreduced model in one process.
+
+Every case is timed in the same interleaved rounds as the baseline, so machine noise hits all of
+them alike; the speedup is the ratio of median images/s, the MAC ratio the ideal speedup.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import timm
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import tokenreduce
+from tokenreduce.engine.speed import time_forward
+from tokenreduce.reducers.base import REDUCE_SCOPE
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    reducer: str
+    params: dict = field(default_factory=dict)
+
+
+BASELINE = Case("baseline", "none")
+
+
+def build(model_name: str, case: Case, dtype: torch.dtype, device: str):
+    model = timm.create_model(model_name, pretrained=False).to(device=device, dtype=dtype).eval()
+    return tokenreduce.apply(model, case.reducer, **case.params)
+
+
+def images_for(model_name: str, batch: int, img_size: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 3, img_size, img_size, generator=generator).to(device=device, dtype=dtype)
+
+
+@torch.inference_mode()
+def reducer_share(model, images) -> float:
+    """Fraction of one forward's CPU time spent inside the reducer's own matching and merging."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(images)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    inside = sum(e.cpu_time_total for e in events if e.key == REDUCE_SCOPE)
+    return inside / total if total else 0.0
+
+
+def peak_memory_mb(model_name: str, case: Case, batch: int, img_size: int, dtype: str, device: str) -> float:
+    """Peak memory of one forward in a fresh process: the CUDA allocator's peak, or on the CPU the
+    growth of the peak resident set over the resident set just before the forward."""
+    code = (
+        "import json,sys,torch;from tokenreduce.bench.harness import _peak_child;"
+        f"print(json.dumps(_peak_child({model_name!r},{case.reducer!r},{case.params!r},{batch},{img_size},"
+        f"{dtype!r},{device!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _peak_child(model_name, reducer, params, batch, img_size, dtype, device) -> float:
+    dtype = getattr(torch, dtype)
+    model = build(model_name, Case("", reducer, params), dtype, device)
+    images = images_for(model_name, batch, img_size, dtype, device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            model(images)
+        return torch.cuda.max_memory_allocated() / 2**20
+    with torch.inference_mode():
+        model(images[:1])  # load kernels and allocator pools before reading the resident baseline
+        before = _resident_mb()
+        model(images)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+
+
+def _resident_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def run(model_name: str, cases: list[Case], batch: int = 16, img_size: int = 224, dtype: str = "float32",
+        device: str = "cpu", rounds: int = 5, memory: bool = True) -> list[dict]:
+    """Measure the baseline and every case; one row per case with ratios against the baseline."""
+    torch_dtype = getattr(torch, dtype)
+    all_cases = [BASELINE] + [c for c in cases if c != BASELINE]
+    models = {c.label: build(model_name, c, torch_dtype, device) for c in all_cases}
+    images = images_for(model_name, batch, img_size, torch_dtype, device)
+    times = {c.label: [] for c in all_cases}
+    for label, model in models.items():
+        time_forward(model, images, repeats=0, warmup=1)
+    for _ in range(rounds):
+        for label, model in models.items():
+            times[label] += time_forward(model, images, repeats=1, warmup=0)
+    rows = []
+    for case in all_cases:
+        model = models[case.label]
+        st = tokenreduce.stats(model)
+        median = sorted(times[case.label])[len(times[case.label]) // 2]
+        rows.append({
+            "case": case.label, "reducer": case.reducer, "params": case.params,
+            "images_per_s": batch / median, "gmacs": st["macs"] / 1e9, "tokens_out": st["tokens"][-1],
+            "reducer_share": reducer_share(model, images) if case.reducer != "none" else 0.0,
+            "peak_mb": peak_memory_mb(model_name, case, batch, img_size, dtype, device) if memory else None,
+        })
+    base = rows[0]
+    for row in rows:
+        row["speedup"] = row["images_per_s"] / base["images_per_s"]
+        row["mac_ratio"] = base["gmacs"] / row["gmacs"]
+        row["of_ideal"] = row["speedup"] / row["mac_ratio"]
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = f"{'case':<22}{'img/s':>8}{'speedup':>9}{'MAC ratio':>11}{'of ideal':>10}{'GMACs':>8}" \
+           f"{'tokens':>8}{'reducer %':>11}{'peak MB':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
+        lines.append(
+            f"{r['case']:<22}{r['images_per_s']:>8.2f}{r['speedup']:>9.2f}{r['mac_ratio']:>11.2f}"
+            f"{r['of_ideal']:>10.2f}{r['gmacs']:>8.2f}{r['tokens_out']:>8}{100 * r['reducer_share']:>10.1f}%"
+            f"{peak:>9}"
+        )
+    return "\n".join(lines)

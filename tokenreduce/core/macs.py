@@ -1,0 +1,36 @@
+"""Analytic multiply-accumulates (MACs) of a ViT from its realised token counts.
+
+What is counted: every matrix product (linear layers, the patch-embedding convolution, q.k^T and
+attention.v, the reducer's own similarity matrices). What is not: norms, activations, softmax,
+additions and the merge itself, which are elementwise. This is what the literature reports as
+"GFLOPs" for ViTs, and what `torch.utils.flop_counter.FlopCounterMode` counts (as 2 FLOPs per MAC).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from tokenreduce.core.state import LayerRecord
+
+
+def linear_macs(module: nn.Module) -> int:
+    """MACs per token of all linear layers inside `module` (each applied once per token)."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    attn_linear: int  # MACs per token of the attention's projections (qkv, proj, gate)
+    attn_dim: int  # heads * head_dim: q.k^T and attention.v each cost N * N * attn_dim
+    mlp_linear: int  # MACs per token of the MLP
+
+    def macs(self, tokens_attn: int, tokens_mlp: int) -> int:
+        return tokens_attn * self.attn_linear + 2 * tokens_attn * tokens_attn * self.attn_dim + tokens_mlp * self.mlp_linear
+
+
+def blocks_macs(costs: list[BlockCost], records: list[LayerRecord]) -> tuple[int, int]:
+    """(backbone MACs, reducer MACs) for one image."""
+    backbone = sum(c.macs(r.tokens_attn, r.tokens_mlp) for c, r in zip(costs, records, strict=True))
+    return backbone, sum(r.reducer_macs for r in records)

@@ -1,0 +1,107 @@
+"""Combining tokens: one assignment of tokens to output slots, applied to features, sizes and sources.
+
+A reducer decides *where* every token goes (an `Assignment`); the functions here decide *how* the
+tokens that share a slot become one. Merging, pruning and fusing all go through `combine`, so the
+weighted merge exists once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tokenreduce.errors import ConfigError
+
+MERGE_MODES = ("wavg", "mean", "mlerp", "prune")
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Where each of the N tokens of one layer goes.
+
+    dest:   [B, N] long, the output slot of every token, in [0, n_out]; ``n_out`` means dropped.
+    n_out:  number of output tokens.
+    merged: [B, N] bool, True for a token absorbed into a slot that another token represents (the
+            source of a merge); None when no token is a source.
+    """
+
+    dest: Tensor
+    n_out: int
+    merged: Tensor | None = None
+
+
+def scatter_sum(values: Tensor, dest: Tensor, n_out: int) -> Tensor:
+    """Sum `values` [B, N, C] into `n_out` slots by `dest` [B, N]; slot `n_out` (dropped) is discarded."""
+    b, _, c = values.shape
+    out = values.new_zeros(b, n_out + 1, c)
+    out.scatter_add_(1, dest.unsqueeze(-1).expand(-1, -1, c), values)
+    return out[:, :n_out]
+
+
+def scatter_amax(values: Tensor, dest: Tensor, n_out: int) -> Tensor:
+    b, _, c = values.shape
+    out = values.new_full((b, n_out + 1, c), float("-inf"))
+    out = out.scatter_reduce(1, dest.unsqueeze(-1).expand(-1, -1, c), values, reduce="amax", include_self=True)
+    return out[:, :n_out]
+
+
+def _weights(sizes: Tensor | None, like: Tensor) -> Tensor:
+    if sizes is None:
+        return like.new_ones(like.shape[0], like.shape[1], 1, dtype=torch.float32)
+    return sizes
+
+
+def combine(
+    x: Tensor,
+    sizes: Tensor | None,
+    assignment: Assignment,
+    mode: str = "wavg",
+    weights: Tensor | None = None,
+    prune_adds_size: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Merge the tokens of `x` [B, N, C] that share a slot; return the new tokens and sizes.
+
+    sizes:   [B, N, 1] float32 patches per token, or None when every token is one patch.
+    mode:    "wavg"  size-weighted mean (ToMe); "mean" plain mean;
+             "mlerp" direction of the size-weighted mean scaled to the largest member norm (ToFu);
+             "prune" the slot keeps its representative's features unchanged, sources are dropped.
+    weights: [B, N, 1] extra per-token weights multiplied into the size weights (e.g. attention).
+    prune_adds_size: in "prune" mode, whether a dropped source's size is added to its slot.
+    """
+    if mode not in MERGE_MODES:
+        raise ConfigError(f"merge mode={mode!r} is invalid; allowed: {', '.join(MERGE_MODES)}")
+    dest, n_out = assignment.dest, assignment.n_out
+    w_size = _weights(sizes, x)
+    new_sizes = scatter_sum(w_size, dest, n_out)
+    if mode == "prune":
+        keep = dest if assignment.merged is None else dest.masked_fill(assignment.merged, n_out)
+        out = scatter_sum(x, keep, n_out)
+        if not prune_adds_size:
+            new_sizes = scatter_sum(w_size, keep, n_out)
+        return out, new_sizes
+    w = w_size if mode != "mean" else torch.ones_like(w_size)
+    if weights is not None:
+        w = w * weights.float()
+    w_total = new_sizes if w is w_size else scatter_sum(w, dest, n_out)
+    total = scatter_sum(x.float() * w, dest, n_out) / w_total
+    if mode == "mlerp":
+        norms = x.float().norm(dim=-1, keepdim=True)
+        max_norm = scatter_amax(norms, dest, n_out)
+        total = total / total.norm(dim=-1, keepdim=True).clamp_min(1e-6) * max_norm
+    return total.to(x.dtype), new_sizes
+
+
+def update_source(source: Tensor, assignment: Assignment) -> Tensor:
+    """Follow each input token [B, N_in] (value = its current token, N = dropped) to its new slot."""
+    dest = assignment.dest
+    dropped = dest.new_full((dest.shape[0], 1), assignment.n_out)
+    return torch.cat([dest, dropped], dim=1).gather(1, source)
+
+
+def source_matrix(source: Tensor, num_tokens: int) -> Tensor:
+    """[B, num_tokens, N_in] 0/1 matrix: entry (t, i) is 1 when input token i ended in token t."""
+    onehot = torch.zeros(source.shape[0], num_tokens + 1, source.shape[1], device=source.device)
+    onehot.scatter_(1, source.unsqueeze(1), 1.0)
+    return onehot[:, :num_tokens]

@@ -1,0 +1,138 @@
+"""Reduction schedules: how many tokens each layer removes.
+
+Every schedule form is resolved to one list of per-layer removal counts before the forward pass,
+by walking the layers with the number of non-prefix tokens that will actually enter each one, so
+caps and keep ratios see the realised counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from tokenreduce.errors import ConfigError
+
+Cap = Callable[[int], int]
+
+
+def half_cap(tokens: int) -> int:
+    """Bipartite methods can remove at most half of the non-prefix tokens in one layer."""
+    return tokens // 2
+
+
+def keep_ratio_removal(tokens: int, ratio: float) -> int:
+    """Tokens removed when keeping `ratio` of `tokens` (PiToMe/ToFu/EViT rounding)."""
+    return math.floor(tokens - tokens * ratio)
+
+
+def _check_int(name: str, value, who: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{who}: {name}={value!r} is invalid; allowed: an integer >= 0")
+    return value
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One reduction schedule, validated on construction.
+
+    Forms (exactly one of `r` or `ratio`):
+      - ``r=8``: remove 8 tokens in every reducing layer;
+      - ``r=[8, 8, 4]``: per-layer counts, a shorter list is padded with 0;
+      - ``r=16, inflect=-1`` (or ``r=(16, -1)``): ToMe's linearly changing schedule;
+      - ``ratio=0.9``: keep 90% of the non-prefix tokens in every reducing layer;
+      - ``ratio=0.7, layers=[3, 6, 9]``: staged keep rate at chosen layers.
+    `layers` restricts any form to the listed layers (0-based); the others remove nothing.
+    """
+
+    r: int | list[int] | tuple[int, float] | None = None
+    inflect: float | None = None
+    ratio: float | None = None
+    layers: tuple[int, ...] | None = None
+    owner: str = "schedule"
+
+    def __post_init__(self):
+        who = self.owner
+        r, inflect = self.r, self.inflect
+        if isinstance(r, tuple):
+            # ToMe's convention: a tuple is (r, inflect); a per-layer schedule is a list
+            if len(r) != 2 or inflect is not None:
+                raise ConfigError(f"{who}: r={r!r} is invalid; a tuple must be (r, inflect), per-layer counts a list")
+            r, inflect = r
+        if isinstance(r, list) or (r is not None and not isinstance(r, int) and hasattr(r, "__iter__")):
+            r = [_check_int("r", v, who) for v in r]
+        elif r is not None:
+            r = _check_int("r", r, who)
+        if r is not None and self.ratio is not None:
+            raise ConfigError(f"{who}: give either r={self.r!r} or ratio={self.ratio!r}, not both")
+        if self.ratio is not None:
+            ratio = self.ratio
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+                raise ConfigError(f"{who}: ratio={ratio!r} is invalid; allowed: a keep ratio in (0, 1]")
+        if inflect is not None:
+            if not isinstance(r, int):
+                raise ConfigError(f"{who}: inflect={inflect!r} needs a single integer r, got r={self.r!r}")
+            if isinstance(inflect, bool) or not isinstance(inflect, (int, float)):
+                raise ConfigError(f"{who}: inflect={inflect!r} is invalid; allowed: a number, e.g. -1")
+        layers = self.layers
+        if layers is not None:
+            layers = tuple(_check_int("layers", v, who) for v in layers)
+            if isinstance(r, list):
+                raise ConfigError(f"{who}: layers={list(layers)} cannot be combined with a per-layer r list")
+        object.__setattr__(self, "r", r)
+        object.__setattr__(self, "inflect", inflect)
+        object.__setattr__(self, "layers", layers)
+
+    @property
+    def removes_nothing(self) -> bool:
+        if self.ratio is not None:
+            return self.ratio == 1
+        if isinstance(self.r, list):
+            return not any(self.r)
+        return not self.r
+
+    def check_depth(self, num_layers: int) -> None:
+        """Errors that need the model: a list longer than the model, layers beyond it."""
+        if isinstance(self.r, list) and len(self.r) > num_layers:
+            raise ConfigError(
+                f"{self.owner}: r has {len(self.r)} entries but the model has {num_layers} blocks; "
+                f"allowed: at most {num_layers} entries"
+            )
+        if self.layers is not None and any(layer >= num_layers for layer in self.layers):
+            raise ConfigError(
+                f"{self.owner}: layers={list(self.layers)} reaches beyond the model's {num_layers} blocks; "
+                f"allowed: 0 .. {num_layers - 1}"
+            )
+
+    def _wanted(self, layer: int, num_layers: int, tokens: int) -> int:
+        if self.layers is not None and layer not in self.layers:
+            return 0
+        if self.ratio is not None:
+            return keep_ratio_removal(tokens, self.ratio)
+        if isinstance(self.r, list):
+            return self.r[layer] if layer < len(self.r) else 0
+        r = self.r or 0
+        if self.inflect is None:
+            return r
+        lo = int(r * (1.0 - self.inflect))
+        hi = 2 * r - lo
+        return int(lo + (hi - lo) * layer / max(num_layers - 1, 1))
+
+    def removal_counts(self, num_layers: int, num_tokens: int, cap: Cap = half_cap) -> list[int]:
+        """Per-layer removal counts for `num_tokens` non-prefix tokens entering layer 0."""
+        self.check_depth(num_layers)
+        counts = []
+        tokens = num_tokens
+        for layer in range(num_layers):
+            r = max(0, min(self._wanted(layer, num_layers, tokens), cap(tokens)))
+            counts.append(r)
+            tokens -= r
+        return counts
+
+
+def token_counts(num_tokens: int, removals: Sequence[int]) -> list[int]:
+    """Non-prefix tokens entering each layer, and after the last one."""
+    counts = [num_tokens]
+    for r in removals:
+        counts.append(counts[-1] - r)
+    return counts

@@ -1,0 +1,75 @@
+"""The state of one forward pass: token sizes, the source map and what each layer did.
+
+A new `ReductionState` is made at the start of every forward pass and handed to each block, so a
+model can run re-entrantly and nothing leaks from one pass into the next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from tokenreduce.core.merge import Assignment, combine, update_source
+
+
+@dataclass
+class LayerRecord:
+    """Tokens (prefix included) through one block's attention and MLP, and the reducer's own MACs."""
+
+    tokens_attn: int
+    tokens_mlp: int = -1
+    reducer_macs: int = 0
+
+
+@dataclass
+class ReductionState:
+    num_prefix: int
+    removals: list[int]
+    prop_attn: bool = True
+    sizes: Tensor | None = None  # [B, N, 1] float32; None while every token is one patch
+    source: Tensor | None = None  # [B, N_in] long: current token of every input token (N = dropped)
+    records: list[LayerRecord] = field(default_factory=list)
+    extras: dict = field(default_factory=dict)  # per-pass data a reducer wants to keep (losses, masks)
+
+    @classmethod
+    def start(cls, x: Tensor, num_prefix: int, removals: list[int], prop_attn: bool, trace_source: bool):
+        state = cls(num_prefix=num_prefix, removals=removals, prop_attn=prop_attn)
+        if trace_source:
+            state.source = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1).clone()
+        return state
+
+    def attn_bias(self, dtype: torch.dtype) -> Tensor | None:
+        """Proportional attention: log(size) added to every key's logit, shaped [B, 1, 1, N]."""
+        if not self.prop_attn or self.sizes is None:
+            return None
+        return self.sizes.log().to(dtype).transpose(1, 2).unsqueeze(1)
+
+    def begin_layer(self, num_tokens: int) -> LayerRecord:
+        self.records.append(LayerRecord(tokens_attn=num_tokens))
+        return self.records[-1]
+
+    def end_layer(self, num_tokens: int) -> None:
+        if self.records[-1].tokens_mlp < 0:
+            self.records[-1].tokens_mlp = num_tokens
+
+    def add_macs(self, macs: int) -> None:
+        self.records[-1].reducer_macs += macs
+
+    def merge(self, x: Tensor, assignment: Assignment | None, mode: str = "wavg", **kwargs) -> Tensor:
+        """Apply one assignment to the tokens, their sizes and the source map."""
+        if assignment is None:
+            return x
+        x, self.sizes = combine(x, self.sizes, assignment, mode=mode, **kwargs)
+        if self.source is not None:
+            self.source = update_source(self.source, assignment)
+        return x
+
+    def tokens_per_layer(self) -> list[int]:
+        """Tokens (prefix included) entering each block, then leaving the last one."""
+        if not self.records:
+            return []
+        return [rec.tokens_attn for rec in self.records] + [self.final_tokens]
+
+    final_tokens: int = 0

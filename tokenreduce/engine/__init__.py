@@ -1,0 +1,1 @@
+"""Measurement and training loops around reduced models."""

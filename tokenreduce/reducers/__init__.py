@@ -1,0 +1,13 @@
+"""Reducers, one file per method family; importing this package registers them all."""
+
+from tokenreduce.reducers import none, tome  # noqa: F401
+from tokenreduce.reducers.base import (
+    TokenReducer,
+    available,
+    create_reducer,
+    reducer_class,
+    reducer_defaults,
+    register_reducer,
+)
+
+__all__ = ["TokenReducer", "available", "create_reducer", "reducer_class", "reducer_defaults", "register_reducer"]

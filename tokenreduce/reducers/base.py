@@ -1,0 +1,151 @@
+"""The `TokenReducer` interface and the registry of reducers by name."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from torch import Tensor, nn
+from torch.profiler import record_function
+
+from tokenreduce.core.schedule import Cap, Schedule, half_cap
+from tokenreduce.core.state import ReductionState
+from tokenreduce.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tokenreduce.adapters.base import BlockOps, ModelInfo
+
+# Signals a reducer may ask its blocks for.
+KEYS = "keys"  # attention keys averaged over heads, [B, N, head_dim]
+ATTN = "attn"  # attention probabilities, [B, H, N, N]; switches the block off the fused kernel
+SIGNALS = frozenset({KEYS, ATTN})
+# Profiler scope around a reducer's own work (matching and merging), so benchmarks can measure its share.
+REDUCE_SCOPE = "tokenreduce.reduce"
+
+
+@dataclass
+class Signals:
+    """What a block computed for its reducer, only the pieces the reducer declared in `needs`."""
+
+    keys: Tensor | None = None
+    attn: Tensor | None = None
+
+    def cls_attn(self) -> Tensor:
+        """Attention paid by the first (class) token to every token, averaged over heads: [B, N]."""
+        return self.attn[:, :, 0].mean(dim=1)
+
+
+class TokenReducer(nn.Module):
+    """One token-reduction method. Subclass, register with `@register_reducer(name)`, and implement
+    `reduce` (for methods that act between a block's attention and its MLP) or override
+    `block_forward` (for methods that need another placement).
+
+    Constructor arguments are the method's parameters; validate them there, so a wrong value fails
+    before any compute. A reducer may own trainable modules (it is an `nn.Module` attached to the
+    model), whose weights then live in the model's state dict.
+    """
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    cap: ClassVar[Cap] = staticmethod(half_cap)
+
+    def __init__(self, schedule: Schedule, prop_attn: bool = True, trace_source: bool = False):
+        super().__init__()
+        for key, value in (("prop_attn", prop_attn), ("trace_source", trace_source)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{self.name}: {key}={value!r} is invalid; allowed: true or false")
+        self.schedule = schedule
+        self.prop_attn = prop_attn
+        self.trace_source = trace_source
+
+    # --- what the adapter asks -------------------------------------------------------------
+    def check_model(self, info: ModelInfo) -> None:
+        """Raise ConfigError when this reducer cannot run on the model (called by `apply`)."""
+        self.schedule.check_depth(info.depth)
+
+    def removal_counts(self, num_layers: int, num_tokens: int) -> list[int]:
+        """Tokens removed by each layer, given `num_tokens` non-prefix tokens entering layer 0."""
+        return self.schedule.removal_counts(num_layers, num_tokens, self.cap)
+
+    def acts_at(self, layer: int, removal: int) -> bool:
+        """Whether the block at `layer` runs `block_forward`; the others run unchanged."""
+        return removal > 0
+
+    def block_forward(self, ops: BlockOps, x: Tensor, state: ReductionState, layer: int, removal: int) -> Tensor:
+        """Default placement: reduce between the attention residual and the MLP."""
+        x, signals = ops.attention(x, state.attn_bias(x.dtype), self.needs)
+        with record_function(REDUCE_SCOPE):
+            x = self.reduce(x, signals, state, layer, removal)
+        return ops.mlp(x)
+
+    def reduce(self, x: Tensor, signals: Signals, state: ReductionState, layer: int, removal: int) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement reduce() or block_forward()")
+
+    # --- description -----------------------------------------------------------------------
+    def params(self) -> dict:
+        """The constructor arguments this reducer was built with, for records and run names."""
+        return dict(self._params)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self._params.items())
+
+
+_REGISTRY: dict[str, type[TokenReducer]] = {}
+
+
+def register_reducer(name: str):
+    """Class decorator: make a `TokenReducer` subclass available as `name`."""
+
+    def wrap(cls: type[TokenReducer]) -> type[TokenReducer]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"a reducer named {name!r} is already registered ({_REGISTRY[name].__name__})")
+        cls.name = name
+        original_init = cls.__init__
+
+        def __init__(self, *args, **kwargs):
+            bound = inspect.signature(original_init).bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            original_init(self, *args, **kwargs)
+            self._params = {k: v for k, v in list(bound.arguments.items())[1:]}
+
+        __init__.__wrapped__ = original_init
+        __init__.__doc__ = original_init.__doc__
+        cls.__init__ = __init__
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available() -> list[str]:
+    """Names of all registered reducers."""
+    return sorted(_REGISTRY)
+
+
+def reducer_class(name: str) -> type[TokenReducer]:
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ConfigError(f"reducer={name!r} is not registered; available: {', '.join(available())}")
+    return _REGISTRY[name]
+
+
+def reducer_defaults(name: str) -> dict:
+    """Every parameter of reducer `name` with its default value."""
+    init = inspect.unwrap(reducer_class(name).__init__)
+    return {
+        p.name: p.default
+        for p in list(inspect.signature(init).parameters.values())[1:]
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def create_reducer(name: str, **params) -> TokenReducer:
+    """Build reducer `name`; an unknown name or parameter is a ConfigError listing what is allowed."""
+    cls = reducer_class(name)
+    allowed = reducer_defaults(name)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"{name}: unknown parameter(s) {', '.join(unknown)}; allowed: {', '.join(allowed) or 'none'}"
+        )
+    return cls(**params)
