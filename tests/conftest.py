@@ -1,0 +1,27 @@
+"""Shared fixtures: the tiny timm models every reducer is tested on, and inputs that fit them."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+# timm's own test models: class token; registers + LayerScale + avg pool; registers + map pool;
+# RMSNorm + avg pool. Each builds and runs on a CPU in milliseconds.
+TINY_MODELS = ("test_vit", "test_vit2", "test_vit3", "test_vit4")
+
+
+def make_model(name: str, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+def images_for(model: torch.nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """A batch at the model's native input size."""
+    _, h, w = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=TINY_MODELS)
+def tiny_model(request):
+    return make_model(request.param)
