@@ -36,7 +36,7 @@ def build(model_name: str, case: Case, dtype: torch.dtype, device: str):
     return tokenreduce.apply(model, case.reducer, **case.params)
 
 
-def images_for(model_name: str, batch: int, img_size: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+def images_for(batch: int, img_size: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     return torch.randn(batch, 3, img_size, img_size, generator=generator).to(device=device, dtype=dtype)
 
@@ -67,7 +67,7 @@ def peak_memory_mb(model_name: str, case: Case, batch: int, img_size: int, dtype
 def _peak_child(model_name, reducer, params, batch, img_size, dtype, device) -> float:
     dtype = getattr(torch, dtype)
     model = build(model_name, Case("", reducer, params), dtype, device)
-    images = images_for(model_name, batch, img_size, dtype, device)
+    images = images_for(batch, img_size, dtype, device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         with torch.inference_mode():
@@ -91,9 +91,9 @@ def run(model_name: str, cases: list[Case], batch: int = 16, img_size: int = 224
     torch_dtype = getattr(torch, dtype)
     all_cases = [BASELINE] + [c for c in cases if c != BASELINE]
     models = {c.label: build(model_name, c, torch_dtype, device) for c in all_cases}
-    images = images_for(model_name, batch, img_size, torch_dtype, device)
+    images = images_for(batch, img_size, torch_dtype, device)
     times = {c.label: [] for c in all_cases}
-    for label, model in models.items():
+    for model in models.values():
         time_forward(model, images, repeats=0, warmup=1)
     for _ in range(rounds):
         for label, model in models.items():
