@@ -7,9 +7,11 @@ them alike; the speedup is the ratio of median images/s, the MAC ratio the ideal
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import timm
@@ -41,10 +43,24 @@ def images_for(batch: int, img_size: int, dtype: torch.dtype, device: str) -> to
     return torch.randn(batch, 3, img_size, img_size, generator=generator).to(device=device, dtype=dtype)
 
 
+@contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side logs its start and stop on file descriptor 2; keep the table clean."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 @torch.inference_mode()
 def reducer_share(model, images) -> float:
     """Fraction of one forward's CPU time spent inside the reducer's own matching and merging."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
         model(images)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
