@@ -11,16 +11,20 @@ from tokenreduce.core.state import ReductionState
 
 
 def record_layers(reducer) -> list[dict]:
-    """Make `reducer` keep, for every layer it reduces, its input, output, sizes and source map."""
+    """Make `reducer` keep, for every layer it reduces, its input, output, sizes and source map (the
+    latter when the reducer traces sources)."""
     records = []
     inner = reducer.reduce
 
+    def clone(t):
+        return None if t is None else t.clone()
+
     def reduce(x, signals, state, layer, removal):
-        entry = {"layer": layer, "x_in": x.detach().clone(), "source_in": state.source.clone(),
+        entry = {"layer": layer, "x_in": x.detach().clone(), "source_in": clone(state.source),
                  "sizes_in": torch.ones_like(x[..., :1], dtype=torch.float32) if state.sizes is None
                  else state.sizes.clone()}
         out = inner(x, signals, state, layer, removal)
-        entry.update(x_out=out.detach().clone(), source_out=state.source.clone(), sizes_out=state.sizes.clone())
+        entry.update(x_out=out.detach().clone(), source_out=clone(state.source), sizes_out=clone(state.sizes))
         records.append(entry)
         return out
 
