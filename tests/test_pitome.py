@@ -234,6 +234,8 @@ def test_layer_modes_follow_the_preset_and_an_explicit_list():
 
 def test_margin_defaults_by_model_family():
     assert family_margin("deit_small_patch16_224") == 0.75
+    assert family_margin("deit3_base_patch16_224") == 0.75
+    assert family_margin("vit_small_patch16_224.augreg_in21k_ft_in1k") == 0.9
     assert family_margin("vit_base_patch16_224.mae") == 0.75
     assert family_margin("vit_base_patch16_224") == 0.9
     assert family_margin("vit_base_patch16_clip_224") == 0.9

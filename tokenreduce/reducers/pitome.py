@@ -24,7 +24,7 @@ PROTECT = "protect"  # the 2r highest-energy tokens merge pairwise, the others a
 LAYER_MODES = (BIPARTITE, PROTECT)
 PRESETS = ("deit", "mae")
 # Margin m0 by model family: the reference uses 0.75 for DeiT and MAE, 0.9 for AugReg and CLIP.
-LOW_MARGIN_FAMILIES = ("deit", "mae")
+LOW_MARGIN_FAMILIES = ("deit", "mae")  # prefixes of a word of the model name (deit, deit3, .mae tag)
 LOW_MARGIN, HIGH_MARGIN = 0.75, 0.9
 DEFAULT_RATIO = 0.925
 
@@ -33,7 +33,7 @@ def family_margin(model_name: str, preset: str = "deit") -> float:
     """The reference margin m0 for a model: 0.75 for DeiT/MAE-style models, 0.9 for the others
     (AugReg, CLIP). A model is MAE-style when its name says so or `preset="mae"` is asked for."""
     words = model_name.lower().replace(".", "_").replace("-", "_").split("_")
-    if preset == "mae" or any(family in words for family in LOW_MARGIN_FAMILIES):
+    if preset == "mae" or any(word.startswith(family) for word in words for family in LOW_MARGIN_FAMILIES):
         return LOW_MARGIN
     return HIGH_MARGIN
 
