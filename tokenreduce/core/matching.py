@@ -1,4 +1,9 @@
-"""Bipartite soft matching (ToMe) on a per-token metric, returning an `Assignment`."""
+"""Bipartite soft matching (ToMe) on a per-token metric, returning an `Assignment`.
+
+`bipartite_soft_matching` splits the tokens by position, as ToMe does. `ordered_bipartite_matching`
+runs the same matching on the tokens taken in a given order (e.g. by PiToMe's energy score), and can
+pass the tail of that order through untouched (PiToMe's protected tokens).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokenreduce.core.merge import Assignment
+from tokenreduce.errors import ConfigError
+
+SPLITS = ("alternate", "halves")
 
 
 def alternate_split(num_prefix: int, num_tokens: int) -> tuple[slice, slice]:
@@ -25,6 +33,23 @@ def matching_macs(num_prefix: int, num_tokens: int, dim: int) -> int:
     return len(range(n)[a]) * len(range(n)[b]) * dim
 
 
+def _match(a: Tensor, b: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """The core of ToMe's matching between normalised sets A [B, Na, d] and B [B, Nb, d].
+
+    Every A token finds its most similar B token; the `r` A tokens with the best such edges merge.
+    Returns `merged_a` [B, Na] and each A token's slot counted from the first unmerged A token: the
+    unmerged ones keep their order in A, a merged one goes to `Na - r + partner`.
+    """
+    node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
+    if r >= a.shape[1]:
+        merged_a = torch.ones_like(node_max, dtype=torch.bool)
+    else:
+        src = node_max.argsort(dim=-1, descending=True, stable=True)[:, :r]
+        merged_a = torch.zeros_like(node_max, dtype=torch.bool).scatter_(1, src, True)
+    slot = torch.where(merged_a, a.shape[1] - r + node_idx, (~merged_a).cumsum(1) - 1)
+    return merged_a, slot
+
+
 @torch.no_grad()
 def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Assignment | None:
     """Merge the `r` A tokens most similar to a B token into it.
@@ -40,19 +65,80 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Assignme
     r = min(r, a.shape[1])
     if r <= 0 or b.shape[1] == 0:
         return None
-    scores = a @ b.transpose(-1, -2)
-    node_max, node_idx = scores.max(dim=-1)
-    src = node_max.argsort(dim=-1, descending=True, stable=True)[:, :r]
-    merged_a = torch.zeros_like(node_max, dtype=torch.bool).scatter_(1, src, True)
-    n_unmerged = a.shape[1] - r
-    first_b = num_prefix + n_unmerged
-    dest_a = torch.where(merged_a, first_b + node_idx, num_prefix + (~merged_a).cumsum(1) - 1)
-    dest_b = first_b + torch.arange(b.shape[1], device=metric.device).expand(batch, -1)
+    merged_a, slot_a = _match(a, b, r)
+    first_unmerged = num_prefix
+    dest_b = first_unmerged + a.shape[1] - r + torch.arange(b.shape[1], device=metric.device).expand(batch, -1)
 
     dest = torch.empty(batch, n, dtype=torch.long, device=metric.device)
     dest[:, :num_prefix] = torch.arange(num_prefix, device=metric.device)
-    dest[:, num_prefix:][:, sa] = dest_a
+    dest[:, num_prefix:][:, sa] = first_unmerged + slot_a
     dest[:, num_prefix:][:, sb] = dest_b
     merged = torch.zeros(batch, n, dtype=torch.bool, device=metric.device)
     merged[:, num_prefix:][:, sa] = merged_a
     return Assignment(dest=dest, n_out=n - r, merged=merged)
+
+
+def ordered_split_sizes(num_candidates: int) -> tuple[int, int]:
+    """Sizes of sets A and B when `num_candidates` ordered tokens are split (A gets the odd one)."""
+    return num_candidates - num_candidates // 2, num_candidates // 2
+
+
+@torch.no_grad()
+def ordered_bipartite_matching(
+    metric: Tensor,
+    r: int,
+    num_prefix: int,
+    order: Tensor,
+    num_candidates: int | None = None,
+    split: str = "alternate",
+) -> Assignment | None:
+    """ToMe's matching on the non-prefix tokens taken in `order` instead of by position.
+
+    metric:         [B, N, d], normalised here.
+    order:          [B, N - num_prefix] long, a permutation of the non-prefix tokens (0 = first non-prefix).
+    num_candidates: only the first this many tokens of `order` take part (default all); the rest are
+                    kept unchanged (PiToMe's protected tokens).
+    split:          "alternate": A = candidates 0, 2, 4..., B = 1, 3, 5... of the order;
+                    "halves": A = the first half of the candidates, B = the second.
+    r:              A tokens merged, those with the best edges; r >= |A| merges every A token.
+    Output order: prefix tokens, kept tokens, unmerged A tokens, B tokens, each in `order`'s order.
+    Returns None when nothing is merged.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r} is invalid; allowed: {', '.join(SPLITS)}")
+    batch, n, dim = metric.shape
+    tokens = n - num_prefix
+    if order.shape != (batch, tokens):
+        raise ConfigError(f"order has shape {tuple(order.shape)}; allowed: ({batch}, {tokens}), one per non-prefix token")
+    cands = tokens if num_candidates is None else min(num_candidates, tokens)
+    num_a, num_b = ordered_split_sizes(cands)
+    r = min(r, num_a)
+    if r <= 0 or num_b == 0:
+        return None
+    kept_idx, cand_idx = order[:, cands:], order[:, :cands]
+    if split == "alternate":
+        a_idx, b_idx = cand_idx[:, 0::2], cand_idx[:, 1::2]
+    else:
+        a_idx, b_idx = cand_idx[:, :num_a], cand_idx[:, num_a:]
+    m = F.normalize(metric[:, num_prefix:].float(), dim=-1)
+    a = m.gather(1, a_idx.unsqueeze(-1).expand(-1, -1, dim))
+    b = m.gather(1, b_idx.unsqueeze(-1).expand(-1, -1, dim))
+    merged_a, slot_a = _match(a, b, r)
+
+    device = metric.device
+    num_kept = tokens - cands
+    first_a = num_prefix + num_kept
+    dest_rest = torch.empty(batch, tokens, dtype=torch.long, device=device)
+    dest_rest.scatter_(1, kept_idx, num_prefix + torch.arange(num_kept, device=device).expand(batch, -1))
+    dest_rest.scatter_(1, a_idx, first_a + slot_a)
+    dest_rest.scatter_(1, b_idx, first_a + num_a - r + torch.arange(num_b, device=device).expand(batch, -1))
+    prefix = torch.arange(num_prefix, device=device).expand(batch, -1)
+    merged = torch.zeros(batch, n, dtype=torch.bool, device=device)
+    merged[:, num_prefix:].scatter_(1, a_idx, merged_a)
+    return Assignment(dest=torch.cat([prefix, dest_rest], dim=1), n_out=n - r, merged=merged)
+
+
+def ordered_matching_macs(num_candidates: int, dim: int) -> int:
+    """Multiply-accumulates of the A x B similarity matrix of `ordered_bipartite_matching`, one image."""
+    num_a, num_b = ordered_split_sizes(num_candidates)
+    return num_a * num_b * dim

@@ -60,15 +60,19 @@ def combine(
     mode: str = "wavg",
     weights: Tensor | None = None,
     prune_adds_size: bool = True,
+    mlerp_eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor]:
     """Merge the tokens of `x` [B, N, C] that share a slot; return the new tokens and sizes.
 
     sizes:   [B, N, 1] float32 patches per token, or None when every token is one patch.
     mode:    "wavg"  size-weighted mean (ToMe); "mean" plain mean;
-             "mlerp" direction of the size-weighted mean scaled to the largest member norm (ToFu);
+             "mlerp" direction of the size-weighted mean scaled to the largest member norm (ToFu):
+                     `avg / max(||avg||, mlerp_eps) * max_i ||x_i||`, dividing by the merged vector's
+                     own norm, so the result's norm is the largest member's;
              "prune" the slot keeps its representative's features unchanged, sources are dropped.
     weights: [B, N, 1] extra per-token weights multiplied into the size weights (e.g. attention).
     prune_adds_size: in "prune" mode, whether a dropped source's size is added to its slot.
+    mlerp_eps: in "mlerp" mode, the smallest norm divided by (a merged mean of opposite tokens can be 0).
     """
     if mode not in MERGE_MODES:
         raise ConfigError(f"merge mode={mode!r} is invalid; allowed: {', '.join(MERGE_MODES)}")
@@ -89,7 +93,7 @@ def combine(
     if mode == "mlerp":
         norms = x.float().norm(dim=-1, keepdim=True)
         max_norm = scatter_amax(norms, dest, n_out)
-        total = total / total.norm(dim=-1, keepdim=True).clamp_min(1e-6) * max_norm
+        total = total / total.norm(dim=-1, keepdim=True).clamp_min(mlerp_eps) * max_norm
     return total.to(x.dtype), new_sizes
 
 

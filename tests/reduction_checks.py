@@ -1,0 +1,84 @@
+"""Checks shared by the merging reducers' tests: per-layer recording, slot membership and the
+methods.md invariants after every layer, and the duplicate-token test of proportional attention."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenreduce.adapters.timm_vit import TimmBlockOps, describe
+from tokenreduce.core.merge import source_matrix
+from tokenreduce.core.state import ReductionState
+
+
+def record_layers(reducer) -> list[dict]:
+    """Make `reducer` keep, for every layer it reduces, its input, output, sizes and source map (the
+    latter when the reducer traces sources)."""
+    records = []
+    inner = reducer.reduce
+
+    def clone(t):
+        return None if t is None else t.clone()
+
+    def reduce(x, signals, state, layer, removal):
+        entry = {"layer": layer, "x_in": x.detach().clone(), "source_in": clone(state.source),
+                 "sizes_in": torch.ones_like(x[..., :1], dtype=torch.float32) if state.sizes is None
+                 else state.sizes.clone()}
+        out = inner(x, signals, state, layer, removal)
+        entry.update(x_out=out.detach().clone(), source_out=clone(state.source), sizes_out=clone(state.sizes))
+        records.append(entry)
+        return out
+
+    reducer.reduce = reduce
+    return records
+
+
+def slot_of(entry: dict) -> torch.Tensor:
+    """[B, N_in] the output slot of every token entering the layer, from the source maps."""
+    src_in, src_out = entry["source_in"], entry["source_out"]
+    return torch.full_like(src_in[:, : entry["x_in"].shape[1]], -1).scatter_(1, src_in, src_out)
+
+
+def groups(entry: dict, b: int) -> list[list[int]]:
+    """The input tokens that became each output token of sample `b`."""
+    slots = slot_of(entry)[b]
+    return [(slots == s).nonzero().flatten().tolist() for s in range(entry["x_out"].shape[1])]
+
+
+def check_invariants(entry: dict, num_prefix: int, total_tokens: int, sizes_are_patch_counts: bool = True):
+    """Sizes sum to the tokens of the input, each input token is in one output token, prefix tokens
+    stay first with their values and size 1."""
+    sizes, source, x_in, x_out = entry["sizes_out"], entry["source_out"], entry["x_in"], entry["x_out"]
+    batch = sizes.shape[0]
+    mat = source_matrix(source, sizes.shape[1])
+    assert torch.equal(mat.sum(1), torch.ones(batch, total_tokens))
+    if sizes_are_patch_counts:
+        assert torch.equal(sizes.sum(1), torch.full((batch, 1), float(total_tokens)))
+        assert torch.equal(mat.sum(2, keepdim=True), sizes)
+    assert (slot_of(entry) >= 0).all()
+    assert torch.equal(source[:, :num_prefix], torch.arange(num_prefix).expand(batch, -1))
+    assert torch.equal(sizes[:, :num_prefix], torch.ones(batch, num_prefix, 1))
+    torch.testing.assert_close(x_out[:, :num_prefix], x_in[:, :num_prefix], rtol=1e-6, atol=1e-6)
+
+
+def duplicate_pairs_through_two_blocks(model, reducer, layer: int = 0):
+    """Feed block `layer` tokens that come in identical pairs, reduce every pair to one token, run the
+    next block with the reducer's attention bias. Returns (reduced output mapped back to the input
+    positions, the unreduced model's output of the two blocks)."""
+    reducer.check_model(describe(model))
+    blocks = model.blocks[layer : layer + 2]
+    dim = model.embed_dim
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randn(1, model.num_prefix_tokens, dim, generator=g)
+    pairs = 8
+    x = torch.cat([prefix, torch.randn(1, pairs, dim, generator=g).repeat_interleave(2, dim=1)], dim=1)
+    removals = [0] * len(model.blocks)
+    removals[layer] = pairs
+    state = ReductionState.start(x, model.num_prefix_tokens, removals, prop_attn=reducer.prop_attn, trace_source=True)
+    with torch.no_grad():
+        state.begin_layer(x.shape[1])
+        y = reducer.block_forward(TimmBlockOps(blocks[0]), x, state, layer, pairs)
+        state.end_layer(y.shape[1])
+        assert y.shape[1] == model.num_prefix_tokens + pairs
+        y = TimmBlockOps(blocks[1]).plain(y, state.attn_bias(y.dtype))
+        full = blocks[1](blocks[0](x))
+    return y.gather(1, state.source.unsqueeze(-1).expand(-1, -1, dim)), full
