@@ -167,3 +167,12 @@ def test_unsupported_models_are_named(bad, words):
         tokenreduce.apply(model, "tome", r=1)
     assert all(w in str(err.value) for w in words)
     assert not hasattr(model, "_tokenreduce")
+
+
+def test_model_info_names_the_weights_family():
+    from tokenreduce.adapters.timm_vit import describe
+
+    assert describe(timm.create_model("vit_base_patch16_224.mae", depth=1)).name == "vit_base_patch16_224.mae"
+    info = describe(make_model("deit_tiny_distilled_patch16_224"))
+    assert info.name.startswith("deit_tiny_distilled_patch16_224") and info.num_prefix == 2 and info.depth == 12
+    assert describe(VisionTransformer(img_size=32, depth=1, embed_dim=32, num_heads=2)).name == "VisionTransformer"

@@ -33,7 +33,10 @@ ATTENTION_PARTS = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj
 
 
 def _model_name(model: nn.Module) -> str:
-    return getattr(model, "default_cfg", {}).get("architecture") or type(model).__name__
+    """timm's `architecture.tag` (e.g. `vit_base_patch16_224.mae`): the tag tells the weights' family."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture") or type(model).__name__
+    return f"{name}.{cfg['tag']}" if cfg.get("tag") else name
 
 
 def describe(model: nn.Module) -> ModelInfo:
