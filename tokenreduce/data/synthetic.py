@@ -11,6 +11,18 @@ from tokenreduce.data.transforms import model_data_config
 from tokenreduce.errors import ConfigError
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(*values: int) -> int:
+    """A 32-bit seed from several integers (the CPU generator keeps only 32 bits of a seed)."""
+    h = 0x9E3779B97F4A7C15
+    for value in values:
+        h = ((h ^ (value & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h ^= h >> 31
+    return (h ^ (h >> 32)) & 0xFFFFFFFF
+
+
 class SyntheticImages(Dataset):
     """`num_samples` images of shape `input_size`: Gaussian noise plus `signal` times a fixed
     pattern of the image's class, so a model can learn the labels when `signal > 0`.
@@ -32,7 +44,7 @@ class SyntheticImages(Dataset):
         return self.num_samples
 
     def _generator(self, stream: int, index: int) -> torch.Generator:
-        return torch.Generator().manual_seed(((self.seed * 3 + stream) << 32) + index)
+        return torch.Generator().manual_seed(_mix(self.seed, stream, index))
 
     def label(self, index: int) -> int:
         generator = self._generator(0, self.first_index + index)
@@ -86,7 +98,8 @@ class SyntheticDataModule(L.LightningDataModule):
 
     def describe(self) -> dict:
         return {"name": self.name, "train_samples": self.train_samples, "val_samples": self.val_samples,
-                "num_classes": self.num_classes, "input_size": self.input_size}
+                "num_classes": self.num_classes,
+                "input_size": list(self.input_size) if self.input_size else None}
 
     def bind_model(self, model: nn.Module) -> None:
         """Take the input size and, unless configured, the number of classes from the model."""

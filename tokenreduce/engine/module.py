@@ -118,6 +118,16 @@ class ReductionModule(L.LightningModule):
     def on_train_start(self) -> None:
         # after a resume the trainer has restored its step: record where this run started
         self.start_step = self.trainer.global_step
+        # A resumed optimizer carries the learning rate of the run that saved it, computed for that
+        # run's length. Make the rate a function of the step and this run's settings only.
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                scheduler.base_lrs = [self.optim.lr] * len(scheduler.base_lrs)
+                for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                               scheduler.lr_lambdas, strict=True):
+                    group["initial_lr"] = base
+                    group["lr"] = base * factor(scheduler.last_epoch)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, labels = batch

@@ -113,7 +113,8 @@ class RunRecord:
             ("reducer", f"{self.reducer} {fmt(self.reducer_params)}".strip()),
             ("top-1", self.top1), ("top-5", self.top5), ("loss", self.loss),
             ("images/s", self.images_per_s),
-            ("measured", fmt({k: self.measure.get(k) for k in ("batch_size", "dtype", "autocast", "device")})),
+            ("measured", fmt({k: self.measure.get(k) for k in ("batch_size", "dtype", "autocast", "device")})
+             if self.measure else None),
             ("GMACs", self.gmacs), ("tokens/layer", self.tokens_per_layer),
             ("steps", f"{self.start_step} -> {self.global_step}" if self.task == "finetune" else None),
             ("output", self.output_dir),

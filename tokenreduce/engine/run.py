@@ -156,15 +156,18 @@ def run(cfg: DictConfig, output_dir: str | Path) -> RunRecord | None:
         trainer = build_trainer(cfg.trainer, loggers, callbacks, output_dir, checkpointing=task == "finetune")
         evaluate = trainer.validate if cfg.eval_split == "val" else trainer.test
         eval_ckpt = ckpt_path
+        checkpoints = {}
         if task == "finetune":
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            eval_ckpt = "best" if best else None
+            # read before validate(ckpt_path=...) restores the callback's state from that checkpoint
+            callback = trainer.checkpoint_callback
+            checkpoints = {"best": callback.best_model_path or None, "last": callback.last_model_path or None}
+            eval_ckpt = "best" if checkpoints["best"] else None
         results = evaluate(module, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False)
         if not trainer.is_global_zero:
             return None
         record = _record(cfg, task, run_name, model, model_cfg, datamodule, reducer_name, reducer_params,
-                         results, trainer, module, output_dir, mcfg)
+                         results, trainer, module, output_dir, mcfg, checkpoints)
         for lg in loggers:
             lg.log_metrics({f"result/{k}": v for k, v in record.metrics().items()}, step=trainer.global_step)
             if isinstance(lg, WandbLogger):
@@ -177,7 +180,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> RunRecord | None:
 
 
 def _record(cfg, task, run_name, model, model_cfg, datamodule, reducer_name, reducer_params, results, trainer,
-            module, output_dir, mcfg) -> RunRecord:
+            module, output_dir, mcfg, checkpoints) -> RunRecord:
     split = cfg.eval_split
     input_size = tuple(model_data_config(model)["input_size"])
     timing = None
@@ -193,7 +196,6 @@ def _record(cfg, task, run_name, model, model_cfg, datamodule, reducer_name, red
         model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
     model.train(was_training)
     st = tokenreduce.stats(model)
-    checkpoint = trainer.checkpoint_callback if task == "finetune" else None
     return RunRecord(
         run_name=run_name,
         task=task,
@@ -218,8 +220,8 @@ def _record(cfg, task, run_name, model, model_cfg, datamodule, reducer_name, red
         start_step=getattr(module, "start_step", 0),
         global_step=trainer.global_step,
         resumed_from=str(cfg.ckpt_path) if task == "finetune" and cfg.get("ckpt_path") else None,
-        best_checkpoint=(checkpoint.best_model_path or None) if checkpoint else None,
-        last_checkpoint=(checkpoint.last_model_path or None) if checkpoint else None,
+        best_checkpoint=checkpoints.get("best"),
+        last_checkpoint=checkpoints.get("last"),
         seed=cfg.seed,
         output_dir=str(output_dir),
         finished=datetime.datetime.now().isoformat(timespec="seconds"),
