@@ -9,7 +9,13 @@ import timm
 import torch
 from PIL import Image
 
-from tokenreduce.data import ImageFolderDataModule, SyntheticDataModule, SyntheticImages, check_split, model_data_config
+from tokenreduce.data import (
+    ImageFolderDataModule,
+    SyntheticDataModule,
+    SyntheticImages,
+    check_split,
+    model_data_config,
+)
 from tokenreduce.errors import ConfigError
 
 

@@ -250,6 +250,27 @@ def test_loss_terms_weighting_and_checks(lossy_reducer):
                                           plain._tokenreduce.last_state)) == {}
 
 
+def test_imports_register_a_reducer_from_outside_the_package(tmp_path, monkeypatch):
+    (tmp_path / "my_reducers.py").write_text(
+        "from tokenreduce import register_reducer\n"
+        "from tokenreduce.reducers.tome import ToMe\n\n"
+        "@register_reducer('test_plugin')\n"
+        "class Plugin(ToMe):\n"
+        "    def __init__(self, r: int = 1):\n"
+        "        super().__init__(r=r)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        cfg = with_reducer(config("imports=[my_reducers]", "measure.enabled=false"), name="test_plugin", r=3)
+        record = run(cfg, tmp_path / "run")
+        assert record.reducer == "test_plugin" and record.tokens_per_layer[:2] == [17, 14]
+    finally:
+        registry._REGISTRY.pop("test_plugin", None)
+        sys.modules.pop("my_reducers", None)
+    with pytest.raises(ConfigError, match="imports: cannot import 'no_such_module'"):
+        run(config("imports=[no_such_module]"), tmp_path / "bad")
+
+
 # --- multirun and the collector ----------------------------------------------------------------
 def test_multirun_over_two_settings_writes_two_records_and_the_collection(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -294,6 +315,14 @@ def test_bad_input_fails_clearly_and_leaves_earlier_runs_alone(tmp_path, monkeyp
         assert "tokenreduce: error:" in err and "Traceback" not in err, label
         for phrase in phrases:
             assert phrase in err, (label, phrase, err)
+
+    # pointing Hydra at the earlier run's directory: refused before Hydra writes its files there
+    with pytest.raises(SystemExit) as exit_info:
+        cli(monkeypatch, *SMALL, f"hydra.run.dir={earlier[0]}")
+    assert exit_info.value.code == 2 and "already holds result.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli(monkeypatch, "-m", *SMALL, "reducer.r=1,2", f"hydra.sweep.dir={tmp_path / 'outputs'}")
+    assert exit_info.value.code == 2 and "sweep directory" in capsys.readouterr().err
 
     with pytest.raises(SystemExit) as exit_info:
         cli(monkeypatch, "experiment=no_such_experiment")

@@ -10,7 +10,6 @@ from torch.utils.data import DataLoader, Dataset
 from tokenreduce.data.transforms import model_data_config
 from tokenreduce.errors import ConfigError
 
-
 _MASK64 = (1 << 64) - 1
 
 

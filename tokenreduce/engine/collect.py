@@ -4,7 +4,8 @@
     tokenreduce-collect outputs/sweeps/...            # the same, once installed
 
 Writes `results.csv`, `results.md`, `accuracy_vs_throughput.png` and `accuracy_vs_macs.png`. A Hydra
-multirun does this by itself in its sweep directory when the last job ends.
+multirun does this by itself in its sweep directory when the last job ends
+(`tokenreduce.engine.hydra_callbacks.CollectOnMultirunEnd`).
 """
 
 from __future__ import annotations
@@ -12,16 +13,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 from pathlib import Path
-
-from hydra.experimental.callback import Callback
 
 from tokenreduce.engine.config import non_default_params
 from tokenreduce.engine.record import RECORD_JSON
 from tokenreduce.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 TABLE_CSV = "results.csv"
 TABLE_MD = "results.md"
@@ -146,6 +142,9 @@ def plot_tradeoff(rows: list[dict], x_key: str, xlabel: str, path: Path, log_x: 
                     ax.annotate(r["params"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
     if log_x:
         ax.set_xscale("log")
+    models = sorted({r["model"] for r in points})
+    datasets = sorted({f"{r['dataset']} ({r['split']})" for r in points if r.get("dataset")})
+    ax.set_title(", ".join(models) + (" on " + ", ".join(datasets) if datasets else ""), fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(True, alpha=0.3)
@@ -173,24 +172,6 @@ def collect(paths: list[str | Path], out_dir: str | Path, plots: bool = True) ->
         if plot_tradeoff(rows, "gmacs", "GMACs per image", out_dir / PLOT_MACS):
             written["macs_plot"] = out_dir / PLOT_MACS
     return written
-
-
-class CollectOnMultirunEnd(Callback):
-    """Hydra callback: when a multirun ends, collect its records into its sweep directory."""
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        if not any(sweep_dir.rglob(RECORD_JSON)):
-            return
-        try:
-            import matplotlib  # noqa: F401
-
-            plots = True
-        except ImportError:
-            log.warning("matplotlib is not installed: writing the results table without plots")
-            plots = False
-        written = collect([sweep_dir], sweep_dir, plots=plots)
-        print(f"collected {len(find_records([sweep_dir]))} runs: " + ", ".join(str(p) for p in written.values()))
 
 
 def main(argv: list[str] | None = None) -> None:

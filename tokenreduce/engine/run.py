@@ -8,6 +8,7 @@ the dataset folders, the checkpoint to resume from, and the run directory.
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 from pathlib import Path
 
@@ -100,6 +101,16 @@ def _settings(cls, cfg_node, key: str):
     return cls(**values)
 
 
+def import_plugins(modules: list[str]) -> None:
+    """Import the modules listed in `imports`, e.g. one that registers a reducer of your own."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            raise ConfigError(f"imports: cannot import {name!r} ({err}); list modules importable from this "
+                              "environment") from None
+
+
 def launched_rank_zero() -> bool:
     """Whether this process is rank 0 of a distributed launch (or not distributed at all)."""
     return all(int(os.environ.get(key, "0") or 0) == 0 for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
@@ -124,6 +135,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> RunRecord | None:
     task = check_task(cfg)
     if launched_rank_zero():
         ensure_fresh(output_dir)
+    import_plugins(cfg.get("imports") or [])
     reducer = build_reducer(cfg.reducer)
     reducer_name, reducer_params = reducer_spec(cfg.reducer)
     optim = _settings(OptimSettings, cfg.get("optim"), "optim")
