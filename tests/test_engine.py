@@ -364,6 +364,7 @@ def test_other_bad_settings_fail_before_any_compute(tmp_path):
         "task=train": "task='train'",
         "eval_split=holdout": "eval_split='holdout'",
         "measure.dtype=float8": "measure.dtype='float8'",
+        "measure.batch_size=0": "measure.batch_size=0",
         "optim.lr=-1": "optim.lr=-1",
         "loss.mixup_mode=row": "loss.mixup_mode='row'",
         f"ckpt_path={tmp_path / 'none.ckpt'}": "no such checkpoint",

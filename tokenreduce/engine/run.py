@@ -27,10 +27,11 @@ from tokenreduce.engine.config import build_reducer, check_task, default_run_nam
 from tokenreduce.engine.loggers import build_loggers, finish_loggers
 from tokenreduce.engine.module import LossSettings, OptimSettings, ReductionModule
 from tokenreduce.engine.record import RunRecord, ensure_fresh
-from tokenreduce.engine.speed import measure, resolve_device, resolve_dtype
+from tokenreduce.engine.speed import check_measure, measure
 from tokenreduce.errors import ConfigError
 
 STAGES = {"evaluate": "validate", "finetune": "fit"}
+MEASURE_KEYS = ("enabled", "batch_size", "dtype", "autocast", "device", "warmup", "repeats")
 MODEL_KEYS = ("name", "pretrained", "checkpoint", "img_size", "num_classes", "drop_path_rate", "kwargs")
 
 
@@ -141,9 +142,11 @@ def run(cfg: DictConfig, output_dir: str | Path) -> RunRecord | None:
     optim = _settings(OptimSettings, cfg.get("optim"), "optim")
     loss = _settings(LossSettings, cfg.get("loss"), "loss")
     mcfg = plain(cfg.measure)
-    resolve_dtype(mcfg["dtype"], "measure.dtype")
-    resolve_dtype(mcfg.get("autocast"), "measure.autocast", allow_none=True)
-    resolve_device(mcfg.get("device", "auto"))
+    unknown = sorted(set(mcfg) - set(MEASURE_KEYS))
+    if unknown:
+        raise ConfigError(f"measure.{unknown[0]} is not a setting; allowed: {', '.join(MEASURE_KEYS)}")
+    check_measure(mcfg["batch_size"], mcfg["dtype"], mcfg["autocast"], mcfg["device"], mcfg["warmup"],
+                  mcfg["repeats"])
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.check(STAGES[task])
     if cfg.eval_split == "test":
@@ -196,10 +199,10 @@ def _record(cfg, task, run_name, model, model_cfg, datamodule, reducer_name, red
     split = cfg.eval_split
     input_size = tuple(model_data_config(model)["input_size"])
     timing = None
-    if mcfg.get("enabled", True):
+    if mcfg["enabled"]:
         timing = measure(model, input_size, batch_size=mcfg["batch_size"], dtype=mcfg["dtype"],
-                         autocast=mcfg.get("autocast"), device=mcfg.get("device", "auto"),
-                         warmup=mcfg.get("warmup", 3), repeats=mcfg.get("repeats", 10), seed=cfg.seed)
+                         autocast=mcfg["autocast"], device=mcfg["device"], warmup=mcfg["warmup"],
+                         repeats=mcfg["repeats"], seed=cfg.seed)
     # tokens and MACs of one image at the model's input size, from the Core statistics
     param = next(model.parameters())
     was_training = model.training

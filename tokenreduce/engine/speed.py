@@ -92,6 +92,16 @@ def resolve_dtype(name: str | None, key: str, allow_none: bool = False) -> torch
     return DTYPES[name]
 
 
+def check_measure(batch_size: int, dtype: str = "float32", autocast: str | None = None, device: str = "auto",
+                  warmup: int = 3, repeats: int = 10) -> tuple[torch.dtype, torch.dtype | None, torch.device]:
+    """Validate the `measure` settings (a ConfigError naming the key); the resolved dtypes and device."""
+    for key, value, least in (("batch_size", batch_size, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"measure.{key}={value!r} is invalid; allowed: an integer >= {least}")
+    return (resolve_dtype(dtype, "measure.dtype"), resolve_dtype(autocast, "measure.autocast", allow_none=True),
+            resolve_device(device))
+
+
 def measure(model: nn.Module, input_size: tuple[int, int, int], batch_size: int, dtype: str = "float32",
             autocast: str | None = None, device: str = "auto", warmup: int = 3, repeats: int = 10,
             seed: int = 0) -> Timing:
@@ -100,15 +110,7 @@ def measure(model: nn.Module, input_size: tuple[int, int, int], batch_size: int,
     The model is moved to the measuring device; a model cast to another dtype is a copy, so
     `model` keeps its own weights and dtype.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"measure.batch_size={batch_size!r} is invalid; allowed: an integer >= 1")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ConfigError(f"measure.repeats={repeats!r} is invalid; allowed: an integer >= 1")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ConfigError(f"measure.warmup={warmup!r} is invalid; allowed: an integer >= 0")
-    torch_dtype = resolve_dtype(dtype, "measure.dtype")
-    autocast_dtype = resolve_dtype(autocast, "measure.autocast", allow_none=True)
-    target = resolve_device(device)
+    torch_dtype, autocast_dtype, target = check_measure(batch_size, dtype, autocast, device, warmup, repeats)
     param = next(model.parameters(), None)
     timed = copy.deepcopy(model) if param is not None and param.dtype != torch_dtype else model
     timed.to(device=target, dtype=torch_dtype)
