@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from tokenreduce.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def synchronize(device: torch.device) -> None:
@@ -21,27 +27,41 @@ class Timing:
     batch_size: int
     dtype: str
     device: str
+    autocast: str | None = None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.inference_mode()
-def time_forward(model: nn.Module, images: torch.Tensor, repeats: int = 5, warmup: int = 1) -> list[float]:
-    """Wall-clock seconds of `repeats` forward passes on `images`, after `warmup` untimed ones."""
+def time_forward(model: nn.Module, images: torch.Tensor, repeats: int = 5, warmup: int = 1,
+                 autocast: torch.dtype | None = None) -> list[float]:
+    """Wall-clock seconds of `repeats` forward passes on `images`, after `warmup` untimed ones.
+
+    `autocast`: run under `torch.autocast` with this dtype (mixed precision) instead of the
+    dtype of the model and images. On a GPU every pass is synchronised before the clock is read.
+    """
     device = images.device
-    for _ in range(warmup):
-        model(images)
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(images)
+    with _autocast(device, autocast):
+        for _ in range(warmup):
+            model(images)
         synchronize(device)
-        times.append(time.perf_counter() - start)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(images)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
     return times
 
 
-def throughput(model: nn.Module, images: torch.Tensor, repeats: int = 5, warmup: int = 1) -> Timing:
+def throughput(model: nn.Module, images: torch.Tensor, repeats: int = 5, warmup: int = 1,
+               autocast: torch.dtype | None = None) -> Timing:
     """Images per second from the median of `repeats` timed forward passes."""
-    times = time_forward(model, images, repeats, warmup)
+    times = time_forward(model, images, repeats, warmup, autocast)
     median = sorted(times)[len(times) // 2]
     return Timing(
         images_per_s=images.shape[0] / median,
@@ -49,4 +69,56 @@ def throughput(model: nn.Module, images: torch.Tensor, repeats: int = 5, warmup:
         batch_size=images.shape[0],
         dtype=str(images.dtype).replace("torch.", ""),
         device=str(images.device),
+        autocast=str(autocast).replace("torch.", "") if autocast is not None else None,
     )
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" is the current GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"measure.device={device!r} is invalid; allowed: auto, cpu, cuda, cuda:N") from None
+
+
+def resolve_dtype(name: str | None, key: str, allow_none: bool = False) -> torch.dtype | None:
+    if name is None and allow_none:
+        return None
+    if name not in DTYPES:
+        allowed = ", ".join(DTYPES) + (", null" if allow_none else "")
+        raise ConfigError(f"{key}={name!r} is invalid; allowed: {allowed}")
+    return DTYPES[name]
+
+
+def check_measure(batch_size: int, dtype: str = "float32", autocast: str | None = None, device: str = "auto",
+                  warmup: int = 3, repeats: int = 10) -> tuple[torch.dtype, torch.dtype | None, torch.device]:
+    """Validate the `measure` settings (a ConfigError naming the key); the resolved dtypes and device."""
+    for key, value, least in (("batch_size", batch_size, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"measure.{key}={value!r} is invalid; allowed: an integer >= {least}")
+    return (resolve_dtype(dtype, "measure.dtype"), resolve_dtype(autocast, "measure.autocast", allow_none=True),
+            resolve_device(device))
+
+
+def measure(model: nn.Module, input_size: tuple[int, int, int], batch_size: int, dtype: str = "float32",
+            autocast: str | None = None, device: str = "auto", warmup: int = 3, repeats: int = 10,
+            seed: int = 0) -> Timing:
+    """Images/s of `model` on a batch of random images of `input_size`, in eval mode.
+
+    The model is moved to the measuring device; a model cast to another dtype is a copy, so
+    `model` keeps its own weights and dtype.
+    """
+    torch_dtype, autocast_dtype, target = check_measure(batch_size, dtype, autocast, device, warmup, repeats)
+    param = next(model.parameters(), None)
+    timed = copy.deepcopy(model) if param is not None and param.dtype != torch_dtype else model
+    timed.to(device=target, dtype=torch_dtype)
+    was_training = timed.training
+    timed.eval()
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, *input_size, generator=generator).to(device=target, dtype=torch_dtype)
+    try:
+        return throughput(timed, images, repeats=repeats, warmup=warmup, autocast=autocast_dtype)
+    finally:
+        timed.train(was_training)

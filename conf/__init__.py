@@ -1,0 +1,1 @@
+"""Hydra configuration of `python -m tokenreduce`, installed as the package `tokenreduce.conf`."""

@@ -1,0 +1,321 @@
+"""The Hydra configuration: every file composes, every group builds, reducer files match the registry."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from omegaconf import OmegaConf
+from PIL import Image
+from timm.models.vision_transformer import VisionTransformer
+
+import tokenreduce
+from tokenreduce.engine.config import (
+    build_reducer,
+    compose,
+    config_files_dir,
+    config_source,
+    default_run_name,
+    reducer_spec,
+)
+from tokenreduce.engine.loggers import build_loggers, has_wandb_key, wandb_mode
+from tokenreduce.engine.run import build_model, build_trainer, resolve_precision
+from tokenreduce.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def offline_wandb(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for key in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(key, str(tmp_path / "wandb-home"))
+    yield
+    GlobalHydra.instance().clear()
+
+
+def test_config_source_is_the_repository_conf_in_a_checkout():
+    # in a source checkout (PYTHONPATH) the package tokenreduce.conf is not importable
+    assert Path(config_source()) == CONF or config_source() == "pkg://tokenreduce.conf"
+    assert (config_files_dir() / "config.yaml").is_file()
+    assert config_files_dir().resolve() == CONF.resolve()
+
+
+# --- experiments -----------------------------------------------------------------------------
+REQUIRED_EXPERIMENTS = ("tome_vit_b", "pitome_vit_b", "tofu_vit_b", "mctf_deit_s", "evit_deit_s", "baseline_vit_b",
+                        "finetune_tome_deit_s", "finetune_mctf_deit_s")
+
+
+def test_required_experiments_exist():
+    assert set(REQUIRED_EXPERIMENTS) <= set(options("experiment"))
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_every_experiment_composes(name):
+    cfg = compose([f"experiment={name}"])
+    assert cfg.task in ("evaluate", "finetune")
+    reducer, params = reducer_spec(cfg.reducer)
+    assert (CONF / "reducer" / f"{reducer}.yaml").is_file()
+    assert cfg.model.name and cfg.data.batch_size >= 1
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_every_experiment_builds_its_reducer_and_model(name):
+    cfg = compose([f"experiment={name}"])
+    reducer_name, _ = reducer_spec(cfg.reducer)
+    if reducer_name not in tokenreduce.available():
+        pytest.skip(f"reducer {reducer_name!r} is not registered in this installation")
+    reducer = build_reducer(cfg.reducer)
+    model = build_model({**OmegaConf.to_container(cfg.model), "pretrained": False, "checkpoint": None})
+    tokenreduce.apply(model, reducer)  # the schedule fits the model
+    assert isinstance(model, VisionTransformer)
+
+
+def test_experiment_overrides_its_groups():
+    cfg = compose(["experiment=tome_vit_b"])
+    assert cfg.model.name.startswith("vit_base_patch16_224")
+    assert cfg.reducer.name == "tome" and cfg.reducer.r == 13
+    assert cfg.data.name == "imagenet"
+    ft = compose(["experiment=finetune_tome_deit_s"])
+    assert ft.task == "finetune" and ft.model.drop_path_rate == 0.1 and ft.loss.mixup == 0.8
+    mctf = compose(["experiment=finetune_mctf_deit_s"])
+    assert mctf.loss.reducer_weights.consistency == 3.0
+
+
+def test_unknown_experiment_lists_the_available_ones():
+    with pytest.raises(MissingConfigException) as err:
+        compose(["experiment=no_such_experiment"])
+    assert "no_such_experiment" in str(err.value)
+    assert "tome_vit_b" in str(err.value)
+
+
+# --- reducer files match the registry ----------------------------------------------------------
+def _as_yaml_value(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+@pytest.mark.parametrize("name", sorted(set(tokenreduce.available()) | set(options("reducer"))))
+def test_reducer_file_matches_the_registered_parameters(name):
+    path = CONF / "reducer" / f"{name}.yaml"
+    if name not in tokenreduce.available():
+        pytest.skip(f"{path.name} names a reducer that is not registered in this installation")
+    assert path.is_file(), f"reducer {name!r} is registered but has no conf/reducer/{name}.yaml"
+    data = yaml.safe_load(path.read_text())
+    assert data.pop("name") == name
+    defaults = tokenreduce.reducer_defaults(name)
+    assert list(data) == list(defaults), f"conf/reducer/{name}.yaml keys differ from the parameters of {name!r}"
+    assert data == {k: _as_yaml_value(v) for k, v in defaults.items()}, "the file must hold the defaults"
+
+
+@pytest.mark.parametrize("name", [n for n in options("reducer")])
+def test_reducer_group_builds(name):
+    if name not in tokenreduce.available():
+        pytest.skip(f"reducer {name!r} is not registered in this installation")
+    reducer = build_reducer(compose([f"reducer={name}"]).reducer)
+    assert reducer.name == name
+
+
+def test_misspelt_reducer_key_is_an_error():
+    with pytest.raises(ConfigCompositionException, match="rr"):
+        compose(["reducer=tome", "reducer.rr=4"])
+    cfg = compose(["reducer=tome", "+reducer.rr=4"])  # added on purpose past Hydra's check
+    with pytest.raises(ConfigError, match="rr.*allowed: r, inflect"):
+        build_reducer(cfg.reducer)
+
+
+def test_unregistered_reducer_name_is_an_error():
+    with pytest.raises(ConfigError, match="no_such.*not registered"):
+        build_reducer({"name": "no_such"})
+    with pytest.raises(ConfigError, match="'name'"):
+        build_reducer({"r": 3})
+
+
+# --- the other groups --------------------------------------------------------------------------
+@pytest.mark.parametrize("name", options("model"))
+def test_model_group_builds(name):
+    cfg = compose([f"model={name}"]).model
+    model = build_model({**OmegaConf.to_container(cfg), "pretrained": False})
+    assert isinstance(model, VisionTransformer)
+    assert model.default_cfg["architecture"] == cfg.name.split(".")[0]
+
+
+def test_model_checkpoint_file_loads_local_weights(tmp_path):
+    source = build_model({"name": "test_vit", "pretrained": False})
+    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    model = build_model({"name": "test_vit", "pretrained": False, "checkpoint": str(tmp_path / "weights.pth")})
+    for (key, a), b in zip(source.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+    # like pretrained weights: another number of classes keeps the backbone and makes a new head
+    new_head = build_model({"name": "test_vit", "num_classes": 10, "checkpoint": str(tmp_path / "weights.pth")})
+    assert new_head.head.out_features == 10
+    assert torch.equal(new_head.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    with pytest.raises(ConfigError, match="model.checkpoint=.*missing.pth"):
+        build_model({"name": "test_vit", "checkpoint": str(tmp_path / "missing.pth")})
+    with pytest.raises(ConfigError, match="model.name='no_such_vit'"):
+        build_model({"name": "no_such_vit"})
+    with pytest.raises(ConfigError, match="model.colour"):
+        build_model({"name": "test_vit", "colour": 1})
+
+
+def _image_folder(root: Path, classes=("a", "b", "c"), per_class=2, size=40) -> Path:
+    for split in ("train", "val"):
+        for i, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for j in range(per_class):
+                Image.new("RGB", (size, size), (40 * i, 20 * j, 100)).save(folder / f"{j}.png")
+    return root
+
+
+@pytest.mark.parametrize("name", options("data"))
+def test_data_group_builds(name, tmp_path):
+    overrides = [f"data={name}", "data.num_workers=0"]
+    if name != "synthetic":
+        overrides.append(f"data.root={_image_folder(tmp_path)}")
+    cfg = compose(overrides).data
+    datamodule = instantiate(cfg, _convert_="all")
+    assert isinstance(datamodule, L.LightningDataModule)
+    model = build_model({"name": "test_vit", "img_size": 32, "num_classes": 3})
+    datamodule.check("fit")
+    datamodule.bind_model(model)
+    datamodule.setup("fit")
+    images, labels = next(iter(datamodule.val_dataloader()))
+    assert images.shape[1:] == (3, 32, 32)
+    assert int(labels.max()) < 3
+
+
+@pytest.mark.parametrize("name", options("trainer"))
+def test_trainer_group_builds(name, tmp_path):
+    cfg = OmegaConf.to_container(compose([f"trainer={name}"]).trainer)
+    if cfg["accelerator"] == "gpu" and not torch.cuda.is_available():
+        cfg["accelerator"], cfg["devices"] = "cpu", 2 if cfg["strategy"] == "ddp" else 1
+    trainer = build_trainer(cfg, [], [], tmp_path, checkpointing=False)
+    assert isinstance(trainer, L.Trainer)
+    assert trainer.num_devices == (cfg["devices"] if cfg["devices"] != -1 else 1)
+
+
+def test_trainer_rejects_unknown_arguments(tmp_path):
+    with pytest.raises(ConfigError, match="trainer.*max_epoch"):
+        build_trainer({"max_epoch": 3}, [], [], tmp_path, checkpointing=False)
+
+
+def test_precision_auto_is_fp32_on_the_cpu():
+    assert resolve_precision("auto", "cpu") == "32-true"
+    assert resolve_precision("16-mixed", "gpu") == "16-mixed"
+    if not torch.cuda.is_available():
+        assert resolve_precision("auto", "auto") == "32-true"
+
+
+@pytest.mark.parametrize("name", options("logger"))
+def test_logger_group_builds(name, tmp_path):
+    cfg = OmegaConf.to_container(compose([f"logger={name}"]).logger)
+    loggers = build_loggers(cfg, tmp_path, "run")
+    kinds = {type(lg) for lg in loggers}
+    assert CSVLogger in kinds  # always a CSV log
+    assert (WandbLogger in kinds) == ("wandb" in cfg)
+
+
+def test_unknown_logger_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="logger.mlflow"):
+        build_loggers({"mlflow": {}}, tmp_path, "run")
+
+
+def test_wandb_is_offline_without_an_api_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert not has_wandb_key()
+    assert wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode("auto") == "disabled"
+    assert wandb_mode("offline") == "offline"
+    with pytest.raises(ConfigError, match="logger.wandb.mode='sometimes'"):
+        wandb_mode("sometimes")
+
+
+def test_wandb_key_from_netrc(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    netrc_file = tmp_path / ".netrc"
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    netrc_file.chmod(0o600)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    assert has_wandb_key()
+
+
+@pytest.mark.parametrize("name", options("sweep"))
+def test_sweep_configs_compose(name):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=[f"sweep={name}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert len(params) >= 1
+    for key, values in params.items():
+        assert len(str(values).split(",")) >= 2, key
+
+
+def test_slurm_launcher_config_composes():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
+                                                 "trainer.num_nodes=2"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.tasks_per_node == 4 and launcher.gpus_per_node == 4 and launcher.nodes == 2
+    # the plugin's SlurmQueueConf fields (hydra-submitit-launcher 1.2)
+    expected = {"submitit_folder", "timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb",
+                "nodes", "name", "stderr_to_stdout", "partition", "qos", "comment", "constraint", "exclude",
+                "gres", "cpus_per_gpu", "gpus_per_task", "mem_per_gpu", "mem_per_cpu", "account",
+                "signal_delay_s", "max_num_timeout", "additional_parameters", "array_parallelism", "setup"}
+    assert set(launcher) - {"_target_"} == expected
+
+
+def test_wandb_sweep_files_run_the_entry_point_with_composable_arguments():
+    files = sorted((ROOT / "experiments").glob("wandb_sweep_*.yaml"))
+    assert files
+    for path in files:
+        sweep = yaml.safe_load(path.read_text())
+        assert sweep["command"][:4] == ["${env}", "python", "-m", "tokenreduce"], path.name
+        assert "${args_no_hyphens}" in sweep["command"], path.name
+        assert sweep["metric"]["name"].startswith("result/")
+        grid = {k: v.get("values", [v.get("value")]) for k, v in sweep["parameters"].items()}
+        for combination in itertools.product(*grid.values()):
+            overrides = [f"{k}={_override_value(v)}" for k, v in zip(grid, combination, strict=True)]
+            cfg = compose(overrides)
+            reducer_spec(cfg.reducer)
+
+
+def _override_value(value) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
+
+
+# --- run names -----------------------------------------------------------------------------------
+def test_run_name_lists_only_changed_parameters():
+    assert default_run_name("vit_base_patch16_224.augreg_in21k_ft_in1k", "tome",
+                            {**tokenreduce.reducer_defaults("tome"), "r": 13}) == "vit_base_patch16_224-tome-r=13"
+    assert default_run_name("deit_small_patch16_224", "none", {}) == "deit_small_patch16_224-none"
+    name = default_run_name("test_vit", "tome", {"r": [2, 1], "ratio": None, "layers": [0, 3]})
+    assert name == "test_vit-tome-r=2-1-layers=0-3"
+    assert "/" not in default_run_name("a/b", "tome", {"mode": "x/y"})

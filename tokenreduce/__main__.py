@@ -1,0 +1,49 @@
+"""`python -m tokenreduce [experiment=NAME] [key=value ...]`: the Hydra entry point.
+
+    python -m tokenreduce experiment=tome_vit_b data.root=/data/imagenet
+    python -m tokenreduce experiment=finetune_tome_deit_s trainer=ddp
+    python -m tokenreduce -m experiment=tome_vit_b reducer.r=4,8,12,16
+    python -m tokenreduce --cfg job experiment=pitome_vit_b      # print the composed config
+
+The configuration ships inside the package (`tokenreduce.conf`), so this works from any directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from tokenreduce.engine.config import config_source
+from tokenreduce.errors import ConfigError
+
+
+@hydra.main(version_base="1.3", config_path=config_source(), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from tokenreduce.engine.run import run  # heavy imports only once Hydra has parsed the command line
+
+    _one_console_handler()
+    try:
+        record = run(cfg, HydraConfig.get().runtime.output_dir)
+    except ConfigError as err:
+        # a configuration mistake: one clear line, not a traceback
+        print(f"tokenreduce: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return record.top1 if record is not None else None
+
+
+def _one_console_handler() -> None:
+    """Lightning gives its logger a console handler of its own; Hydra's root handlers already print
+    (and write the run's log file), so without this every Lightning message shows twice."""
+    lightning_logger = logging.getLogger("lightning")
+    if logging.getLogger().handlers:
+        for handler in list(lightning_logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                lightning_logger.removeHandler(handler)
+
+
+if __name__ == "__main__":
+    main()

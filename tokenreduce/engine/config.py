@@ -1,0 +1,112 @@
+"""Where the Hydra configuration lives, composing it outside the command line, and reading its parts."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from tokenreduce.errors import ConfigError
+from tokenreduce.reducers import create_reducer, reducer_defaults
+from tokenreduce.reducers.base import TokenReducer
+
+CONFIG_PACKAGE = "tokenreduce.conf"
+TASKS = ("evaluate", "finetune")
+
+
+def config_source() -> str:
+    """The configuration directory for Hydra: the installed package `tokenreduce.conf`, or the
+    repository's `conf/` when running from a source checkout (where that package is not importable)."""
+    try:
+        installed = importlib.util.find_spec(CONFIG_PACKAGE) is not None
+    except ModuleNotFoundError:
+        installed = False
+    if installed:
+        return f"pkg://{CONFIG_PACKAGE}"
+    return str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def config_files_dir() -> Path:
+    """The directory holding config.yaml and the groups, as a path on disk."""
+    source = config_source()
+    if source.startswith("pkg://"):
+        return Path(importlib.util.find_spec(CONFIG_PACKAGE).submodule_search_locations[0])
+    return Path(source)
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """The configuration `python -m tokenreduce OVERRIDES...` would run, composed in-process
+    (for tests and notebooks). Hydra's `hydra:` node is left out."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_files_dir()), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+
+
+def plain(node):
+    """A config node as plain Python values (lists, dicts), resolved."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def reducer_spec(reducer_cfg: DictConfig | dict) -> tuple[str, dict]:
+    """(name, parameters) of the `reducer` config node."""
+    spec = plain(reducer_cfg)
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ConfigError(f"reducer={spec!r} is invalid; allowed: a reducer config with a 'name' key (conf/reducer/)")
+    spec = dict(spec)
+    return spec.pop("name"), spec
+
+
+def build_reducer(reducer_cfg: DictConfig | dict) -> TokenReducer:
+    """The reducer the config names; an unknown name or parameter is a ConfigError."""
+    name, params = reducer_spec(reducer_cfg)
+    return create_reducer(name, **params)
+
+
+def non_default_params(name: str, params: dict) -> dict:
+    """The parameters that differ from the reducer's defaults, in declaration order."""
+    defaults = reducer_defaults(name)
+    return {k: v for k, v in params.items() if k in defaults and not _same(v, defaults[k])}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "-".join(_fmt(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def default_run_name(model_name: str, reducer_name: str, params: dict) -> str:
+    """`<model>-<reducer>[-key=value...]` with the reducer's non-default parameters; safe in paths."""
+    short_model = model_name.split(".")[0]
+    parts = [short_model, reducer_name]
+    try:
+        changed = non_default_params(reducer_name, params)
+    except ConfigError:
+        changed = params
+    parts += [f"{k}={_fmt(v)}" for k, v in changed.items()]
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", "-".join(parts))
+
+
+def check_task(cfg: DictConfig) -> str:
+    task = cfg.get("task")
+    if task not in TASKS:
+        raise ConfigError(f"task={task!r} is invalid; allowed: {', '.join(TASKS)}")
+    split = cfg.get("eval_split")
+    if split not in ("val", "test"):
+        raise ConfigError(f"eval_split={split!r} is invalid; allowed: val, test")
+    return task

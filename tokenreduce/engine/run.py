@@ -1,0 +1,244 @@
+"""One run of `python -m tokenreduce`: evaluate a reduced model off the shelf, or fine-tune it.
+
+Everything that can be wrong in the configuration is checked before any model is built or any
+weight downloaded: the task, the reducer and its parameters, the optimisation and loss settings,
+the dataset folders, the checkpoint to resume from, and the run directory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+from pathlib import Path
+
+import lightning as L
+import timm
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+import tokenreduce
+from tokenreduce.data.transforms import model_data_config
+from tokenreduce.engine.callbacks import build_callbacks
+from tokenreduce.engine.config import build_reducer, check_task, default_run_name, plain, reducer_spec
+from tokenreduce.engine.loggers import build_loggers, finish_loggers
+from tokenreduce.engine.module import LossSettings, OptimSettings, ReductionModule
+from tokenreduce.engine.record import RunRecord, ensure_fresh
+from tokenreduce.engine.speed import check_measure, measure
+from tokenreduce.errors import ConfigError
+
+STAGES = {"evaluate": "validate", "finetune": "fit"}
+MEASURE_KEYS = ("enabled", "batch_size", "dtype", "autocast", "device", "warmup", "repeats")
+MODEL_KEYS = ("name", "pretrained", "checkpoint", "img_size", "num_classes", "drop_path_rate", "kwargs")
+
+
+# --- building the pieces -----------------------------------------------------------------------
+def build_model(model_cfg: DictConfig | dict) -> nn.Module:
+    """The timm model of the `model` config: pretrained weights from the hub or a local file."""
+    cfg = plain(model_cfg)
+    unknown = sorted(set(cfg) - set(MODEL_KEYS))
+    if unknown:
+        raise ConfigError(f"model.{unknown[0]} is not a model setting; allowed: {', '.join(MODEL_KEYS)}")
+    name = cfg.get("name")
+    if not isinstance(name, str) or not timm.is_model(name):
+        raise ConfigError(f"model.name={name!r} is not a timm model; see timm.list_models()")
+    kwargs = dict(cfg.get("kwargs") or {})
+    for key in ("img_size", "num_classes"):
+        if cfg.get(key) is not None:
+            kwargs[key] = cfg[key]
+    if cfg.get("drop_path_rate"):
+        kwargs["drop_path_rate"] = cfg["drop_path_rate"]
+    pretrained = bool(cfg.get("pretrained"))
+    checkpoint = cfg.get("checkpoint")
+    if checkpoint:
+        path = Path(os.path.expanduser(str(checkpoint)))
+        if not path.is_file():
+            raise ConfigError(f"model.checkpoint={checkpoint}: no such file; set model.checkpoint to a weights file or null")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path.resolve())}
+        pretrained = True
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def weights_label(model_cfg: dict, model: nn.Module) -> str:
+    if model_cfg.get("checkpoint"):
+        return f"file:{model_cfg['checkpoint']}"
+    if not model_cfg.get("pretrained"):
+        return "random"
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    tag = cfg.get("tag")
+    return f"timm:{cfg.get('architecture', model_cfg['name'])}" + (f".{tag}" if tag else "")
+
+
+def resolve_precision(precision, accelerator) -> str | int:
+    """"auto": bf16 mixed precision on a GPU that supports it, fp16 mixed on other GPUs, fp32 on the CPU."""
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if not on_gpu:
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def build_trainer(trainer_cfg: DictConfig | dict, loggers: list, callbacks: list, output_dir: Path,
+                  checkpointing: bool) -> L.Trainer:
+    kwargs = plain(trainer_cfg)
+    kwargs["precision"] = resolve_precision(kwargs.get("precision", "auto"), kwargs.get("accelerator", "auto"))
+    try:
+        return L.Trainer(default_root_dir=str(output_dir), logger=loggers or False, callbacks=callbacks,
+                         enable_checkpointing=checkpointing, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"trainer: {err}; the trainer config takes lightning.Trainer arguments") from None
+
+
+def _settings(cls, cfg_node, key: str):
+    values = plain(cfg_node) or {}
+    allowed = list(cls.__dataclass_fields__)
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]} is not a setting; allowed: {', '.join(allowed)}")
+    return cls(**values)
+
+
+def import_plugins(modules: list[str]) -> None:
+    """Import the modules listed in `imports`, e.g. one that registers a reducer of your own."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            raise ConfigError(f"imports: cannot import {name!r} ({err}); list modules importable from this "
+                              "environment") from None
+
+
+def launched_rank_zero() -> bool:
+    """Whether this process is rank 0 of a distributed launch (or not distributed at all)."""
+    return all(int(os.environ.get(key, "0") or 0) == 0 for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
+
+
+def _metric(results: list[dict], key: str) -> float | None:
+    for result in results:
+        if key in result:
+            return float(result[key])
+    return None
+
+
+def _versions() -> dict:
+    return {"tokenreduce": tokenreduce.__version__, "torch": torch.__version__, "timm": timm.__version__,
+            "lightning": L.__version__}
+
+
+# --- the run -----------------------------------------------------------------------------------
+def run(cfg: DictConfig, output_dir: str | Path) -> RunRecord | None:
+    """Run the configured task, writing into `output_dir`; the record on rank 0, None elsewhere."""
+    output_dir = Path(output_dir)
+    task = check_task(cfg)
+    if launched_rank_zero():
+        ensure_fresh(output_dir)
+    import_plugins(cfg.get("imports") or [])
+    reducer = build_reducer(cfg.reducer)
+    reducer_name, reducer_params = reducer_spec(cfg.reducer)
+    optim = _settings(OptimSettings, cfg.get("optim"), "optim")
+    loss = _settings(LossSettings, cfg.get("loss"), "loss")
+    mcfg = plain(cfg.measure)
+    unknown = sorted(set(mcfg) - set(MEASURE_KEYS))
+    if unknown:
+        raise ConfigError(f"measure.{unknown[0]} is not a setting; allowed: {', '.join(MEASURE_KEYS)}")
+    check_measure(mcfg["batch_size"], mcfg["dtype"], mcfg["autocast"], mcfg["device"], mcfg["warmup"],
+                  mcfg["repeats"])
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.check(STAGES[task])
+    if cfg.eval_split == "test":
+        datamodule.check("test")
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = build_model(cfg.model)
+    tokenreduce.apply(model, reducer)
+    datamodule.bind_model(model)
+    module = ReductionModule(model, num_classes=model.num_classes, optim=optim, loss=loss)
+
+    model_cfg = plain(cfg.model)
+    run_name = cfg.get("run_name") or default_run_name(model_cfg["name"], reducer_name, reducer_params)
+    loggers = build_loggers(plain(cfg.logger), output_dir, run_name)
+    try:
+        for lg in loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        callbacks = build_callbacks(task, output_dir, plain(cfg.checkpoint), with_loggers=bool(loggers))
+        trainer = build_trainer(cfg.trainer, loggers, callbacks, output_dir, checkpointing=task == "finetune")
+        evaluate = trainer.validate if cfg.eval_split == "val" else trainer.test
+        eval_ckpt = ckpt_path
+        checkpoints = {}
+        if task == "finetune":
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            # read before validate(ckpt_path=...) restores the callback's state from that checkpoint
+            callback = trainer.checkpoint_callback
+            checkpoints = {"best": callback.best_model_path or None, "last": callback.last_model_path or None}
+            eval_ckpt = "best" if checkpoints["best"] else None
+        results = evaluate(module, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False)
+        if not trainer.is_global_zero:
+            return None
+        record = _record(cfg, task, run_name, model, model_cfg, datamodule, reducer_name, reducer_params,
+                         results, trainer, module, output_dir, mcfg, checkpoints)
+        for lg in loggers:
+            lg.log_metrics({f"result/{k}": v for k, v in record.metrics().items()}, step=trainer.global_step)
+            if isinstance(lg, WandbLogger):
+                lg.experiment.summary.update({f"result/{k}": v for k, v in record.to_dict().items()})
+        record.write(output_dir)
+        print(record.table())
+        return record
+    finally:
+        finish_loggers(loggers)
+
+
+def _record(cfg, task, run_name, model, model_cfg, datamodule, reducer_name, reducer_params, results, trainer,
+            module, output_dir, mcfg, checkpoints) -> RunRecord:
+    split = cfg.eval_split
+    input_size = tuple(model_data_config(model)["input_size"])
+    timing = None
+    if mcfg["enabled"]:
+        timing = measure(model, input_size, batch_size=mcfg["batch_size"], dtype=mcfg["dtype"],
+                         autocast=mcfg["autocast"], device=mcfg["device"], warmup=mcfg["warmup"],
+                         repeats=mcfg["repeats"], seed=cfg.seed)
+    # tokens and MACs of one image at the model's input size, from the Core statistics
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+    model.train(was_training)
+    st = tokenreduce.stats(model)
+    return RunRecord(
+        run_name=run_name,
+        task=task,
+        model=model_cfg["name"],
+        weights=weights_label(model_cfg, model),
+        dataset=datamodule.describe(),
+        split=split,
+        reducer=reducer_name,
+        reducer_params=reducer_params,
+        top1=_metric(results, f"{split}/top1"),
+        top5=_metric(results, f"{split}/top5"),
+        loss=_metric(results, f"{split}/loss"),
+        images_per_s=timing.images_per_s if timing else None,
+        measure={"batch_size": timing.batch_size, "dtype": timing.dtype, "autocast": timing.autocast,
+                 "device": timing.device, "warmup": mcfg.get("warmup"), "repeats": mcfg.get("repeats"),
+                 "seconds_per_batch": timing.seconds_per_batch} if timing else {},
+        precision=str(trainer.precision),
+        gmacs=st["macs"] / 1e9,
+        tokens_per_layer=list(st["tokens"]),
+        tokens_out=st["tokens"][-1],
+        num_params=sum(p.numel() for p in model.parameters()),
+        start_step=getattr(module, "start_step", 0),
+        global_step=trainer.global_step,
+        resumed_from=str(cfg.ckpt_path) if task == "finetune" and cfg.get("ckpt_path") else None,
+        best_checkpoint=checkpoints.get("best"),
+        last_checkpoint=checkpoints.get("last"),
+        seed=cfg.seed,
+        output_dir=str(output_dir),
+        finished=datetime.datetime.now().isoformat(timespec="seconds"),
+        versions=_versions(),
+    )
