@@ -14,7 +14,7 @@ from torch import Tensor
 
 from tokenreduce.errors import ConfigError
 
-MERGE_MODES = ("wavg", "mean", "mlerp", "prune")
+MERGE_MODES = ("wavg", "mean", "mlerp", "prune", "max")
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,15 @@ def _weights(sizes: Tensor | None, like: Tensor) -> Tensor:
     return sizes
 
 
+def _merge_weights(sizes: Tensor | None, like: Tensor, mode: str, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(size weights, averaging weights) of every token, [B, N, 1] float32, for `mode`."""
+    w_size = _weights(sizes, like)
+    w = w_size if mode != "mean" else torch.ones_like(w_size)
+    if weights is not None:
+        w = w * weights.float()
+    return w_size, w
+
+
 def combine(
     x: Tensor,
     sizes: Tensor | None,
@@ -66,14 +75,15 @@ def combine(
     sizes:   [B, N, 1] float32 patches per token, or None when every token is one patch.
     mode:    "wavg"  size-weighted mean (ToMe); "mean" plain mean;
              "mlerp" direction of the size-weighted mean scaled to the largest member norm (ToFu);
-             "prune" the slot keeps its representative's features unchanged, sources are dropped.
+             "prune" the slot keeps its representative's features unchanged, sources are dropped;
+             "max"   elementwise maximum over the members (MCTF's max pooling).
     weights: [B, N, 1] extra per-token weights multiplied into the size weights (e.g. attention).
     prune_adds_size: in "prune" mode, whether a dropped source's size is added to its slot.
     """
     if mode not in MERGE_MODES:
         raise ConfigError(f"merge mode={mode!r} is invalid; allowed: {', '.join(MERGE_MODES)}")
     dest, n_out = assignment.dest, assignment.n_out
-    w_size = _weights(sizes, x)
+    w_size, w = _merge_weights(sizes, x, mode, weights)
     new_sizes = scatter_sum(w_size, dest, n_out)
     if mode == "prune":
         keep = dest if assignment.merged is None else dest.masked_fill(assignment.merged, n_out)
@@ -81,9 +91,8 @@ def combine(
         if not prune_adds_size:
             new_sizes = scatter_sum(w_size, keep, n_out)
         return out, new_sizes
-    w = w_size if mode != "mean" else torch.ones_like(w_size)
-    if weights is not None:
-        w = w * weights.float()
+    if mode == "max":
+        return scatter_amax(x, dest, n_out), new_sizes
     w_total = new_sizes if w is w_size else scatter_sum(w, dest, n_out)
     total = scatter_sum(x.float() * w, dest, n_out) / w_total
     if mode == "mlerp":
@@ -91,6 +100,51 @@ def combine(
         max_norm = scatter_amax(norms, dest, n_out)
         total = total / total.norm(dim=-1, keepdim=True).clamp_min(1e-6) * max_norm
     return total.to(x.dtype), new_sizes
+
+
+def combine_attention(
+    attn: Tensor,
+    sizes: Tensor | None,
+    assignment: Assignment,
+    mode: str = "wavg",
+    weights: Tensor | None = None,
+) -> Tensor:
+    """Merge attention probabilities [B, H, N, N] with the assignment that merges their tokens.
+
+    The key columns of a slot are summed (the merged key stands for all its members, which is what
+    proportional attention gives it), and the query rows are pooled like the tokens in `combine`
+    with the same `sizes`, `mode` and `weights`, so every row of a row-stochastic map still sums
+    to 1 ("max" takes the elementwise maximum of the rows instead). Columns of dropped tokens are
+    discarded. Result: [B, H, n_out, n_out].
+    """
+    if mode not in ("wavg", "mean", "max"):
+        raise ConfigError(f"attention merge mode={mode!r} is invalid; allowed: 'wavg', 'mean', 'max'")
+    b, h, n, _ = attn.shape
+    dest, n_out = assignment.dest, assignment.n_out
+    cols = attn.new_zeros(b, h, n, n_out + 1)
+    cols.scatter_add_(3, dest[:, None, None, :].expand(b, h, n, n), attn)
+    cols = cols[..., :n_out]
+    row_index = dest[:, None, :, None].expand(b, h, n, n_out)
+    if mode == "max":
+        rows = cols.new_full((b, h, n_out + 1, n_out), float("-inf"))
+        return rows.scatter_reduce(2, row_index, cols, reduce="amax", include_self=True)[:, :, :n_out]
+    _, w = _merge_weights(sizes, attn[:, 0], mode, weights)
+    rows = cols.new_zeros(b, h, n_out + 1, n_out)
+    rows.scatter_add_(2, row_index, cols * w.to(attn.dtype).unsqueeze(1))
+    return rows[:, :, :n_out] / scatter_sum(w, dest, n_out).to(attn.dtype).unsqueeze(1)
+
+
+def keep_assignment(keep: Tensor, fuse: bool = False) -> Assignment:
+    """The assignment of a pruning step: `keep` [B, N] bool, the same number of True per row.
+
+    Kept tokens take the first slots in their original order; the others are dropped, or with
+    `fuse` all go to one extra last slot (EViT's fused token).
+    """
+    n_keep = int(keep[0].sum()) if keep.shape[0] else 0
+    fuse = fuse and n_keep < keep.shape[1]  # an empty fused slot would have size 0
+    slot = keep.long().cumsum(dim=1) - 1
+    dest = torch.where(keep, slot, torch.full_like(slot, n_keep))
+    return Assignment(dest=dest, n_out=n_keep + int(fuse), merged=~keep if fuse else None)
 
 
 def update_source(source: Tensor, assignment: Assignment) -> Tensor:
