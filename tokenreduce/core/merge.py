@@ -121,17 +121,36 @@ def combine_attention(
         raise ConfigError(f"attention merge mode={mode!r} is invalid; allowed: 'wavg', 'mean', 'max'")
     b, h, n, _ = attn.shape
     dest, n_out = assignment.dest, assignment.n_out
-    cols = attn.new_zeros(b, h, n, n_out + 1)
-    cols.scatter_add_(3, dest[:, None, None, :].expand(b, h, n, n), attn)
-    cols = cols[..., :n_out]
-    row_index = dest[:, None, :, None].expand(b, h, n, n_out)
+    cols = _sum_columns(attn, assignment)
     if mode == "max":
         rows = cols.new_full((b, h, n_out + 1, n_out), float("-inf"))
+        row_index = dest[:, None, :, None].expand(b, h, n, n_out)
         return rows.scatter_reduce(2, row_index, cols, reduce="amax", include_self=True)[:, :, :n_out]
     _, w = _merge_weights(sizes, attn[:, 0], mode, weights)
-    rows = cols.new_zeros(b, h, n_out + 1, n_out)
-    rows.scatter_add_(2, row_index, cols * w.to(attn.dtype).unsqueeze(1))
-    return rows[:, :, :n_out] / scatter_sum(w, dest, n_out).to(attn.dtype).unsqueeze(1)
+    share = (w / scatter_sum(w, dest, n_out + 1).gather(1, dest.unsqueeze(-1)))[..., 0]  # each row's weight in its slot
+    # rows are contiguous: one index_add over (batch, head, row) moves whole rows at once
+    heads = torch.arange(b * h, device=attn.device).view(b, h, 1) * (n_out + 1)
+    rows = cols.new_zeros(b * h * (n_out + 1), n_out)
+    rows.index_add_(0, (heads + dest.unsqueeze(1)).reshape(-1), (cols * share.to(cols.dtype)[:, None, :, None]).reshape(-1, n_out))
+    return rows.view(b, h, n_out + 1, n_out)[:, :, :n_out]
+
+
+def _sum_columns(attn: Tensor, assignment: Assignment) -> Tensor:
+    """[B, H, N, n_out]: the key columns of `attn` summed per slot (dropped tokens left out)."""
+    b, h, n, _ = attn.shape
+    dest, n_out, merged = assignment.dest, assignment.n_out, assignment.merged
+    if merged is not None and n - int(merged[0].sum()) == n_out:
+        # every slot has one representative that stays: copy those columns, then add the few sources
+        reps = (~merged).nonzero()[:, 1].view(b, n_out)
+        reps = torch.empty_like(reps).scatter_(1, dest.gather(1, reps), reps)  # ordered by slot
+        sources = merged.nonzero()[:, 1].view(b, n - n_out)
+        cols = attn.gather(3, reps[:, None, None, :].expand(b, h, n, n_out))
+        source_cols = attn.gather(3, sources[:, None, None, :].expand(b, h, n, n - n_out))
+        slots = dest.gather(1, sources)[:, None, None, :].expand(b, h, n, n - n_out)
+        return cols.scatter_add_(3, slots, source_cols)
+    cols = attn.new_zeros(b, h, n, n_out + 1)
+    cols.scatter_add_(3, dest[:, None, None, :].expand(b, h, n, n), attn)
+    return cols[..., :n_out]
 
 
 def keep_assignment(keep: Tensor, fuse: bool = False) -> Assignment:
