@@ -409,6 +409,13 @@ def test_consistency_loss_terms_and_gradients():
         mctf_consistency_loss(model, images, torch.rand(4, 1000), r_teacher=2)
     soft = torch.nn.functional.one_hot(targets, 1000).float()
     assert torch.isfinite(mctf_consistency_loss(model, images, soft, labels=targets, r_teacher=2)["loss"])
+    # mixup: a sample is confident when its two classes together pass the threshold
+    logits = run(model, images)
+    top2 = logits.topk(2, dim=1).indices
+    p = logits.softmax(dim=1).gather(1, top2)
+    threshold = float(p[:, 0].max()) + 1e-6  # no sample passes on its first class alone
+    out = mctf_consistency_loss(model, images, soft, labels=top2, r_teacher=2, confidence=threshold)
+    assert out["confident"] == float((p.sum(dim=1) > threshold).float().mean())
     tokenreduce.apply(model, "tome", r=8)
     with pytest.raises(tokenreduce.ConfigError, match="mctf"):
         mctf_consistency_loss(model, images, targets)

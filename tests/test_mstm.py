@@ -99,6 +99,9 @@ def test_fusion_starts_as_the_identity_and_then_matters():
     assert torch.equal(run(model, images), without)
     fusion = model.token_reducer.fusion
     assert "token_reducer.fusion.proj.weight" in model.state_dict()
+    # 5 x 5 coarse tokens through a 64 x 64 projection, then layer 4's similarities (ratio 0.7)
+    reducer_macs = [rec.reducer_macs for rec in model._tokenreduce.last_state.records]
+    assert reducer_macs[2] == 25 * 64 * 64 + 30 * 70 * 32 and reducer_macs[4] == 21 * 49 * 32
     torch.nn.init.normal_(fusion.proj.weight, std=0.1)
     assert not torch.allclose(run(model, images), without)
     model.zero_grad()

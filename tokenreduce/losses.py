@@ -63,7 +63,9 @@ def mctf_consistency_loss(
 
     images:    [B, 3, H, W].
     targets:   what `criterion` takes: class indices [B] or soft targets [B, classes] (mixup).
-    labels:    hard labels [B] for the confidence test; needed when `targets` are soft.
+    labels:    hard labels for the confidence test, [B], or [B, k] when a sample has k true classes
+               (mixup of two images: ``torch.stack([y, y.flip(0)], 1)``; the probabilities add up);
+               needed when `targets` are soft.
     criterion: callable(logits, targets) -> scalar; default cross-entropy.
     generator: for drawing r'.
     Returns a dict of tensors: "loss" (to backpropagate), "ce_student", "ce_teacher",
@@ -89,7 +91,8 @@ def mctf_consistency_loss(
 
     with torch.no_grad():
         probs = student_logits.float().softmax(dim=-1)
-        confident = (probs.gather(1, labels.long().unsqueeze(1))[:, 0] > confidence).float()
+        index = labels.long().unsqueeze(1) if labels.dim() == 1 else labels.long()
+        confident = (probs.gather(1, index).sum(dim=1) > confidence).float()
     distance = (teacher_feature.detach().float() - student_feature.float()).pow(2).mean(dim=1)
     consistency = weight * (distance * confident).sum() / confident.sum().clamp_min(1.0)
     ce_student = criterion(student_logits, targets)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tokenreduce.core.macs import linear_macs
 from tokenreduce.core.merge import Assignment
 from tokenreduce.core.schedule import Schedule, no_cap
 from tokenreduce.core.state import ReductionState
@@ -39,6 +40,11 @@ class MultiScaleFusion(nn.Module):
         self.proj = nn.Linear(dim, dim)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
+
+    def macs(self, num_patches: int) -> int:
+        """MACs of the projection for a square grid of `num_patches` patches (one image)."""
+        side = math.ceil(math.isqrt(num_patches) / self.pool)
+        return side * side * linear_macs(self)
 
     def forward(self, x: Tensor, num_prefix: int) -> Tensor:
         batch, n, dim = x.shape
@@ -114,6 +120,7 @@ class MSTMLike(TokenReducer):
     def block_forward(self, ops, x: Tensor, state: ReductionState, layer: int, removal: int) -> Tensor:
         if self.fusion is not None and layer == self.fusion_layer:
             x = self.fusion(x, state.num_prefix)
+            state.add_macs(self.fusion.macs(x.shape[1] - state.num_prefix))
         if removal == 0:
             return ops.plain(x, state.attn_bias(x.dtype))
         return super().block_forward(ops, x, state, layer, removal)
