@@ -217,10 +217,19 @@ def test_merged_attention_matches_definition_and_rows_sum_to_one():
     expected = brute_force_merged_attention(attn, assignment.dest, assignment.n_out, sizes[..., 0] * received)
     assert torch.allclose(merged.double(), expected, atol=1e-6)
     assert torch.allclose(merged.sum(dim=-1), torch.ones(2, 2, 6), atol=1e-6)
-    # a general assignment (a slot without a representative that stays) takes the scatter path
-    general = Assignment(dest=assignment.dest, n_out=assignment.n_out, merged=None)
+    # the general path (slots without a representative, dropped tokens) gives the same map
+    assert assignment.represented
+    general = Assignment(dest=assignment.dest, n_out=assignment.n_out, merged=assignment.merged)
     assert torch.allclose(combine_attention(attn, sizes, general, "wavg", received.unsqueeze(-1)), merged, atol=1e-6)
     assert torch.allclose(combine_attention(attn, sizes, assignment, "mean").sum(-1), torch.ones(2, 2, 6), atol=1e-6)
+    # dropped tokens (slot n_out) lose their rows and columns
+    dest = assignment.dest.clone()
+    first_merged = assignment.merged.float().argmax(dim=1)  # its slot keeps its representative
+    dest[torch.arange(2), first_merged] = assignment.n_out
+    dropping = Assignment(dest=dest, n_out=assignment.n_out)
+    expected = brute_force_merged_attention(attn, dest, assignment.n_out, sizes[..., 0] * received)
+    merged = combine_attention(attn, sizes, dropping, "wavg", received.unsqueeze(-1))
+    assert torch.allclose(merged.double(), expected, atol=1e-6)
 
 
 def test_reused_attention_rows_sum_to_one_in_the_model(narrow_vit, monkeypatch):

@@ -25,11 +25,14 @@ class Assignment:
     n_out:  number of output tokens.
     merged: [B, N] bool, True for a token absorbed into a slot that another token represents (the
             source of a merge); None when no token is a source.
+    represented: every slot holds exactly one token that is not `merged`, and no token is dropped
+            (true of bipartite matchings); lets `combine_attention` copy instead of scatter.
     """
 
     dest: Tensor
     n_out: int
     merged: Tensor | None = None
+    represented: bool = False
 
 
 def scatter_sum(values: Tensor, dest: Tensor, n_out: int) -> Tensor:
@@ -128,22 +131,24 @@ def combine_attention(
         return rows.scatter_reduce(2, row_index, cols, reduce="amax", include_self=True)[:, :, :n_out]
     _, w = _merge_weights(sizes, attn[:, 0], mode, weights)
     share = (w / scatter_sum(w, dest, n_out + 1).gather(1, dest.unsqueeze(-1)))[..., 0]  # each row's weight in its slot
-    # rows are contiguous: one index_add over (batch, head, row) moves whole rows at once
-    heads = torch.arange(b * h, device=attn.device).view(b, h, 1) * (n_out + 1)
-    rows = cols.new_zeros(b * h * (n_out + 1), n_out)
+    # rows are contiguous: one index_add over (batch, head, row) moves whole rows at once; a spare
+    # row per head catches dropped tokens (slot n_out) unless there can be none
+    slots = n_out if assignment.represented else n_out + 1
+    heads = torch.arange(b * h, device=attn.device).view(b, h, 1) * slots
+    rows = cols.new_zeros(b * h * slots, n_out)
     rows.index_add_(0, (heads + dest.unsqueeze(1)).reshape(-1), (cols * share.to(cols.dtype)[:, None, :, None]).reshape(-1, n_out))
-    return rows.view(b, h, n_out + 1, n_out)[:, :, :n_out]
+    return rows.view(b, h, slots, n_out)[:, :, :n_out]
 
 
 def _sum_columns(attn: Tensor, assignment: Assignment) -> Tensor:
     """[B, H, N, n_out]: the key columns of `attn` summed per slot (dropped tokens left out)."""
     b, h, n, _ = attn.shape
     dest, n_out, merged = assignment.dest, assignment.n_out, assignment.merged
-    if merged is not None and n - int(merged[0].sum()) == n_out:
-        # every slot has one representative that stays: copy those columns, then add the few sources
-        reps = (~merged).nonzero()[:, 1].view(b, n_out)
-        reps = torch.empty_like(reps).scatter_(1, dest.gather(1, reps), reps)  # ordered by slot
-        sources = merged.nonzero()[:, 1].view(b, n - n_out)
+    if assignment.represented and merged is not None:
+        # copy each slot's representative column, then add the few merged ones (no host sync)
+        token = torch.arange(n, device=dest.device).expand(b, n)
+        reps = torch.zeros_like(dest[:, : n_out + 1]).scatter_(1, dest.masked_fill(merged, n_out), token)[:, :n_out]
+        sources = merged.byte().argsort(dim=1, descending=True, stable=True)[:, : n - n_out]
         cols = attn.gather(3, reps[:, None, None, :].expand(b, h, n, n_out))
         source_cols = attn.gather(3, sources[:, None, None, :].expand(b, h, n, n - n_out))
         slots = dest.gather(1, sources)[:, None, None, :].expand(b, h, n, n - n_out)

@@ -38,12 +38,13 @@ class ScorePredictor(nn.Module):
         )
 
     def forward(self, x: Tensor, policy: Tensor | None = None) -> Tensor:
-        x = self.local_global(x)
+        x = self.local_global(x.to(self.head[0].weight.dtype))  # the predictor may be kept in float32
         half = x.shape[-1] // 2
         local, pooled = x[..., :half], x[..., half:]
         if policy is None:
             pooled = pooled.mean(dim=1, keepdim=True)
         else:
+            policy = policy.to(pooled.dtype)
             pooled = (pooled * policy).sum(dim=1, keepdim=True) / policy.sum(dim=1, keepdim=True)
         return self.head(torch.cat([local, pooled.expand_as(local)], dim=-1)).log_softmax(dim=-1)
 

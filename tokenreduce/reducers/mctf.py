@@ -33,7 +33,7 @@ def _check_tau(name: str, value) -> float:
 
 
 def _power(weight: Tensor, tau: float) -> Tensor:
-    return weight ** (1.0 / tau)  # tau = inf gives exponent 0: the criterion no longer ranks
+    return weight if tau == 1 else weight ** (1.0 / tau)  # tau = inf: exponent 0, the criterion no longer ranks
 
 
 def multi_criteria_scores(
@@ -132,7 +132,7 @@ def mctf_matching(
     merged = torch.zeros(batch, n, dtype=torch.bool, device=device)
     merged[:, num_prefix:][:, sa] = merged_a
     merged[:, num_prefix:][:, sb] = merged_b
-    return Assignment(dest=dest, n_out=n - r1 - r2, merged=merged)
+    return Assignment(dest=dest, n_out=n - r1 - r2, merged=merged, represented=True)
 
 
 @register_reducer("mctf")

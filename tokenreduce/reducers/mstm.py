@@ -57,8 +57,8 @@ class MultiScaleFusion(nn.Module):
         grid = x[:, num_prefix:].transpose(1, 2).reshape(batch, dim, side, side)
         coarse = F.avg_pool2d(grid, self.pool, self.pool, ceil_mode=True, count_include_pad=False)
         rows, cols = coarse.shape[2:]
-        coarse = self.proj(self.norm(coarse.flatten(2).transpose(1, 2)))
-        coarse = coarse.transpose(1, 2).reshape(batch, dim, rows, cols)
+        coarse = coarse.flatten(2).transpose(1, 2).to(self.proj.weight.dtype)  # the module may be kept in float32
+        coarse = self.proj(self.norm(coarse)).to(x.dtype).transpose(1, 2).reshape(batch, dim, rows, cols)
         fine = coarse.repeat_interleave(self.pool, dim=2).repeat_interleave(self.pool, dim=3)[:, :, :side, :side]
         return torch.cat([x[:, :num_prefix], x[:, num_prefix:] + fine.flatten(2).transpose(1, 2)], dim=1)
 
