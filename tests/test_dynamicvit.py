@@ -144,3 +144,12 @@ def test_bad_parameters(params, match):
 def test_stages_beyond_the_model():
     with pytest.raises(tokenreduce.ConfigError, match="layers"):
         tokenreduce.apply(make_model("test_vit"), "dynamicvit")  # 6 blocks; stage 9 does not exist
+
+
+def test_samples_do_not_depend_on_each_other():
+    model = make_model("test_vit")
+    tokenreduce.apply(model, "dynamicvit", layers=STAGES)
+    images = images_for(model, batch=3)
+    alone = run(model, images[:1])
+    assert torch.allclose(alone, run(model, images)[:1], atol=1e-5)
+    assert torch.allclose(alone, run(model, images[[0, 2]])[:1], atol=1e-5)

@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 from conftest import TINY_MODELS, images_for, make_model
+from merge_checks import check_every_merge
 from timm.models.vision_transformer import ResPostBlock
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -323,10 +324,12 @@ def test_modes_one_and_two_remove_the_same_tokens(layer):
 
 # --- invariants -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", TINY_MODELS)
-def test_sizes_sources_and_prefix(name):
+def test_sizes_sources_and_prefix(name, monkeypatch):
     model = make_model(name)
     tokenreduce.apply(model, "mctf", r=12, trace_source=True)
+    checked = check_every_merge(monkeypatch)
     run(model, images_for(model))
+    assert len(checked) == len(model.blocks) - 1
     state = model._tokenreduce.last_state
     prefix, n_final = state.num_prefix, state.final_tokens
     patches = state.records[0].tokens_attn - prefix

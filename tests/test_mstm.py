@@ -8,6 +8,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from conftest import images_for, make_model
+from merge_checks import check_every_merge
 
 import tokenreduce
 from tokenreduce.core.state import ReductionState
@@ -34,11 +35,13 @@ def test_models_without_a_class_token_are_refused(name):
         tokenreduce.apply(make_model(name), "mstm", layers=[1, 2])
 
 
-def test_counts_sizes_and_sources():
+def test_counts_sizes_and_sources(monkeypatch):
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch16_224", embed_dim=48, num_heads=2).eval()
     tokenreduce.apply(model, "mstm", trace_source=True)  # keep 0.7 at 3, 6, 9
+    checked = check_every_merge(monkeypatch)
     run(model, torch.randn(2, 3, 224, 224))
+    assert checked == [139, 98, 69]
     state = model._tokenreduce.last_state
     assert tokenreduce.stats(model)["tokens"] == [197] * 4 + [139] * 3 + [98] * 3 + [69] * 3
     assert torch.all(state.sizes[:, 1:].sum(dim=1) == 196)  # nothing discarded

@@ -8,6 +8,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from conftest import TINY_MODELS, images_for, make_model
+from merge_checks import check_every_merge
 
 import tokenreduce
 from tokenreduce.core.merge import keep_assignment
@@ -126,9 +127,11 @@ def test_evit_fuses_the_dropped_tokens_by_their_attention():
         assert torch.equal(state.sizes[s, :13], sizes[s, [0] + kept])
 
 
-def test_evit_conserves_sizes_through_the_model(narrow_vit):
+def test_evit_conserves_sizes_through_the_model(narrow_vit, monkeypatch):
     tokenreduce.apply(narrow_vit, "evit", trace_source=True)
+    checked = check_every_merge(monkeypatch)
     run(narrow_vit, torch.randn(2, 3, 224, 224))
+    assert checked == [140, 100, 72]
     state = narrow_vit._tokenreduce.last_state
     tokenreduce.remove(narrow_vit)
     assert torch.all(state.sizes[:, 1:].sum(dim=1) == 196)
