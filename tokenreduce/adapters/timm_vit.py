@@ -140,6 +140,63 @@ class TimmBlockOps:
             return self._run(lambda t: t + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(t)))), x)
         return self._run(lambda t: t + blk.drop_path2(blk.norm2(blk.mlp(t))), x)
 
+    # --- finer steps: the attention residual in pieces ---------------------------------------
+    # For reducers that act inside the attention step (MCTF's one-step-ahead attention reuses a
+    # merged probability map, DynamicViT masks the softmax). In this order
+    #     h = attn_input(x); q, k = attn_qk(h); p = attn_logits(q, k, bias).softmax(-1)
+    #     y = attn_output(p, attn_values(h), h); x = attn_residual(x, y)
+    # they compute what `attention` computes with the attention probabilities asked for.
+    @property
+    def training(self) -> bool:
+        """Whether the block runs in training mode (set by the model's train()/eval())."""
+        return self.block.training
+
+    def attn_input(self, x: Tensor) -> Tensor:
+        """What the attention reads: norm1(x) in a pre-norm block, x itself in a post-norm one."""
+        return self.block.norm1(x) if self.pre_norm else x
+
+    def attn_qk(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Queries and keys [B, H, N, head_dim] (q/k norms applied), from the q and k rows of qkv only."""
+        attn = self.block.attn
+        b, n, _ = h.shape
+        split = 2 * attn.num_heads * attn.head_dim
+        weight, bias = attn.qkv.weight[:split], attn.qkv.bias
+        qk = F.linear(h, weight, None if bias is None else bias[:split])
+        q, k = qk.reshape(b, n, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return attn.q_norm(q), attn.k_norm(k)
+
+    def attn_values(self, h: Tensor) -> Tensor:
+        """Values [B, H, N, head_dim], from the v rows of qkv only."""
+        attn = self.block.attn
+        b, n, _ = h.shape
+        split = 2 * attn.num_heads * attn.head_dim
+        weight, bias = attn.qkv.weight[split:], attn.qkv.bias
+        v = F.linear(h, weight, None if bias is None else bias[split:])
+        return v.reshape(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
+
+    def attn_logits(self, q: Tensor, k: Tensor, bias: Tensor | None) -> Tensor:
+        """Attention logits [B, H, N, N] before the softmax, with the additive bias (log size)."""
+        logits = (q * self.block.attn.scale) @ k.transpose(-2, -1)
+        return logits if bias is None else logits + bias
+
+    def attn_output(self, probs: Tensor, v: Tensor, h: Tensor) -> Tensor:
+        """The attention's output [B, N, C] from probabilities [B, H, N, N] and values; `h` is the
+        attention input of the same tokens (for a gated attention)."""
+        attn = self.block.attn
+        b, n, _ = h.shape
+        out = attn.attn_drop(probs) @ v
+        out = attn.norm(out.transpose(1, 2).reshape(b, n, -1))
+        if getattr(attn, "gate", None) is not None:
+            out = out * attn.gate(h).sigmoid()
+        return attn.proj_drop(attn.proj(out))
+
+    def attn_residual(self, x: Tensor, y: Tensor) -> Tensor:
+        """x + the attention branch `y` through LayerScale and drop path (post-norm: through norm1)."""
+        blk = self.block
+        if self.pre_norm:
+            return x + blk.drop_path1(blk.ls1(y))
+        return x + blk.drop_path1(blk.norm1(y))
+
 
 # --- the patched model -----------------------------------------------------------------------
 @dataclass
@@ -312,7 +369,7 @@ def unpatch(model: VisionTransformer) -> None:
 def block_costs(model: VisionTransformer) -> list[BlockCost]:
     return [
         BlockCost(attn_linear=linear_macs(blk.attn), attn_dim=blk.attn.num_heads * blk.attn.head_dim,
-                  mlp_linear=linear_macs(blk.mlp))
+                  mlp_linear=linear_macs(blk.mlp), qk_linear=2 * blk.attn.qkv.in_features * blk.attn.num_heads * blk.attn.head_dim)
         for blk in model.blocks
     ]
 

@@ -25,12 +25,24 @@ class BlockCost:
     attn_linear: int  # MACs per token of the attention's projections (qkv, proj, gate)
     attn_dim: int  # heads * head_dim: q.k^T and attention.v each cost N * N * attn_dim
     mlp_linear: int  # MACs per token of the MLP
+    qk_linear: int = 0  # MACs per token of the query and key projections alone (part of attn_linear)
 
     def macs(self, tokens_attn: int, tokens_mlp: int) -> int:
         return tokens_attn * self.attn_linear + 2 * tokens_attn * tokens_attn * self.attn_dim + tokens_mlp * self.mlp_linear
 
+    def probe_macs(self, tokens: int) -> int:
+        """q/k projections and q.k^T of `tokens` tokens: the attention probabilities alone."""
+        return tokens * self.qk_linear + tokens * tokens * self.attn_dim
+
+    def layer_macs(self, record: LayerRecord) -> int:
+        """MACs of one block as its record says it ran (a probe before reducing, a reused map)."""
+        macs = self.macs(record.tokens_attn, record.tokens_mlp) + self.probe_macs(record.probe_tokens)
+        if record.probe_reused:
+            macs -= self.probe_macs(record.tokens_attn)
+        return macs
+
 
 def blocks_macs(costs: list[BlockCost], records: list[LayerRecord]) -> tuple[int, int]:
     """(backbone MACs, reducer MACs) for one image."""
-    backbone = sum(c.macs(r.tokens_attn, r.tokens_mlp) for c, r in zip(costs, records, strict=True))
+    backbone = sum(c.layer_macs(r) for c, r in zip(costs, records, strict=True))
     return backbone, sum(r.reducer_macs for r in records)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from tokenreduce.errors import ConfigError
 
-MERGE_MODES = ("wavg", "mean", "mlerp", "prune")
+MERGE_MODES = ("wavg", "mean", "mlerp", "prune", "max")
 
 
 @dataclass(frozen=True)
@@ -25,11 +25,14 @@ class Assignment:
     n_out:  number of output tokens.
     merged: [B, N] bool, True for a token absorbed into a slot that another token represents (the
             source of a merge); None when no token is a source.
+    represented: every slot holds exactly one token that is not `merged`, and no token is dropped
+            (true of bipartite matchings); lets `combine_attention` copy instead of scatter.
     """
 
     dest: Tensor
     n_out: int
     merged: Tensor | None = None
+    represented: bool = False
 
 
 def scatter_sum(values: Tensor, dest: Tensor, n_out: int) -> Tensor:
@@ -53,6 +56,15 @@ def _weights(sizes: Tensor | None, like: Tensor) -> Tensor:
     return sizes
 
 
+def _merge_weights(sizes: Tensor | None, like: Tensor, mode: str, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(size weights, averaging weights) of every token, [B, N, 1] float32, for `mode`."""
+    w_size = _weights(sizes, like)
+    w = w_size if mode != "mean" else torch.ones_like(w_size)
+    if weights is not None:
+        w = w * weights.float()
+    return w_size, w
+
+
 def combine(
     x: Tensor,
     sizes: Tensor | None,
@@ -69,7 +81,8 @@ def combine(
              "mlerp" direction of the size-weighted mean scaled to the largest member norm (ToFu):
                      `avg / max(||avg||, mlerp_eps) * max_i ||x_i||`, dividing by the merged vector's
                      own norm, so the result's norm is the largest member's;
-             "prune" the slot keeps its representative's features unchanged, sources are dropped.
+             "prune" the slot keeps its representative's features unchanged, sources are dropped;
+             "max"   elementwise maximum over the members (MCTF's max pooling).
     weights: [B, N, 1] extra per-token weights multiplied into the size weights (e.g. attention).
     prune_adds_size: in "prune" mode, whether a dropped source's size is added to its slot.
     mlerp_eps: in "mlerp" mode, the smallest norm divided by (a merged mean of opposite tokens can be 0).
@@ -77,7 +90,7 @@ def combine(
     if mode not in MERGE_MODES:
         raise ConfigError(f"merge mode={mode!r} is invalid; allowed: {', '.join(MERGE_MODES)}")
     dest, n_out = assignment.dest, assignment.n_out
-    w_size = _weights(sizes, x)
+    w_size, w = _merge_weights(sizes, x, mode, weights)
     new_sizes = scatter_sum(w_size, dest, n_out)
     if mode == "prune":
         keep = dest if assignment.merged is None else dest.masked_fill(assignment.merged, n_out)
@@ -85,9 +98,8 @@ def combine(
         if not prune_adds_size:
             new_sizes = scatter_sum(w_size, keep, n_out)
         return out, new_sizes
-    w = w_size if mode != "mean" else torch.ones_like(w_size)
-    if weights is not None:
-        w = w * weights.float()
+    if mode == "max":
+        return scatter_amax(x, dest, n_out), new_sizes
     w_total = new_sizes if w is w_size else scatter_sum(w, dest, n_out)
     total = scatter_sum(x.float() * w, dest, n_out) / w_total
     if mode == "mlerp":
@@ -95,6 +107,72 @@ def combine(
         max_norm = scatter_amax(norms, dest, n_out)
         total = total / total.norm(dim=-1, keepdim=True).clamp_min(mlerp_eps) * max_norm
     return total.to(x.dtype), new_sizes
+
+
+def combine_attention(
+    attn: Tensor,
+    sizes: Tensor | None,
+    assignment: Assignment,
+    mode: str = "wavg",
+    weights: Tensor | None = None,
+) -> Tensor:
+    """Merge attention probabilities [B, H, N, N] with the assignment that merges their tokens.
+
+    The key columns of a slot are summed (the merged key stands for all its members, which is what
+    proportional attention gives it), and the query rows are pooled like the tokens in `combine`
+    with the same `sizes`, `mode` and `weights`, so every row of a row-stochastic map still sums
+    to 1 ("max" takes the elementwise maximum of the rows instead). Columns of dropped tokens are
+    discarded. Result: [B, H, n_out, n_out].
+    """
+    if mode not in ("wavg", "mean", "max"):
+        raise ConfigError(f"attention merge mode={mode!r} is invalid; allowed: 'wavg', 'mean', 'max'")
+    b, h, n, _ = attn.shape
+    dest, n_out = assignment.dest, assignment.n_out
+    cols = _sum_columns(attn, assignment)
+    if mode == "max":
+        rows = cols.new_full((b, h, n_out + 1, n_out), float("-inf"))
+        row_index = dest[:, None, :, None].expand(b, h, n, n_out)
+        return rows.scatter_reduce(2, row_index, cols, reduce="amax", include_self=True)[:, :, :n_out]
+    _, w = _merge_weights(sizes, attn[:, 0], mode, weights)
+    share = (w / scatter_sum(w, dest, n_out + 1).gather(1, dest.unsqueeze(-1)))[..., 0]  # each row's weight in its slot
+    # rows are contiguous: one index_add over (batch, head, row) moves whole rows at once; a spare
+    # row per head catches dropped tokens (slot n_out) unless there can be none
+    slots = n_out if assignment.represented else n_out + 1
+    heads = torch.arange(b * h, device=attn.device).view(b, h, 1) * slots
+    rows = cols.new_zeros(b * h * slots, n_out)
+    rows.index_add_(0, (heads + dest.unsqueeze(1)).reshape(-1), (cols * share.to(cols.dtype)[:, None, :, None]).reshape(-1, n_out))
+    return rows.view(b, h, slots, n_out)[:, :, :n_out]
+
+
+def _sum_columns(attn: Tensor, assignment: Assignment) -> Tensor:
+    """[B, H, N, n_out]: the key columns of `attn` summed per slot (dropped tokens left out)."""
+    b, h, n, _ = attn.shape
+    dest, n_out, merged = assignment.dest, assignment.n_out, assignment.merged
+    if assignment.represented and merged is not None:
+        # copy each slot's representative column, then add the few merged ones (no host sync)
+        token = torch.arange(n, device=dest.device).expand(b, n)
+        reps = torch.zeros_like(dest[:, : n_out + 1]).scatter_(1, dest.masked_fill(merged, n_out), token)[:, :n_out]
+        sources = merged.byte().argsort(dim=1, descending=True, stable=True)[:, : n - n_out]
+        cols = attn.gather(3, reps[:, None, None, :].expand(b, h, n, n_out))
+        source_cols = attn.gather(3, sources[:, None, None, :].expand(b, h, n, n - n_out))
+        slots = dest.gather(1, sources)[:, None, None, :].expand(b, h, n, n - n_out)
+        return cols.scatter_add_(3, slots, source_cols)
+    cols = attn.new_zeros(b, h, n, n_out + 1)
+    cols.scatter_add_(3, dest[:, None, None, :].expand(b, h, n, n), attn)
+    return cols[..., :n_out]
+
+
+def keep_assignment(keep: Tensor, fuse: bool = False) -> Assignment:
+    """The assignment of a pruning step: `keep` [B, N] bool, the same number of True per row.
+
+    Kept tokens take the first slots in their original order; the others are dropped, or with
+    `fuse` all go to one extra last slot (EViT's fused token).
+    """
+    n_keep = int(keep[0].sum()) if keep.shape[0] else 0
+    fuse = fuse and n_keep < keep.shape[1]  # an empty fused slot would have size 0
+    slot = keep.long().cumsum(dim=1) - 1
+    dest = torch.where(keep, slot, torch.full_like(slot, n_keep))
+    return Assignment(dest=dest, n_out=n_keep + int(fuse), merged=~keep if fuse else None)
 
 
 def update_source(source: Tensor, assignment: Assignment) -> Tensor:

@@ -21,6 +21,11 @@ def half_cap(tokens: int) -> int:
     return tokens // 2
 
 
+def no_cap(tokens: int) -> int:
+    """Pruning methods may remove any number of tokens; their keep ratio bounds them."""
+    return tokens
+
+
 def keep_ratio_removal(tokens: int, ratio: float) -> int:
     """Tokens removed when keeping `ratio` of `tokens` (PiToMe/ToFu/EViT rounding)."""
     return math.floor(tokens - tokens * ratio)
@@ -41,7 +46,9 @@ class Schedule:
       - ``r=[8, 8, 4]``: per-layer counts, a shorter list is padded with 0;
       - ``r=16, inflect=-1`` (or ``r=(16, -1)``): ToMe's linearly changing schedule;
       - ``ratio=0.9``: keep 90% of the non-prefix tokens in every reducing layer;
-      - ``ratio=0.7, layers=[3, 6, 9]``: staged keep rate at chosen layers.
+      - ``ratio=0.7, layers=[3, 6, 9]``: staged keep rate at chosen layers;
+      - ``r=0.35`` with ``fractional=True``: remove ``int(T * 0.35)`` of the T non-prefix tokens
+        entering each reducing layer (MCTF's convention for r < 1).
     `layers` restricts any form to the listed layers (0-based); the others remove nothing.
     """
 
@@ -50,6 +57,7 @@ class Schedule:
     ratio: float | None = None
     layers: tuple[int, ...] | None = None
     owner: str = "schedule"
+    fractional: bool = False
 
     def __post_init__(self):
         who = self.owner
@@ -59,7 +67,14 @@ class Schedule:
             if len(r) != 2 or inflect is not None:
                 raise ConfigError(f"{who}: r={r!r} is invalid; a tuple must be (r, inflect), per-layer counts a list")
             r, inflect = r
-        if isinstance(r, list) or (r is not None and not isinstance(r, int) and hasattr(r, "__iter__")):
+        if isinstance(r, float) and self.fractional:
+            if not 0 <= r < 1:
+                raise ConfigError(
+                    f"{who}: r={r!r} is invalid; allowed: an integer >= 0, or a fraction in [0, 1) of the tokens"
+                )
+            if inflect is not None:
+                raise ConfigError(f"{who}: inflect={inflect!r} needs an integer r, got the fraction r={r!r}")
+        elif isinstance(r, list) or (r is not None and not isinstance(r, int) and hasattr(r, "__iter__")):
             r = [_check_int("r", v, who) for v in r]
         elif r is not None:
             r = _check_int("r", r, who)
@@ -111,6 +126,8 @@ class Schedule:
             return keep_ratio_removal(tokens, self.ratio)
         if isinstance(self.r, list):
             return self.r[layer] if layer < len(self.r) else 0
+        if isinstance(self.r, float):
+            return int(tokens * self.r)
         r = self.r or 0
         if self.inflect is None:
             return r
@@ -118,8 +135,12 @@ class Schedule:
         hi = 2 * r - lo
         return int(lo + (hi - lo) * layer / max(num_layers - 1, 1))
 
-    def removal_counts(self, num_layers: int, num_tokens: int, cap: Cap = half_cap) -> list[int]:
-        """Per-layer removal counts for `num_tokens` non-prefix tokens entering layer 0."""
+    def removal_counts(self, num_layers: int, num_tokens: int, cap: Cap = half_cap, refill: int = 0) -> list[int]:
+        """Per-layer removal counts for `num_tokens` non-prefix tokens entering layer 0.
+
+        refill: tokens a reducing layer adds back after removing its count (EViT's fused token), so
+        the next layer sees ``T - r + refill`` tokens.
+        """
         self.check_depth(num_layers)
         counts = []
         tokens = num_tokens
@@ -127,6 +148,8 @@ class Schedule:
             r = max(0, min(self._wanted(layer, num_layers, tokens), cap(tokens)))
             counts.append(r)
             tokens -= r
+            if r > 0:
+                tokens += refill
         return counts
 
 

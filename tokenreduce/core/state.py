@@ -16,11 +16,19 @@ from tokenreduce.core.merge import Assignment, combine, update_source
 
 @dataclass
 class LayerRecord:
-    """Tokens (prefix included) through one block's attention and MLP, and the reducer's own MACs."""
+    """Tokens (prefix included) through one block's attention and MLP, and the reducer's own MACs.
+
+    A block that reduces its own input may first run a probe: q/k projections and q.k^T on the
+    `probe_tokens` tokens it received, to get the attention probabilities that guide the
+    reduction (MCTF). With `probe_reused` the attention then reused the probe's (merged)
+    probabilities on its `tokens_attn` tokens, so it computed no q/k and no q.k^T of its own.
+    """
 
     tokens_attn: int
     tokens_mlp: int = -1
     reducer_macs: int = 0
+    probe_tokens: int = 0
+    probe_reused: bool = False
 
 
 @dataclass

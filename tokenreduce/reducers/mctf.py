@@ -1,0 +1,253 @@
+"""MCTF: multi-criteria token fusion with one-step-ahead attention (Lee et al., CVPR 2024)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.profiler import record_function
+
+from tokenreduce.core.matching import alternate_split, matching_macs
+from tokenreduce.core.merge import Assignment, combine_attention
+from tokenreduce.core.schedule import Schedule
+from tokenreduce.core.state import ReductionState
+from tokenreduce.errors import ConfigError
+from tokenreduce.reducers.base import ATTN, REDUCE_SCOPE, TokenReducer, register_reducer
+
+# MCTF-Fast: a third of the tokens at three layers instead of r per layer (the reference's fast preset).
+MCTF_FAST = {"r": 0.35, "layers": [3, 6, 9]}
+MODES = (0, 1, 2)
+# pooling name -> (merge mode of `combine`, whether the attention received weights the tokens)
+POOLINGS = {"attn": ("wavg", True), "size": ("wavg", False), "mean": ("mean", False), "max": ("max", False)}
+
+
+def _check_tau(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+        raise ConfigError(f"mctf: {name}={value!r} is invalid; allowed: a number >= 0 (0 switches the criterion off)")
+    return float(value)
+
+
+def _power(weight: Tensor, tau: float) -> Tensor:
+    return weight if tau == 1 else weight ** (1.0 / tau)  # tau = inf: exponent 0, the criterion no longer ranks
+
+
+def multi_criteria_scores(
+    metric: Tensor,
+    num_prefix: int,
+    received: Tensor | None = None,
+    sizes: Tensor | None = None,
+    tau_sim: float = 1.0,
+    tau_info: float = 20.0,
+    tau_size: float = 40.0,
+) -> Tensor:
+    """Edge scores [B, |A|, |B|] between the A and B tokens (alternate split of the non-prefix tokens).
+
+    metric:   [B, N, C] hidden states; similarity ``((cos + 1) / 2) ^ (1 / tau_sim)``.
+    received: [B, N] attention each token receives (mean over heads and queries), or None;
+              informativeness ``(u_a * u_b) ^ (1 / tau_info)`` with ``u = (1/a) / max(1/a)``.
+    sizes:    [B, N, 1] token sizes, or None (all 1); ``(z_a * z_b) ^ (1 / tau_size)``,
+              ``z = (1/size) / max(1/size)``. The maxima run over every token, prefix included.
+    A temperature of 0 leaves its criterion out.
+    """
+    batch, n, _ = metric.shape
+    sa, sb = alternate_split(num_prefix, n - num_prefix)
+
+    def split(values: Tensor) -> tuple[Tensor, Tensor]:
+        rest = values[:, num_prefix:]
+        return rest[:, sa], rest[:, sb]
+
+    if tau_sim:
+        a, b = split(F.normalize(metric.float(), dim=-1))
+        scores = _power(((a @ b.transpose(-1, -2) + 1) / 2).clamp(0, 1), tau_sim)
+    else:
+        na, nb = len(range(n - num_prefix)[sa]), len(range(n - num_prefix)[sb])
+        scores = metric.new_ones(batch, na, nb, dtype=torch.float32)
+    for values, tau in ((received, tau_info), (None if sizes is None else sizes[..., 0], tau_size)):
+        if tau and values is not None:
+            inverse = 1.0 / values.float().clamp_min(torch.finfo(torch.float32).tiny)
+            inverse = inverse / inverse.amax(dim=1, keepdim=True)
+            ia, ib = split(inverse)
+            scores = scores * _power(ia.unsqueeze(2) * ib.unsqueeze(1), tau)
+    return scores
+
+
+@torch.no_grad()
+def mctf_matching(
+    metric: Tensor,
+    r: int,
+    num_prefix: int,
+    received: Tensor | None = None,
+    sizes: Tensor | None = None,
+    tau_sim: float = 1.0,
+    tau_info: float = 20.0,
+    tau_size: float = 40.0,
+    bidirectional: bool = True,
+) -> Assignment | None:
+    """MCTF's bidirectional matching on the multiplied criteria; None when nothing merges.
+
+    Step 1 merges the ``r1 = r // 2`` A tokens with the best edges into their best B partner (all
+    ``r`` without `bidirectional`). Step 2 reuses the same scores restricted to the A tokens left:
+    the ``r - r1`` B tokens with the best edges merge into their best remaining A token (a B token
+    may carry what it absorbed in step 1 along). Output order: prefix, surviving A tokens in their
+    order, then the surviving B tokens, by descending best score in step 2 (in their order when
+    there is no step 2). Ties break towards the lower index.
+    """
+    batch, n, _ = metric.shape
+    device = metric.device
+    if r <= 0 or n - num_prefix < 2:
+        return None
+    scores = multi_criteria_scores(metric, num_prefix, received, sizes, tau_sim, tau_info, tau_size)
+    na, nb = scores.shape[1], scores.shape[2]
+    r1 = min(r // 2 if bidirectional else r, na)
+    r2 = min(r - r1, nb) if bidirectional else 0
+
+    node_max, node_idx = scores.max(dim=-1)
+    order = node_max.argsort(dim=-1, descending=True, stable=True)
+    merged_a = torch.zeros(batch, na, dtype=torch.bool, device=device).scatter_(1, order[:, :r1], True)
+    slot_a = num_prefix + (~merged_a).long().cumsum(dim=1) - 1  # the slot of every unmerged A token
+    first_b = num_prefix + na - r1
+    positions_b = torch.arange(nb, device=device).expand(batch, -1)
+    if r2 > 0:
+        scores_b = scores.masked_fill(merged_a.unsqueeze(-1), float("-inf")).transpose(1, 2)
+        node_max2, node_idx2 = scores_b.max(dim=-1)
+        order2 = node_max2.argsort(dim=-1, descending=True, stable=True)
+        rank2 = torch.empty_like(order2).scatter_(1, order2, positions_b)
+        merged_b = rank2 < r2
+        slot_b = torch.where(merged_b, slot_a.gather(1, node_idx2), first_b + rank2 - r2)
+    else:
+        merged_b = torch.zeros(batch, nb, dtype=torch.bool, device=device)
+        slot_b = first_b + positions_b
+    dest_a = torch.where(merged_a, slot_b.gather(1, node_idx), slot_a)
+
+    sa, sb = alternate_split(num_prefix, n - num_prefix)
+    dest = torch.empty(batch, n, dtype=torch.long, device=device)
+    dest[:, :num_prefix] = torch.arange(num_prefix, device=device)
+    dest[:, num_prefix:][:, sa] = dest_a
+    dest[:, num_prefix:][:, sb] = slot_b
+    merged = torch.zeros(batch, n, dtype=torch.bool, device=device)
+    merged[:, num_prefix:][:, sa] = merged_a
+    merged[:, num_prefix:][:, sb] = merged_b
+    return Assignment(dest=dest, n_out=n - r1 - r2, merged=merged, represented=True)
+
+
+@register_reducer("mctf")
+class MCTF(TokenReducer):
+    """Fuse tokens ranked by similarity x informativeness x size, in both directions, with
+    one-step-ahead attention.
+
+    r:             tokens fused per reducing layer: an int, a fraction of the non-prefix tokens (< 1),
+                   or a per-layer list
+    layers:        reducing layers (0-based); default every layer but the first
+    mode:          1 one-step-ahead attention (merge the block input and its attention map, reuse
+                   the map), 2 recompute the attention after merging, 0 reduce after the MLP
+    tau_sim, tau_info, tau_size: temperatures of the three criteria (0 leaves one out)
+    bidirectional: r // 2 merges A -> B, then the rest B -> A on the same scores
+    pooling:       "attn" weights by attention received x size (the paper), "size", "mean", "max"
+    min_tokens:    never go below this many tokens (prefix included)
+    prop_attn:     proportional attention (log size added to the attention logits)
+    trace_source:  keep the map from input patches to merged tokens
+    """
+
+    needs = frozenset({ATTN})
+
+    def __init__(
+        self,
+        r: int | float | list[int] = 16,
+        layers: list[int] | None = None,
+        mode: int = 1,
+        tau_sim: float = 1.0,
+        tau_info: float = 20.0,
+        tau_size: float = 40.0,
+        bidirectional: bool = True,
+        pooling: str = "attn",
+        min_tokens: int = 10,
+        prop_attn: bool = True,
+        trace_source: bool = False,
+    ):
+        if isinstance(mode, bool) or mode not in MODES:
+            raise ConfigError(f"{self.name}: mode={mode!r} is invalid; allowed: 0, 1, 2")
+        if pooling not in POOLINGS:
+            raise ConfigError(f"{self.name}: pooling={pooling!r} is invalid; allowed: {', '.join(map(repr, POOLINGS))}")
+        if not isinstance(bidirectional, bool):
+            raise ConfigError(f"{self.name}: bidirectional={bidirectional!r} is invalid; allowed: true or false")
+        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+            raise ConfigError(f"{self.name}: min_tokens={min_tokens!r} is invalid; allowed: an integer >= 0")
+        schedule = Schedule(r=r, layers=layers, owner=self.name, fractional=True)
+        super().__init__(schedule, prop_attn=prop_attn, trace_source=trace_source)
+        self.mode = mode
+        self.taus = tuple(_check_tau(k, v) for k, v in (("tau_sim", tau_sim), ("tau_info", tau_info), ("tau_size", tau_size)))
+        self.bidirectional = bidirectional
+        self.pooling = pooling
+        self.min_tokens = min_tokens
+        self.num_prefix = 0
+
+    def check_model(self, info) -> None:
+        super().check_model(info)
+        self.num_prefix = info.num_prefix
+
+    def _resolved_schedule(self, num_layers: int) -> Schedule:
+        if self.schedule.layers is None and not isinstance(self.schedule.r, list):
+            return replace(self.schedule, layers=tuple(range(1, num_layers)))  # block 0 is never reduced
+        return self.schedule
+
+    def removal_counts(self, num_layers: int, num_tokens: int) -> list[int]:
+        prefix, floor = self.num_prefix, self.min_tokens
+
+        def cap(tokens: int) -> int:  # half of the non-prefix tokens, and keep `min_tokens` in all
+            return min(tokens // 2, tokens + prefix - floor)
+
+        return self._resolved_schedule(num_layers).removal_counts(num_layers, num_tokens, cap)
+
+    @contextmanager
+    def using_r(self, r: int | float | list[int]) -> Iterator[None]:
+        """Run with another r (same layers and parameters) inside the block: the consistency
+        loss's second pass."""
+        saved = self.schedule
+        self.schedule = replace(saved, r=r)
+        try:
+            yield
+        finally:
+            self.schedule = saved
+
+    # --- one block -----------------------------------------------------------------------------
+    def _match(self, x: Tensor, probs: Tensor, state: ReductionState, removal: int):
+        received = probs.detach().mean(dim=(1, 2))  # attention each token receives: heads and queries
+        assignment = mctf_matching(x, removal, state.num_prefix, received, state.sizes, *self.taus, self.bidirectional)
+        state.add_macs(matching_macs(state.num_prefix, x.shape[1], x.shape[-1]) if self.taus[0] else 0)
+        merge_mode, by_attention = POOLINGS[self.pooling]
+        weights = received.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1) if by_attention else None
+        return assignment, merge_mode, weights
+
+    def block_forward(self, ops, x: Tensor, state: ReductionState, layer: int, removal: int) -> Tensor:
+        if self.mode == 0:
+            return self._reduce_after_mlp(ops, x, state, removal)
+        n = x.shape[1]
+        h = ops.attn_input(x)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode == 1):
+            probs = ops.attn_logits(*ops.attn_qk(h), state.attn_bias(x.dtype)).softmax(dim=-1)
+        with record_function(REDUCE_SCOPE):
+            assignment, merge_mode, weights = self._match(x, probs, state, removal)
+            if self.mode == 1:
+                probs = combine_attention(probs, state.sizes, assignment, merge_mode, weights)
+            x = state.merge(x, assignment, merge_mode, weights=weights)
+        record = state.records[-1]
+        record.probe_tokens, record.tokens_attn, record.probe_reused = n, x.shape[1], self.mode == 1
+        if self.mode == 2:
+            x, _ = ops.attention(x, state.attn_bias(x.dtype), frozenset())
+        else:
+            h = ops.attn_input(x)
+            x = ops.attn_residual(x, ops.attn_output(probs, ops.attn_values(h), h))
+        return ops.mlp(x)
+
+    def _reduce_after_mlp(self, ops, x: Tensor, state: ReductionState, removal: int) -> Tensor:
+        x, signals = ops.attention(x, state.attn_bias(x.dtype), self.needs)
+        x = ops.mlp(x)
+        state.records[-1].tokens_mlp = x.shape[1]
+        with record_function(REDUCE_SCOPE):
+            assignment, merge_mode, weights = self._match(x, signals.attn, state, removal)
+            return state.merge(x, assignment, merge_mode, weights=weights)
