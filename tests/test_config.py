@@ -95,7 +95,7 @@ def test_experiment_overrides_its_groups():
     ft = compose(["experiment=finetune_tome_deit_s"])
     assert ft.task == "finetune" and ft.model.drop_path_rate == 0.1 and ft.loss.mixup == 0.8
     mctf = compose(["experiment=finetune_mctf_deit_s"])
-    assert mctf.loss.reducer_weights.consistency == 3.0
+    assert mctf.reducer.consistency_weight == 3.0 and mctf.loss.reducer_losses
 
 
 def test_unknown_experiment_lists_the_available_ones():

@@ -229,9 +229,10 @@ def test_loss_terms_weighting_and_checks(lossy_reducer):
     model = build_model({"name": "test_vit", "img_size": 32, "num_classes": 4})
     tokenreduce.apply(model, lossy_reducer, r=1, scale=2.0)
     images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
-    logits = model(images)
+    tokens = model.forward_features(images)
+    logits = model.forward_head(tokens)
     criterion = nn.CrossEntropyLoss()
-    context = LossContext(model, images, labels, labels, logits, criterion, model._tokenreduce.last_state)
+    context = LossContext(model, images, tokens, labels, labels, logits, criterion, model._tokenreduce.last_state)
     terms = reducer_loss_terms(context)
     assert set(terms) == {"in_pass", "second_pass"}
     assert terms["in_pass"].item() == pytest.approx(1.0)
@@ -245,9 +246,9 @@ def test_loss_terms_weighting_and_checks(lossy_reducer):
     # a plain reducer reports nothing
     plain = build_model({"name": "test_vit", "img_size": 32, "num_classes": 4})
     tokenreduce.apply(plain, "tome", r=1)
-    out = plain(images)
-    assert reducer_loss_terms(LossContext(plain, images, labels, labels, out, criterion,
-                                          plain._tokenreduce.last_state)) == {}
+    tokens = plain.forward_features(images)
+    assert reducer_loss_terms(LossContext(plain, images, tokens, labels, labels, plain.forward_head(tokens),
+                                          criterion, plain._tokenreduce.last_state)) == {}
 
 
 def test_imports_register_a_reducer_from_outside_the_package(tmp_path, monkeypatch):
@@ -438,3 +439,18 @@ def test_record_roundtrip_and_table(tmp_path):
 def test_build_reducer_from_a_config_node():
     reducer = build_reducer(compose(["reducer=tome", "reducer.r=5"]).reducer)
     assert reducer.params()["r"] == 5
+
+
+@pytest.mark.parametrize("reducer, terms", [
+    ({"name": "mctf", "r": 2, "mode": 1}, {"ce_teacher", "consistency"}),
+    ({"name": "dynamicvit", "ratios": [0.7], "layers": [2]}, {"ratio"}),
+])
+def test_registered_reducers_losses_reach_the_objective(tmp_path, reducer, terms):
+    cfg = config("trainer.max_epochs=1", base=FINETUNE)
+    run(with_reducer(cfg, **reducer), tmp_path / "run")
+    logged = [r for r in read_csv(tmp_path / "run" / "csv" / "metrics.csv") if r.get("train/loss")]
+    assert logged
+    for r in logged:
+        parts = [float(r["train/loss_main"])] + [float(r[f"train/loss_{t}"]) for t in terms]
+        assert float(r["train/loss"]) == pytest.approx(sum(parts), rel=1e-5)
+        assert all(math.isfinite(p) for p in parts)

@@ -57,6 +57,7 @@ def test_fixture_token_counts_and_exactly_r_removed(narrow_vit, mode):
     run(narrow_vit, torch.randn(2, 3, 224, 224))
     st = tokenreduce.stats(narrow_vit)
     assert st["tokens"] == MCTF_R16 + [21]  # tokens in each block's attention, then out of the last
+    assert st["removed"] == [0] + [16] * 11  # block 0 is never reduced; each later block fuses its input
     assert narrow_vit._tokenreduce.last_state.removals == [0] + [16] * 11  # block l merges its input
     tokenreduce.remove(narrow_vit)
 

@@ -216,3 +216,12 @@ def test_registry_lists_and_describes_reducers():
     defaults = tokenreduce.reducer_defaults("tome")
     assert defaults["r"] == 0 and defaults["prop_attn"] is True and defaults["trace_source"] is False
     assert tokenreduce.create_reducer("tome", r=4).params()["r"] == 4
+
+
+def test_a_reducer_follows_the_model_dtype_and_mode():
+    model = make_model("test_vit").to(torch.bfloat16)
+    reducer = tokenreduce.apply(model, "dynamicvit", ratios=[0.5], layers=[2]).token_reducer
+    assert not reducer.training
+    assert {p.dtype for p in reducer.parameters()} == {torch.bfloat16}
+    model.train()
+    assert reducer.training

@@ -27,8 +27,9 @@ def apply(model: nn.Module, reducer: str | TokenReducer, **params) -> nn.Module:
     if patched:
         timm_vit.unpatch(model)
     param = next(model.parameters(), None)
-    if param is not None:
-        reducer.to(param.device)
+    if param is not None:  # a reducer's own weights follow the model's device, dtype and mode
+        reducer.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
+    reducer.train(model.training)
     timm_vit.patch(model, reducer, info)
     return model
 
@@ -48,8 +49,9 @@ def reducer_of(model: nn.Module) -> TokenReducer | None:
 def stats(model: nn.Module) -> dict:
     """What the model's last forward pass did, per image.
 
-    tokens:       tokens (prefix included) entering each block, then leaving the last one
-    removed:      tokens each block removed
+    tokens:       tokens (prefix included) through each block's attention, then leaving the last
+                  block (a block that reduces its own input attends over the reduced tokens)
+    removed:      tokens each block removed, wherever in the block it removed them
     macs:         multiply-accumulates of one image, and its parts (embed, blocks, reducer, head)
     """
     if not timm_vit.is_patched(model):
@@ -58,12 +60,13 @@ def stats(model: nn.Module) -> dict:
     if state is None:
         raise ConfigError("stats(model): the model has not run a forward pass since tokenreduce.apply")
     tokens = state.tokens_per_layer()
+    entering = [rec.tokens_in for rec in state.records] + [state.final_tokens]
     macs = timm_vit.pass_macs(model, state)
     return {
         "reducer": model.token_reducer.name,
         "params": model.token_reducer.params(),
         "tokens": tokens,
-        "removed": [a - b for a, b in zip(tokens[:-1], tokens[1:], strict=True)],
+        "removed": [a - b for a, b in zip(entering[:-1], entering[1:], strict=True)],
         "macs": macs["total"],
         "macs_parts": macs,
     }

@@ -1,7 +1,8 @@
 """Training losses that belong to a reduction method, for a training loop to call.
 
 - `mctf_consistency_loss(model, images, targets)`: MCTF's token-reduction consistency step (runs
-  the model twice and returns the whole loss).
+  the model twice and returns the whole loss); `mctf_consistency_terms` is its teacher half, for a
+  loop that already ran the student pass (the engine's `MCTF.training_losses`).
 - `dynamicvit_ratio_loss(model)`: DynamicViT's keep-ratio loss of the model's last training pass.
 """
 
@@ -34,6 +35,81 @@ def draw_teacher_r(r_max: int | float, generator: torch.Generator | None = None)
     return int(torch.randint(0, int(r_max), (1,), generator=generator))
 
 
+def _hard_labels(targets: Tensor, labels: Tensor | None) -> Tensor:
+    if labels is not None:
+        return labels
+    if targets.dim() != 1:
+        raise ConfigError("mctf_consistency_loss: targets are soft; pass labels= (hard labels [B]) for the confidence test")
+    return targets
+
+
+def _features_and_logits(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    tokens = model.forward_features(images)
+    return model.forward_head(tokens), model.forward_head(tokens, pre_logits=True)
+
+
+def _consistency(student_logits: Tensor, student_feature: Tensor, teacher_feature: Tensor, labels: Tensor,
+                 confidence: float) -> tuple[Tensor, Tensor]:
+    """Mean over confident samples of mean_c (f_teacher.detach() - f_student)^2, and the confident mask."""
+    with torch.no_grad():
+        probs = student_logits.float().softmax(dim=-1)
+        index = labels.long().unsqueeze(1) if labels.dim() == 1 else labels.long()
+        confident = (probs.gather(1, index).sum(dim=1) > confidence).float()
+    distance = (teacher_feature.detach().float() - student_feature.float()).pow(2).mean(dim=1)
+    return (distance * confident).sum() / confident.sum().clamp_min(1.0), confident
+
+
+def _r_tensor(r_teacher) -> Tensor:
+    return torch.tensor(r_teacher if not isinstance(r_teacher, list) else sum(r_teacher), dtype=torch.float32)
+
+
+def mctf_consistency_terms(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    student_logits: Tensor,
+    student_feature: Tensor,
+    *,
+    labels: Tensor | None = None,
+    r_teacher: int | float | list[int] | None = None,
+    r_max: int | float = 8,
+    confidence: float = 0.4,
+    criterion=None,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """The teacher half of MCTF's consistency objective, for a loop that already ran the student.
+
+    Runs `model` (carrying an "mctf" reducer) on `images` with a smaller r' (drawn, see
+    `draw_teacher_r`, unless `r_teacher` is given) and returns
+
+        ce_teacher  = criterion(teacher logits, targets)
+        consistency = mean over confident samples of mean_c (f_teacher.detach() - f_student)^2
+
+    where f is the feature the classifier reads (`model.forward_head(tokens, pre_logits=True)`: the
+    class token after the final norm for class-token models, the pooled feature otherwise), and a
+    sample is confident when the student gives its true class a probability above `confidence`.
+    Also "confident" (fraction of confident samples) and "r_teacher".
+
+    targets:   what `criterion` takes: class indices [B] or soft targets [B, classes] (mixup).
+    labels:    hard labels for the confidence test, [B], or [B, k] when a sample has k true classes
+               (mixup of two images: ``torch.stack([y, y.flip(0)], 1)``; the probabilities add up);
+               needed when `targets` are soft.
+    criterion: callable(logits, targets) -> scalar; default cross-entropy.
+    """
+    reducer = _reducer(model, MCTF, "mctf_consistency_loss")
+    labels = _hard_labels(targets, labels)
+    r_teacher = draw_teacher_r(r_max, generator) if r_teacher is None else r_teacher
+    with reducer.using_r(r_teacher):
+        teacher_logits, teacher_feature = _features_and_logits(model, images)
+    consistency, confident = _consistency(student_logits, student_feature, teacher_feature, labels, confidence)
+    return {
+        "ce_teacher": (criterion or F.cross_entropy)(teacher_logits, targets),
+        "consistency": consistency,
+        "confident": confident.mean(),
+        "r_teacher": _r_tensor(r_teacher),
+    }
+
+
 def mctf_consistency_loss(
     model: nn.Module,
     images: Tensor,
@@ -47,63 +123,32 @@ def mctf_consistency_loss(
     criterion=None,
     generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
-    """MCTF's token-reduction consistency loss for one training batch.
+    """MCTF's whole token-reduction consistency objective for one training batch:
 
-    Runs `model` (carrying an "mctf" reducer) twice on `images` with the same weights: a teacher
-    pass with a smaller r' (drawn, see `draw_teacher_r`, unless `r_teacher` is given) and the
-    student pass with the reducer's own r. The student pass runs last, so `tokenreduce.stats`
-    describes it.
+        loss = CE(student) + CE(teacher) + weight * consistency
 
-        loss = CE(student) + CE(teacher) + weight * mean over confident samples of
-               mean_c (f_teacher.detach() - f_student)^2
-
-    where f is the feature the classifier reads (the class token after the final norm for
-    class-token models; the pooled feature otherwise), and a sample is confident when the student
-    gives its true class a probability above `confidence`.
-
-    images:    [B, 3, H, W].
-    targets:   what `criterion` takes: class indices [B] or soft targets [B, classes] (mixup).
-    labels:    hard labels for the confidence test, [B], or [B, k] when a sample has k true classes
-               (mixup of two images: ``torch.stack([y, y.flip(0)], 1)``; the probabilities add up);
-               needed when `targets` are soft.
-    criterion: callable(logits, targets) -> scalar; default cross-entropy.
-    generator: for drawing r'.
-    Returns a dict of tensors: "loss" (to backpropagate), "ce_student", "ce_teacher",
-    "consistency" (already multiplied by `weight`), "confident" (fraction of confident samples),
-    "r_teacher".
+    with the teacher pass and `consistency` as in `mctf_consistency_terms`. The teacher runs first
+    and the student (the reducer's own r) last, so `tokenreduce.stats` describes the student.
+    Returns "loss" (to backpropagate), "ce_student", "ce_teacher", "consistency" (already
+    multiplied by `weight`), "confident" and "r_teacher".
     """
     reducer = _reducer(model, MCTF, "mctf_consistency_loss")
-    if labels is None:
-        if targets.dim() != 1:
-            raise ConfigError("mctf_consistency_loss: targets are soft; pass labels= (hard labels [B]) for the confidence test")
-        labels = targets
+    labels = _hard_labels(targets, labels)
     criterion = criterion or F.cross_entropy
-    if r_teacher is None:
-        r_teacher = draw_teacher_r(r_max, generator)
-
-    def run() -> tuple[Tensor, Tensor]:
-        tokens = model.forward_features(images)
-        return model.forward_head(tokens), model.forward_head(tokens, pre_logits=True)
-
+    r_teacher = draw_teacher_r(r_max, generator) if r_teacher is None else r_teacher
     with reducer.using_r(r_teacher):
-        teacher_logits, teacher_feature = run()
-    student_logits, student_feature = run()
-
-    with torch.no_grad():
-        probs = student_logits.float().softmax(dim=-1)
-        index = labels.long().unsqueeze(1) if labels.dim() == 1 else labels.long()
-        confident = (probs.gather(1, index).sum(dim=1) > confidence).float()
-    distance = (teacher_feature.detach().float() - student_feature.float()).pow(2).mean(dim=1)
-    consistency = weight * (distance * confident).sum() / confident.sum().clamp_min(1.0)
-    ce_student = criterion(student_logits, targets)
-    ce_teacher = criterion(teacher_logits, targets)
+        teacher_logits, teacher_feature = _features_and_logits(model, images)
+    student_logits, student_feature = _features_and_logits(model, images)
+    consistency, confident = _consistency(student_logits, student_feature, teacher_feature, labels, confidence)
+    ce_student, ce_teacher = criterion(student_logits, targets), criterion(teacher_logits, targets)
+    consistency = weight * consistency
     return {
         "loss": ce_student + ce_teacher + consistency,
         "ce_student": ce_student.detach(),
         "ce_teacher": ce_teacher.detach(),
         "consistency": consistency.detach(),
         "confident": confident.mean(),
-        "r_teacher": torch.tensor(r_teacher if not isinstance(r_teacher, list) else sum(r_teacher), dtype=torch.float32),
+        "r_teacher": _r_tensor(r_teacher),
     }
 
 

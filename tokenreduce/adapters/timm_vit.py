@@ -390,7 +390,7 @@ def _pool_and_head_macs(model: VisionTransformer, final_tokens: int) -> int:
 
 def pass_macs(model: VisionTransformer, state: ReductionState) -> dict[str, int]:
     """MACs of one image for the pass that left `state`, split by where they are spent."""
-    num_patches = state.records[0].tokens_attn - model.num_prefix_tokens
+    num_patches = state.records[0].tokens_in - model.num_prefix_tokens
     proj = model.patch_embed.proj
     embed = num_patches * proj.weight.numel() if isinstance(proj, nn.Conv2d) else 0  # stride == kernel
     backbone, reducer = blocks_macs(block_costs(model)[: len(state.records)], state.records)

@@ -26,6 +26,7 @@ class LayerRecord:
 
     tokens_attn: int
     tokens_mlp: int = -1
+    tokens_in: int = -1  # entering the block, before any reduction of its input
     reducer_macs: int = 0
     probe_tokens: int = 0
     probe_reused: bool = False
@@ -40,6 +41,7 @@ class ReductionState:
     source: Tensor | None = None  # [B, N_in] long: current token of every input token (N = dropped)
     records: list[LayerRecord] = field(default_factory=list)
     extras: dict = field(default_factory=dict)  # per-pass data a reducer wants to keep (losses, masks)
+    final_tokens: int = 0  # tokens leaving the last block
 
     @classmethod
     def start(cls, x: Tensor, num_prefix: int, removals: list[int], prop_attn: bool, trace_source: bool):
@@ -55,7 +57,7 @@ class ReductionState:
         return self.sizes.log().to(dtype).transpose(1, 2).unsqueeze(1)
 
     def begin_layer(self, num_tokens: int) -> LayerRecord:
-        self.records.append(LayerRecord(tokens_attn=num_tokens))
+        self.records.append(LayerRecord(tokens_attn=num_tokens, tokens_in=num_tokens))
         return self.records[-1]
 
     def end_layer(self, num_tokens: int) -> None:
@@ -75,9 +77,7 @@ class ReductionState:
         return x
 
     def tokens_per_layer(self) -> list[int]:
-        """Tokens (prefix included) entering each block, then leaving the last one."""
+        """Tokens (prefix included) through each block's attention, then leaving the last one."""
         if not self.records:
             return []
         return [rec.tokens_attn for rec in self.records] + [self.final_tokens]
-
-    final_tokens: int = 0

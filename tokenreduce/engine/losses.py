@@ -32,6 +32,7 @@ class LossContext:
 
     model: nn.Module  # the reduced model; calling it again runs another pass with the same weights
     images: Tensor  # the batch as the model saw it (after mixup/cutmix)
+    tokens: Tensor  # model.forward_features(images): the tokens the head read
     targets: Tensor  # what the main loss compared with: class indices, or soft targets under mixup
     labels: Tensor  # the batch's class indices before mixup
     logits: Tensor  # the model's output for `images`

@@ -136,12 +136,14 @@ class ReductionModule(L.LightningModule):
             if images.shape[0] % 2:
                 raise ConfigError(f"mixup/cutmix need an even batch size, got {images.shape[0]}; set data.batch_size")
             images, targets = self.mixup(images, labels)
-        logits = self.model(images)
+        tokens = self.model.forward_features(images)
+        logits = self.model.forward_head(tokens)
         main = self.train_criterion(logits, targets)
         terms = {}
         if self.loss_settings.reducer_losses:
             patch = getattr(self.model, "_tokenreduce", None)
-            context = LossContext(model=self.model, images=images, targets=targets, labels=labels, logits=logits,
+            context = LossContext(model=self.model, images=images, tokens=tokens, targets=targets, labels=labels,
+                                  logits=logits,
                                   criterion=self.train_criterion, state=patch.last_state if patch else None)
             reported = reducer_loss_terms(context)
             if not self._weights_checked:

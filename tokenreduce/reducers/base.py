@@ -82,6 +82,14 @@ class TokenReducer(nn.Module):
     def reduce(self, x: Tensor, signals: Signals, state: ReductionState, layer: int, removal: int) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement reduce() or block_forward()")
 
+    def training_losses(self, context) -> dict[str, Tensor]:
+        """Loss terms this method adds to a fine-tuning step, by name (none by default).
+
+        `context` is a `tokenreduce.engine.losses.LossContext`: the model, the batch, the main pass's
+        tokens and logits, the main criterion. A method may run the model again here.
+        """
+        return {}
+
     # --- description -----------------------------------------------------------------------
     def params(self) -> dict:
         """The constructor arguments this reducer was built with, for records and run names."""

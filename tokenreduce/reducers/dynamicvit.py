@@ -72,6 +72,7 @@ class DynamicViT(TokenReducer):
     tau:          Gumbel-softmax temperature of the training decisions
     prop_attn:    proportional attention (pruning keeps every size at 1, so it changes nothing)
     trace_source: keep the map from input patches to tokens (dropped patches map to none)
+    ratio_weight: weight of the keep-ratio loss in fine-tuning (`training_losses`; the paper's 2)
 
     The predictors are built for the model's width when the reducer is applied, and are part of
     the model's state dict (``token_reducer.predictors``). They need training (see
@@ -81,7 +82,7 @@ class DynamicViT(TokenReducer):
     cap = staticmethod(no_cap)
 
     def __init__(self, ratios: tuple[float, ...] = (0.7, 0.49, 0.343), layers: tuple[int, ...] = (3, 6, 9),
-                 tau: float = 1.0, prop_attn: bool = False, trace_source: bool = False):
+                 tau: float = 1.0, prop_attn: bool = False, trace_source: bool = False, ratio_weight: float = 2.0):
         ratios, layers = tuple(ratios), tuple(layers)
         if not ratios or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1 for v in ratios):
             raise ConfigError(f"{self.name}: ratios={list(ratios)} is invalid; allowed: keep ratios in (0, 1]")
@@ -94,7 +95,10 @@ class DynamicViT(TokenReducer):
             )
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
             raise ConfigError(f"{self.name}: tau={tau!r} is invalid; allowed: a number > 0")
+        if isinstance(ratio_weight, bool) or not isinstance(ratio_weight, (int, float)) or not ratio_weight >= 0:
+            raise ConfigError(f"{self.name}: ratio_weight={ratio_weight!r} is invalid; allowed: a number >= 0")
         super().__init__(Schedule(r=0, layers=layers, owner=self.name), prop_attn, trace_source)
+        self.ratio_weight = float(ratio_weight)
         self.ratios, self.stages, self.tau = ratios, layers, float(tau)
         self.predictors = nn.ModuleList()
 
@@ -102,6 +106,13 @@ class DynamicViT(TokenReducer):
         super().check_model(info)
         if len(self.predictors) != len(self.stages) or self.predictors[0].head[0].in_features != info.embed_dim:
             self.predictors = nn.ModuleList(ScorePredictor(info.embed_dim) for _ in self.stages)
+
+    def training_losses(self, context) -> dict[str, Tensor]:
+        """The keep-ratio loss of the training pass just run (the engine's loss hook), weighted by
+        `ratio_weight`."""
+        from tokenreduce.losses import dynamicvit_ratio_loss
+
+        return {"ratio": dynamicvit_ratio_loss(context.model, weight=self.ratio_weight)}
 
     def removal_counts(self, num_layers: int, num_tokens: int) -> list[int]:
         kept, counts = num_tokens, [0] * num_layers

@@ -149,6 +149,9 @@ class MCTF(TokenReducer):
     bidirectional: r // 2 merges A -> B, then the rest B -> A on the same scores
     pooling:       "attn" weights by attention received x size (the paper), "size", "mean", "max"
     min_tokens:    never go below this many tokens (prefix included)
+    consistency_weight, consistency_r_max, consistency_confidence: the fine-tuning consistency
+                   loss (see `training_losses`): its weight, the teacher's r drawn from
+                   {0 .. r_max - 1}, and the student probability above which a sample counts
     prop_attn:     proportional attention (log size added to the attention logits)
     trace_source:  keep the map from input patches to merged tokens
     """
@@ -168,6 +171,9 @@ class MCTF(TokenReducer):
         min_tokens: int = 10,
         prop_attn: bool = True,
         trace_source: bool = False,
+        consistency_weight: float = 3.0,
+        consistency_r_max: int | float = 8,
+        consistency_confidence: float = 0.4,
     ):
         if isinstance(mode, bool) or mode not in MODES:
             raise ConfigError(f"{self.name}: mode={mode!r} is invalid; allowed: 0, 1, 2")
@@ -184,6 +190,13 @@ class MCTF(TokenReducer):
         self.bidirectional = bidirectional
         self.pooling = pooling
         self.min_tokens = min_tokens
+        for key, value, low in (("consistency_weight", consistency_weight, 0), ("consistency_r_max", consistency_r_max, 0),
+                                ("consistency_confidence", consistency_confidence, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+                raise ConfigError(f"{self.name}: {key}={value!r} is invalid; allowed: a number >= {low}")
+        if not consistency_r_max > 0:
+            raise ConfigError(f"{self.name}: consistency_r_max={consistency_r_max!r} is invalid; allowed: a number > 0")
+        self.consistency = (float(consistency_weight), consistency_r_max, float(consistency_confidence))
         self.num_prefix = 0
 
     def check_model(self, info) -> None:
@@ -213,6 +226,19 @@ class MCTF(TokenReducer):
             yield
         finally:
             self.schedule = saved
+
+    def training_losses(self, context) -> dict[str, Tensor]:
+        """The token-reduction consistency terms of a fine-tuning step (the engine's loss hook):
+        "ce_teacher", the cross-entropy of a second pass with a random smaller r, and "consistency",
+        `consistency_weight` times the distance of the student's classifier feature to it."""
+        from tokenreduce.losses import mctf_consistency_terms
+
+        weight, r_max, confidence = self.consistency
+        labels = context.labels if context.targets.dim() == 1 else torch.stack([context.labels, context.labels.flip(0)], 1)
+        student_feature = context.model.forward_head(context.tokens, pre_logits=True)
+        terms = mctf_consistency_terms(context.model, context.images, context.targets, context.logits, student_feature,
+                                       labels=labels, r_max=r_max, confidence=confidence, criterion=context.criterion)
+        return {"ce_teacher": terms["ce_teacher"], "consistency": weight * terms["consistency"]}
 
     # --- one block -----------------------------------------------------------------------------
     def _match(self, x: Tensor, probs: Tensor, state: ReductionState, removal: int):
