@@ -22,6 +22,23 @@ def images_for(model: torch.nn.Module, batch: int = 2, seed: int = 0) -> torch.T
     return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
+def narrow_vit_b_geometry(**kwargs) -> torch.nn.Module:
+    """12 blocks, 196 patches + class token, as ViT-B/16 or DeiT at 224 (the geometry of the published
+    token-count fixtures), but 48 channels wide so it runs in milliseconds."""
+    torch.manual_seed(0)
+    return timm.create_model("vit_small_patch16_224", embed_dim=48, num_heads=2, **kwargs).eval()
+
+
+@pytest.fixture(scope="module")
+def narrow_vit():
+    return narrow_vit_b_geometry()
+
+
+def run(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(images)
+
+
 @pytest.fixture(params=TINY_MODELS)
 def tiny_model(request):
     return make_model(request.param)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
-from conftest import TINY_MODELS, images_for, make_model
+from conftest import TINY_MODELS, images_for, make_model, narrow_vit_b_geometry, run
 
 import tokenreduce
 from tokenreduce.losses import dynamicvit_ratio_loss
@@ -13,11 +12,6 @@ from tokenreduce.reducers.base import create_reducer
 from tokenreduce.reducers.dynamicvit import DECISIONS, softmax_with_policy
 
 STAGES = [1, 2, 3]
-
-
-def run(model, images):
-    with torch.no_grad():
-        return model(images)
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -30,8 +24,7 @@ def test_keeping_everything_is_the_identity(name):
 
 
 def test_reference_counts():
-    torch.manual_seed(0)
-    model = timm.create_model("vit_small_patch16_224", embed_dim=48, num_heads=2).eval()
+    model = narrow_vit_b_geometry()
     tokenreduce.apply(model, "dynamicvit")
     run(model, torch.randn(2, 3, 224, 224))
     # int(196 * .7) = 137, int(196 * .49) = 96, int(196 * .343) = 67 patches, before blocks 3, 6, 9

@@ -109,3 +109,15 @@ def test_source_map_follows_every_input_token():
     assert torch.equal(mat.sum(1), torch.ones(2, n))  # each input token in exactly one token
     assert torch.equal(mat.sum(2, keepdim=True), sizes)  # a token's size counts its inputs
     assert torch.equal(source[:, 0], torch.zeros(2, dtype=torch.long))  # class token stays token 0
+
+
+@pytest.mark.parametrize("mode", ["wavg", "mean", "mlerp", "prune"])
+def test_bfloat16_merge_matches_float32_for_the_same_assignment(mode):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 41, 16, generator=g)
+    sizes = torch.randint(1, 300, (2, 41, 1), generator=g).float()  # beyond bfloat16's exact integers
+    a = bipartite_soft_matching(torch.randn(2, 41, 8, generator=g), 15, 1)
+    want_x, want_s = combine(x, sizes, a, mode)
+    got_x, got_s = combine(x.bfloat16(), sizes, a, mode)
+    assert got_x.dtype == torch.bfloat16 and torch.equal(got_s, want_s)
+    torch.testing.assert_close(got_x.float(), want_x, rtol=1e-2, atol=1e-2)

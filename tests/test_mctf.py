@@ -6,9 +6,8 @@ from __future__ import annotations
 import math
 
 import pytest
-import timm
 import torch
-from conftest import TINY_MODELS, images_for, make_model
+from conftest import TINY_MODELS, images_for, make_model, run
 from merge_checks import check_every_merge
 from timm.models.vision_transformer import ResPostBlock
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -25,18 +24,6 @@ from tokenreduce.reducers.base import ATTN, create_reducer
 from tokenreduce.reducers.mctf import MCTF_FAST, mctf_matching
 
 MCTF_R16 = [197, 181, 165, 149, 133, 117, 101, 85, 69, 53, 37, 21]  # methods.md fixture
-
-
-@pytest.fixture(scope="module")
-def narrow_vit():
-    """A 12-block ViT at 224 px (196 patches + CLS), narrow so it runs in milliseconds."""
-    torch.manual_seed(0)
-    return timm.create_model("vit_small_patch16_224", embed_dim=48, num_heads=2).eval()
-
-
-def run(model, images):
-    with torch.no_grad():
-        return model(images)
 
 
 # --- the identity and the schedule ------------------------------------------------------------

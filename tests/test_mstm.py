@@ -4,21 +4,15 @@ crucial one (nothing lost), and the multi-scale fusion that starts as the identi
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-from conftest import images_for, make_model
+from conftest import images_for, make_model, narrow_vit_b_geometry, run
 from merge_checks import check_every_merge
 
 import tokenreduce
 from tokenreduce.core.state import ReductionState
 from tokenreduce.reducers.base import Signals, create_reducer
 from tokenreduce.reducers.mstm import MultiScaleFusion, crucial_assignment
-
-
-def run(model, images):
-    with torch.no_grad():
-        return model(images)
 
 
 def test_keeping_everything_is_the_identity():
@@ -36,8 +30,7 @@ def test_models_without_a_class_token_are_refused(name):
 
 
 def test_counts_sizes_and_sources(monkeypatch):
-    torch.manual_seed(0)
-    model = timm.create_model("vit_small_patch16_224", embed_dim=48, num_heads=2).eval()
+    model = narrow_vit_b_geometry()
     tokenreduce.apply(model, "mstm", trace_source=True)  # keep 0.7 at 3, 6, 9
     checked = check_every_merge(monkeypatch)
     run(model, torch.randn(2, 3, 224, 224))

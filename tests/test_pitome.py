@@ -6,7 +6,7 @@ import math
 import pytest
 import timm
 import torch
-from conftest import TINY_MODELS, images_for, make_model
+from conftest import TINY_MODELS, images_for, make_model, narrow_vit_b_geometry
 from reduction_checks import check_invariants, duplicate_pairs_through_two_blocks, groups, record_layers
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -21,12 +21,6 @@ from tokenreduce.reducers.pitome import PiToMe, family_margin, preset_layer_mode
 
 KEEP_090 = [196, 177, 160, 144, 130, 117, 106, 96, 87, 79, 72, 65, 59]
 KEEP_0925 = [196, 182, 169, 157, 146, 136, 126, 117, 109, 101, 94, 87, 81]
-
-
-def narrow_vit_b_geometry(**kwargs):
-    """12 blocks, 196 patches + class token, as ViT-B/16 at 224, but narrow so it runs in milliseconds."""
-    torch.manual_seed(0)
-    return timm.create_model("vit_small_patch16_224", embed_dim=48, num_heads=2, **kwargs).eval()
 
 
 def cosine(u, v):
@@ -161,18 +155,6 @@ def test_each_layer_orders_by_energy_with_its_own_margin(layer, layer_mode):
         assert not torch.equal(other.dest, want.dest)
 
 
-@pytest.mark.parametrize("name", TINY_MODELS)
-@pytest.mark.parametrize("params", [{"ratio": 1.0}, {"r": 0}])
-def test_removing_nothing_is_the_identity(name, params):
-    model = make_model(name)
-    x = images_for(model)
-    with torch.no_grad():
-        want = model(x)
-        got = tokenreduce.apply(model, "pitome", **params)(x)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    assert tokenreduce.stats(model)["removed"] == [0] * len(model.blocks)
-
-
 @pytest.mark.parametrize("ratio, fixture", [(0.9, KEEP_090), (0.925, KEEP_0925)])
 @pytest.mark.parametrize("preset", ["deit", "mae"])
 def test_token_counts_match_the_keep_ratio_fixtures(ratio, fixture, preset):
@@ -268,37 +250,6 @@ def test_merging_duplicate_tokens_with_proportional_attention_changes_nothing(la
     reducer = PiToMe(ratio=0.5, layer_modes=[layer_mode] * len(model.blocks), prop_attn=True)
     reduced, full = duplicate_pairs_through_two_blocks(model, reducer)
     torch.testing.assert_close(reduced, full, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", TINY_MODELS)
-def test_sample_output_does_not_depend_on_the_batch(name):
-    model = tokenreduce.apply(make_model(name), "pitome", ratio=0.8)
-    x = images_for(model, batch=4)
-    with torch.no_grad():
-        together = model(x)
-        alone = torch.cat([model(x[i : i + 1]) for i in range(4)])
-    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", TINY_MODELS)
-def test_gradients_reach_every_parameter(name):
-    model = tokenreduce.apply(make_model(name, drop_path_rate=0.1), "pitome", ratio=0.8).train()
-    model(images_for(model)).logsumexp(-1).sum().backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
-    assert not missing
-
-
-def test_bfloat16_runs_close_to_float32():
-    model = tokenreduce.apply(make_model("test_vit2"), "pitome", ratio=0.8)
-    x = images_for(model)
-    with torch.no_grad():
-        want = model(x)
-        tokens = tokenreduce.stats(model)["tokens"]
-        got = model.to(torch.bfloat16)(x.to(torch.bfloat16))
-    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
-    assert tokenreduce.stats(model)["tokens"] == tokens
-    assert model._tokenreduce.last_state.sizes.dtype == torch.float32
-    torch.testing.assert_close(got.float(), want, rtol=0.1, atol=0.1)
 
 
 @pytest.mark.parametrize("name", ["test_vit", "test_vit3"])

@@ -4,10 +4,9 @@ the fused EViT token, reproducibility, attention only where needed, and bad para
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODELS, images_for, make_model
+from conftest import TINY_MODELS, images_for, make_model, run
 from merge_checks import check_every_merge
 
 import tokenreduce
@@ -18,17 +17,6 @@ from tokenreduce.reducers.base import Signals, create_reducer
 
 PRUNERS = ("random", "topk", "evit", "norm")
 CLS_ATTENTION = ("topk", "evit")
-
-
-@pytest.fixture(scope="module")
-def narrow_vit():
-    torch.manual_seed(0)
-    return timm.create_model("vit_small_patch16_224", embed_dim=48, num_heads=2).eval()
-
-
-def run(model, images):
-    with torch.no_grad():
-        return model(images)
 
 
 def supports(name: str, model_name: str) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -70,7 +69,7 @@ def reducer_share(model, images) -> float:
 
 def peak_memory_mb(model_name: str, case: Case, batch: int, img_size: int, dtype: str, device: str) -> float:
     """Peak memory of one forward in a fresh process: the CUDA allocator's peak, or on the CPU the
-    growth of the peak resident set over the resident set just before the forward."""
+    growth of the peak resident set over the resident set just before the forward (Linux)."""
     code = (
         "import json,sys,torch;from tokenreduce.bench.harness import _peak_child;"
         f"print(json.dumps(_peak_child({model_name!r},{case.reducer!r},{case.params!r},{batch},{img_size},"
@@ -91,14 +90,25 @@ def _peak_child(model_name, reducer, params, batch, img_size, dtype, device) -> 
         return torch.cuda.max_memory_allocated() / 2**20
     with torch.inference_mode():
         model(images[:1])  # load kernels and allocator pools before reading the resident baseline
-        before = _resident_mb()
+        _reset_peak_resident()
+        before = _status_mb("VmRSS")
         model(images)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    return _status_mb("VmHWM") - before
 
 
-def _resident_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def _reset_peak_resident() -> None:
+    """Reset the kernel's resident high-water mark (VmHWM). ru_maxrss cannot be used: a process
+    started by fork and exec inherits the parent's high-water mark."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def run(model_name: str, cases: list[Case], batch: int = 16, img_size: int = 224, dtype: str = "float32",
