@@ -87,3 +87,7 @@ def test_depth_errors_name_the_model_depth():
         Schedule(r=[1] * 13).removal_counts(12, PATCHES)
     with pytest.raises(ConfigError, match="beyond the model's 12 blocks"):
         Schedule(r=1, layers=[12]).check_depth(12)
+
+
+def test_r_at_its_default_zero_gives_way_to_a_ratio():
+    assert Schedule(r=0, ratio=0.9).removal_counts(12, PATCHES) == Schedule(ratio=0.9).removal_counts(12, PATCHES)

@@ -62,6 +62,8 @@ class Schedule:
     def __post_init__(self):
         who = self.owner
         r, inflect = self.r, self.inflect
+        if r == 0 and self.ratio is not None:  # r's default (0) is "not given" when a ratio is
+            r = None
         if isinstance(r, tuple):
             # ToMe's convention: a tuple is (r, inflect); a per-layer schedule is a list
             if len(r) != 2 or inflect is not None:

@@ -53,8 +53,6 @@ class ToFu(TokenReducer):
         trace_source: bool = False,
     ):
         who = self.name
-        if ratio is not None and r == 0:
-            r = None
         schedule = Schedule(r=r, inflect=inflect, ratio=ratio, layers=layers, owner=who)
         if prune_layers is not None:
             if isinstance(prune_layers, (str, bytes)) or not all(

@@ -38,8 +38,6 @@ class ToMe(TokenReducer):
     ):
         if mode not in ("wavg", "mean"):
             raise ConfigError(f"{self.name}: mode={mode!r} is invalid; allowed: 'wavg', 'mean'")
-        if ratio is not None and r == 0:
-            r = None
         schedule = Schedule(r=r, inflect=inflect, ratio=ratio, layers=layers, owner=self.name)
         super().__init__(schedule, prop_attn=prop_attn, trace_source=trace_source)
         self.mode = mode
