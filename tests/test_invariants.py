@@ -152,3 +152,14 @@ def test_analytic_macs_equal_flop_counter(name, model_name):
     with sdpa_kernel(SDPBackend.MATH), counter:  # (FlopCounterMode's module tracker fails under no_grad)
         model(x)
     assert tokenreduce.stats(model)["macs"] * 2 * 2 == counter.get_total_flops()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in SETTINGS if n != "none"])
+def test_torch_compile_gives_the_same_output(name):
+    model = reduced(name, "test_vit")
+    x = images_for(model)
+    with torch.no_grad():
+        want = model(x)
+        got = torch.compile(model)(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
