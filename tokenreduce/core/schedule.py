@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tokenreduce.errors import ConfigError
+from tokenreduce.errors import ConfigError, check_number
 
 Cap = Callable[[int], int]
 
@@ -32,9 +32,7 @@ def keep_ratio_removal(tokens: int, ratio: float) -> int:
 
 
 def _check_int(name: str, value, who: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{who}: {name}={value!r} is invalid; allowed: an integer >= 0")
-    return value
+    return check_number(who, name, value, low=0, integer=True)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from torch.profiler import record_function
 
 from tokenreduce.core.schedule import Cap, Schedule, half_cap
 from tokenreduce.core.state import ReductionState
-from tokenreduce.errors import ConfigError
+from tokenreduce.errors import ConfigError, check_flag
 
 if TYPE_CHECKING:
     from tokenreduce.adapters.base import BlockOps, ModelInfo
@@ -52,9 +52,8 @@ class TokenReducer(nn.Module):
 
     def __init__(self, schedule: Schedule, prop_attn: bool = True, trace_source: bool = False):
         super().__init__()
-        for key, value in (("prop_attn", prop_attn), ("trace_source", trace_source)):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{self.name}: {key}={value!r} is invalid; allowed: true or false")
+        check_flag(self.name, "prop_attn", prop_attn)
+        check_flag(self.name, "trace_source", trace_source)
         self.schedule = schedule
         self.prop_attn = prop_attn
         self.trace_source = trace_source

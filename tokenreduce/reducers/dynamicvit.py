@@ -17,7 +17,7 @@ from tokenreduce.core.macs import linear_macs
 from tokenreduce.core.merge import keep_assignment
 from tokenreduce.core.schedule import Schedule, no_cap
 from tokenreduce.core.state import ReductionState
-from tokenreduce.errors import ConfigError
+from tokenreduce.errors import ConfigError, check_number
 from tokenreduce.reducers.base import REDUCE_SCOPE, TokenReducer, register_reducer
 from tokenreduce.reducers.pruning import top_tokens
 
@@ -93,10 +93,8 @@ class DynamicViT(TokenReducer):
                 f"{self.name}: layers={list(layers)} is invalid; allowed: increasing layers, one per ratio "
                 f"({len(ratios)} for ratios={list(ratios)})"
             )
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
-            raise ConfigError(f"{self.name}: tau={tau!r} is invalid; allowed: a number > 0")
-        if isinstance(ratio_weight, bool) or not isinstance(ratio_weight, (int, float)) or not ratio_weight >= 0:
-            raise ConfigError(f"{self.name}: ratio_weight={ratio_weight!r} is invalid; allowed: a number >= 0")
+        check_number(self.name, "tau", tau, low=0, low_open=True)
+        check_number(self.name, "ratio_weight", ratio_weight, low=0)
         super().__init__(Schedule(r=0, layers=layers, owner=self.name), prop_attn, trace_source)
         self.ratio_weight = float(ratio_weight)
         self.ratios, self.stages, self.tau = ratios, layers, float(tau)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -16,7 +15,7 @@ from tokenreduce.core.matching import alternate_split, matching_macs
 from tokenreduce.core.merge import Assignment, combine_attention
 from tokenreduce.core.schedule import Schedule
 from tokenreduce.core.state import ReductionState
-from tokenreduce.errors import ConfigError
+from tokenreduce.errors import ConfigError, check_flag, check_number
 from tokenreduce.reducers.base import ATTN, REDUCE_SCOPE, TokenReducer, register_reducer
 
 # MCTF-Fast: a third of the tokens at three layers instead of r per layer (the reference's fast preset).
@@ -24,12 +23,6 @@ MCTF_FAST = {"r": 0.35, "layers": [3, 6, 9]}
 MODES = (0, 1, 2)
 # pooling name -> (merge mode of `combine`, whether the attention received weights the tokens)
 POOLINGS = {"attn": ("wavg", True), "size": ("wavg", False), "mean": ("mean", False), "max": ("max", False)}
-
-
-def _check_tau(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
-        raise ConfigError(f"mctf: {name}={value!r} is invalid; allowed: a number >= 0 (0 switches the criterion off)")
-    return float(value)
 
 
 def _power(weight: Tensor, tau: float) -> Tensor:
@@ -179,23 +172,20 @@ class MCTF(TokenReducer):
             raise ConfigError(f"{self.name}: mode={mode!r} is invalid; allowed: 0, 1, 2")
         if pooling not in POOLINGS:
             raise ConfigError(f"{self.name}: pooling={pooling!r} is invalid; allowed: {', '.join(map(repr, POOLINGS))}")
-        if not isinstance(bidirectional, bool):
-            raise ConfigError(f"{self.name}: bidirectional={bidirectional!r} is invalid; allowed: true or false")
-        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
-            raise ConfigError(f"{self.name}: min_tokens={min_tokens!r} is invalid; allowed: an integer >= 0")
+        check_flag(self.name, "bidirectional", bidirectional)
+        check_number(self.name, "min_tokens", min_tokens, low=0, integer=True)
         schedule = Schedule(r=r, layers=layers, owner=self.name, fractional=True)
         super().__init__(schedule, prop_attn=prop_attn, trace_source=trace_source)
         self.mode = mode
-        self.taus = tuple(_check_tau(k, v) for k, v in (("tau_sim", tau_sim), ("tau_info", tau_info), ("tau_size", tau_size)))
+        # 0 switches a criterion off; infinity makes it rank nothing
+        self.taus = tuple(float(check_number(self.name, k, v, low=0))
+                          for k, v in (("tau_sim", tau_sim), ("tau_info", tau_info), ("tau_size", tau_size)))
         self.bidirectional = bidirectional
         self.pooling = pooling
         self.min_tokens = min_tokens
-        for key, value, low in (("consistency_weight", consistency_weight, 0), ("consistency_r_max", consistency_r_max, 0),
-                                ("consistency_confidence", consistency_confidence, 0)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
-                raise ConfigError(f"{self.name}: {key}={value!r} is invalid; allowed: a number >= {low}")
-        if not consistency_r_max > 0:
-            raise ConfigError(f"{self.name}: consistency_r_max={consistency_r_max!r} is invalid; allowed: a number > 0")
+        check_number(self.name, "consistency_weight", consistency_weight, low=0)
+        check_number(self.name, "consistency_r_max", consistency_r_max, low=0, low_open=True)
+        check_number(self.name, "consistency_confidence", consistency_confidence, low=0)
         self.consistency = (float(consistency_weight), consistency_r_max, float(consistency_confidence))
         self.num_prefix = 0
 

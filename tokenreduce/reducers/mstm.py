@@ -19,7 +19,7 @@ from tokenreduce.core.macs import linear_macs
 from tokenreduce.core.merge import Assignment
 from tokenreduce.core.schedule import Schedule, no_cap
 from tokenreduce.core.state import ReductionState
-from tokenreduce.errors import ConfigError
+from tokenreduce.errors import ConfigError, check_flag, check_number
 from tokenreduce.reducers.base import ATTN, KEYS, Signals, TokenReducer, register_reducer
 from tokenreduce.reducers.pruning import DEFAULT_LAYERS, require_class_token, top_tokens
 
@@ -98,10 +98,8 @@ class MSTMLike(TokenReducer):
                  fusion_pool: int = 2, prop_attn: bool = True, trace_source: bool = False):
         if ratio is None:
             raise ConfigError(f"{self.name}: ratio=None is invalid; allowed: a keep ratio in (0, 1]")
-        if not isinstance(fusion, bool):
-            raise ConfigError(f"{self.name}: fusion={fusion!r} is invalid; allowed: true or false")
-        if isinstance(fusion_pool, bool) or not isinstance(fusion_pool, int) or fusion_pool < 2:
-            raise ConfigError(f"{self.name}: fusion_pool={fusion_pool!r} is invalid; allowed: an integer >= 2")
+        check_flag(self.name, "fusion", fusion)
+        check_number(self.name, "fusion_pool", fusion_pool, low=2, integer=True)
         super().__init__(Schedule(ratio=ratio, layers=layers, owner=self.name), prop_attn, trace_source)
         self.fusion_pool = fusion_pool
         self.fusion: MultiScaleFusion | None = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,7 +12,7 @@ from tokenreduce.core.energy import energy_macs, energy_score, layer_margin
 from tokenreduce.core.matching import ordered_bipartite_matching, ordered_matching_macs
 from tokenreduce.core.schedule import Schedule
 from tokenreduce.core.state import ReductionState
-from tokenreduce.errors import ConfigError
+from tokenreduce.errors import ConfigError, check_number
 from tokenreduce.reducers.base import KEYS, Signals, TokenReducer, register_reducer
 
 if TYPE_CHECKING:
@@ -43,13 +42,6 @@ def preset_layer_modes(preset: str, num_layers: int) -> list[str]:
     first, second = (BIPARTITE, PROTECT) if preset == "deit" else (PROTECT, BIPARTITE)
     half = math.ceil(num_layers / 2)
     return [first] * half + [second] * (num_layers - half)
-
-
-def _check_number(who: str, name: str, value, low: float, high: float | None) -> None:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < low or (high is not None and value > high):
-        allowed = f"a number in [{low}, {high}]" if high is not None else f"a number >= {low}"
-        raise ConfigError(f"{who}: {name}={value!r} is invalid; allowed: {allowed}")
 
 
 @register_reducer("pitome")
@@ -103,8 +95,8 @@ class PiToMe(TokenReducer):
                 "(protect mode merges the 2r highest-energy tokens, which needs 2r <= tokens)"
             )
         if margin is not None:
-            _check_number(who, "margin", margin, 0.0, 1.0)
-        _check_number(who, "alpha", alpha, 0.0, None)
+            check_number(who, "margin", margin, low=0.0, high=1.0, finite=True)
+        check_number(who, "alpha", alpha, low=0.0, finite=True)
         if preset not in PRESETS:
             raise ConfigError(f"{who}: preset={preset!r} is invalid; allowed: {', '.join(PRESETS)}")
         if layer_modes is not None:

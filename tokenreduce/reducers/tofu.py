@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import TYPE_CHECKING
 
 from torch import Tensor
@@ -11,7 +9,7 @@ from torch import Tensor
 from tokenreduce.core.matching import bipartite_soft_matching, matching_macs
 from tokenreduce.core.schedule import Schedule
 from tokenreduce.core.state import ReductionState
-from tokenreduce.errors import ConfigError
+from tokenreduce.errors import ConfigError, check_flag, check_number
 from tokenreduce.reducers.base import KEYS, Signals, TokenReducer, register_reducer
 
 if TYPE_CHECKING:
@@ -60,12 +58,8 @@ class ToFu(TokenReducer):
             ):
                 raise ConfigError(f"{who}: prune_layers={prune_layers!r} is invalid; allowed: a list of layer indices >= 0")
             prune_layers = sorted(set(prune_layers))
-        if not isinstance(prune_adds_size, bool):
-            raise ConfigError(f"{who}: prune_adds_size={prune_adds_size!r} is invalid; allowed: true or false")
-        if isinstance(mlerp_eps, bool) or not isinstance(mlerp_eps, numbers.Real) or not (
-            math.isfinite(mlerp_eps) and mlerp_eps > 0
-        ):
-            raise ConfigError(f"{who}: mlerp_eps={mlerp_eps!r} is invalid; allowed: a number > 0")
+        check_flag(who, "prune_adds_size", prune_adds_size)
+        check_number(who, "mlerp_eps", mlerp_eps, low=0, low_open=True, finite=True)
         super().__init__(schedule, prop_attn=prop_attn, trace_source=trace_source)
         self.prune_layers = prune_layers
         self.prune_adds_size = prune_adds_size
