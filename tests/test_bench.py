@@ -69,3 +69,9 @@ def test_bench_and_demo_entry_points(capsys, tmp_path):
     demo.main(["--model", "test_vit", "--batch", "1", "--rounds", "1"])
     printed = capsys.readouterr().out
     assert "tome r=16" in printed and "[197, 181, 165, 149, 133, 117, 101]" in printed
+
+
+def test_images_per_second_uses_the_median():
+    from tokenreduce.engine.speed import images_per_second
+
+    assert images_per_second(8, [0.5, 4.0, 1.0]) == 8.0 and images_per_second(2, [0.25]) == 8.0

@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tokenreduce
-from tokenreduce.engine.speed import time_forward
+from tokenreduce.engine.speed import images_per_second, time_forward
 from tokenreduce.reducers.base import REDUCE_SCOPE
 
 
@@ -128,10 +128,9 @@ def run(model_name: str, cases: list[Case], batch: int = 16, img_size: int = 224
     for case in all_cases:
         model = models[case.label]
         st = tokenreduce.stats(model)
-        median = sorted(times[case.label])[len(times[case.label]) // 2]
         rows.append({
             "case": case.label, "reducer": case.reducer, "params": case.params,
-            "images_per_s": batch / median, "gmacs": st["macs"] / 1e9, "tokens_out": st["tokens"][-1],
+            "images_per_s": images_per_second(batch, times[case.label]), "gmacs": st["macs"] / 1e9, "tokens_out": st["tokens"][-1],
             "reducer_share": reducer_share(model, images) if case.reducer != "none" else 0.0,
             "peak_mb": peak_memory_mb(model_name, case, batch, img_size, dtype, device) if memory else None,
         })

@@ -58,13 +58,17 @@ def time_forward(model: nn.Module, images: torch.Tensor, repeats: int = 5, warmu
     return times
 
 
+def images_per_second(batch_size: int, seconds_per_batch: list[float]) -> float:
+    """Batch size over the median time: robust to the odd pass slowed by the machine."""
+    return batch_size / sorted(seconds_per_batch)[len(seconds_per_batch) // 2]
+
+
 def throughput(model: nn.Module, images: torch.Tensor, repeats: int = 5, warmup: int = 1,
                autocast: torch.dtype | None = None) -> Timing:
     """Images per second from the median of `repeats` timed forward passes."""
     times = time_forward(model, images, repeats, warmup, autocast)
-    median = sorted(times)[len(times) // 2]
     return Timing(
-        images_per_s=images.shape[0] / median,
+        images_per_s=images_per_second(images.shape[0], times),
         seconds_per_batch=times,
         batch_size=images.shape[0],
         dtype=str(images.dtype).replace("torch.", ""),
