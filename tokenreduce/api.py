@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from tokenreduce.adapters import timm_vit
 from tokenreduce.errors import ConfigError
@@ -53,6 +53,10 @@ def stats(model: nn.Module) -> dict:
                   block (a block that reduces its own input attends over the reduced tokens)
     removed:      tokens each block removed, wherever in the block it removed them
     macs:         multiply-accumulates of one image, and its parts (embed, blocks, reducer, head)
+    source:       with a reducer built with `trace_source=True`, a [B, N_in] long tensor: for every
+                  input token (prefix tokens first, then the patches in timm's row-major order) the
+                  index of the output token, leaving the last block, that it ended in; -1 for a token
+                  that was dropped (pruned). None when the reducer does not trace sources.
     """
     if not timm_vit.is_patched(model):
         raise ConfigError("stats(model): the model has no reducer; call tokenreduce.apply(model, ...) first")
@@ -69,4 +73,13 @@ def stats(model: nn.Module) -> dict:
         "removed": [a - b for a, b in zip(entering[:-1], entering[1:], strict=True)],
         "macs": macs["total"],
         "macs_parts": macs,
+        "source": _public_source(state),
     }
+
+
+def _public_source(state) -> Tensor | None:
+    # the state marks a dropped token with the current token count, which moves with every merge;
+    # -1 means dropped whatever the number of output tokens
+    if state.source is None:
+        return None
+    return state.source.masked_fill(state.source == state.final_tokens, -1)

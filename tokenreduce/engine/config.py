@@ -13,7 +13,7 @@ from tokenreduce.reducers import create_reducer, reducer_defaults
 from tokenreduce.reducers.base import TokenReducer
 
 CONFIG_PACKAGE = "tokenreduce.conf"
-TASKS = ("evaluate", "finetune")
+TASKS = ("evaluate", "finetune", "compare")
 
 
 def config_source() -> str:

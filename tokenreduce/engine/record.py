@@ -13,8 +13,9 @@ from tokenreduce.errors import ConfigError
 RECORD_JSON = "result.json"
 RECORD_CSV = "result.csv"
 CHECKPOINT_DIR = "checkpoints"
+COMPARISON_JSON, COMPARISON_TABLE, COMPARISON_CSV = "comparison.json", "table.md", "table.csv"  # task=compare
 # what an earlier run leaves in its directory; a run never starts where one of these exists
-RESULT_PATHS = (RECORD_JSON, RECORD_CSV, CHECKPOINT_DIR)
+RESULT_PATHS = (RECORD_JSON, RECORD_CSV, CHECKPOINT_DIR, COMPARISON_JSON, COMPARISON_TABLE, COMPARISON_CSV)
 
 
 @dataclass

@@ -21,8 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import tokenreduce
+from tokenreduce import models
 from tokenreduce.data.transforms import model_data_config
 from tokenreduce.engine.callbacks import build_callbacks
+from tokenreduce.engine.compare import run_compare, settings_from
 from tokenreduce.engine.config import build_reducer, check_task, default_run_name, plain, reducer_spec
 from tokenreduce.engine.loggers import build_loggers, finish_loggers
 from tokenreduce.engine.module import LossSettings, OptimSettings, ReductionModule
@@ -30,36 +32,31 @@ from tokenreduce.engine.record import RunRecord, ensure_fresh
 from tokenreduce.engine.speed import check_measure, measure
 from tokenreduce.errors import ConfigError
 
-STAGES = {"evaluate": "validate", "finetune": "fit"}
+STAGES = {"evaluate": "validate", "finetune": "fit", "compare": "validate"}
 MEASURE_KEYS = ("enabled", "batch_size", "dtype", "autocast", "device", "warmup", "repeats")
 MODEL_KEYS = ("name", "pretrained", "checkpoint", "img_size", "num_classes", "drop_path_rate", "kwargs")
 
 
 # --- building the pieces -----------------------------------------------------------------------
 def build_model(model_cfg: DictConfig | dict) -> nn.Module:
-    """The timm model of the `model` config: pretrained weights from the hub or a local file."""
+    """The model of the `model` config: an offline model (`tokenreduce.models`) or a timm model,
+    with pretrained weights from its source, the hub or a local file."""
     cfg = plain(model_cfg)
     unknown = sorted(set(cfg) - set(MODEL_KEYS))
     if unknown:
         raise ConfigError(f"model.{unknown[0]} is not a model setting; allowed: {', '.join(MODEL_KEYS)}")
     name = cfg.get("name")
-    if not isinstance(name, str) or not timm.is_model(name):
-        raise ConfigError(f"model.name={name!r} is not a timm model; see timm.list_models()")
+    if not isinstance(name, str) or not models.is_model(name):
+        raise ConfigError(f"model.name={name!r} is not a model; allowed: an offline model "
+                          f"({', '.join(models.available())}) or a timm model (timm.list_models())")
     kwargs = dict(cfg.get("kwargs") or {})
     for key in ("img_size", "num_classes"):
         if cfg.get(key) is not None:
             kwargs[key] = cfg[key]
     if cfg.get("drop_path_rate"):
         kwargs["drop_path_rate"] = cfg["drop_path_rate"]
-    pretrained = bool(cfg.get("pretrained"))
-    checkpoint = cfg.get("checkpoint")
-    if checkpoint:
-        path = Path(os.path.expanduser(str(checkpoint)))
-        if not path.is_file():
-            raise ConfigError(f"model.checkpoint={checkpoint}: no such file; set model.checkpoint to a weights file or null")
-        kwargs["pretrained_cfg_overlay"] = {"file": str(path.resolve())}
-        pretrained = True
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    return models.create_model(name, pretrained=bool(cfg.get("pretrained")), checkpoint=cfg.get("checkpoint"),
+                               **kwargs)
 
 
 def weights_label(model_cfg: dict, model: nn.Module) -> str:
@@ -67,6 +64,8 @@ def weights_label(model_cfg: dict, model: nn.Module) -> str:
         return f"file:{model_cfg['checkpoint']}"
     if not model_cfg.get("pretrained"):
         return "random"
+    if model_cfg["name"] in models.available():
+        return f"offline:{model_cfg['name']}"
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     tag = cfg.get("tag")
     return f"timm:{cfg.get('architecture', model_cfg['name'])}" + (f".{tag}" if tag else "")
@@ -147,8 +146,11 @@ def run(cfg: DictConfig, output_dir: str | Path) -> RunRecord | None:
         raise ConfigError(f"measure.{unknown[0]} is not a setting; allowed: {', '.join(MEASURE_KEYS)}")
     check_measure(mcfg["batch_size"], mcfg["dtype"], mcfg["autocast"], mcfg["device"], mcfg["warmup"],
                   mcfg["repeats"])
+    if task == "compare":
+        settings_from(cfg)
     datamodule = instantiate(cfg.data, _convert_="all")
-    datamodule.check(STAGES[task])
+    if task != "compare" or cfg.eval_split == "val":
+        datamodule.check(STAGES[task])
     if cfg.eval_split == "test":
         datamodule.check("test")
     ckpt_path = cfg.get("ckpt_path")
@@ -157,6 +159,11 @@ def run(cfg: DictConfig, output_dir: str | Path) -> RunRecord | None:
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg.model)
+    if task == "compare":
+        datamodule.bind_model(model)
+        model_cfg = plain(cfg.model)
+        run_compare(cfg, output_dir, model, datamodule, weights_label(model_cfg, model), model_cfg["name"])
+        return None
     tokenreduce.apply(model, reducer)
     datamodule.bind_model(model)
     module = ReductionModule(model, num_classes=model.num_classes, optim=optim, loss=loss)

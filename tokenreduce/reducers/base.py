@@ -24,6 +24,30 @@ SIGNALS = frozenset({KEYS, ATTN})
 REDUCE_SCOPE = "tokenreduce.reduce"
 
 
+@dataclass(frozen=True)
+class Strength:
+    """The one parameter that sets how much a method removes, so that methods can be compared at
+    matched cost (`tokenreduce.match_macs`).
+
+    param:         the constructor argument
+    low, high:     its allowed range; high None means bounded by the model's number of tokens
+    integer:       whether it takes integers (a removal count) or real numbers (a keep ratio)
+    larger_removes: True when a larger value removes more tokens (r), False when it keeps more (ratio)
+    """
+
+    param: str
+    low: float
+    high: float | None
+    integer: bool
+    larger_removes: bool
+
+
+REMOVAL_COUNT = Strength("r", 0, None, integer=True, larger_removes=True)
+KEEP_RATIO = Strength("ratio", 0.0, 1.0, integer=False, larger_removes=False)
+# bipartite methods remove at most half the tokens per layer, so keep ratios below 0.5 change nothing
+HALF_KEEP_RATIO = Strength("ratio", 0.5, 1.0, integer=False, larger_removes=False)
+
+
 @dataclass
 class Signals:
     """What a block computed for its reducer, only the pieces the reducer declared in `needs`."""
@@ -49,6 +73,9 @@ class TokenReducer(nn.Module):
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
     cap: ClassVar[Cap] = staticmethod(half_cap)
+    # the parameters that set its strength, for matched-cost comparisons; the first is searched by
+    # default (the finest-grained); empty for methods without one
+    strength: ClassVar[tuple[Strength, ...]] = ()
 
     def __init__(self, schedule: Schedule, prop_attn: bool = True, trace_source: bool = False):
         super().__init__()

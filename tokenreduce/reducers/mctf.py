@@ -16,7 +16,14 @@ from tokenreduce.core.merge import Assignment, combine_attention
 from tokenreduce.core.schedule import Schedule
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, check_flag, check_number
-from tokenreduce.reducers.base import ATTN, REDUCE_SCOPE, TokenReducer, register_reducer
+from tokenreduce.reducers.base import (
+    ATTN,
+    REDUCE_SCOPE,
+    REMOVAL_COUNT,
+    Strength,
+    TokenReducer,
+    register_reducer,
+)
 
 # MCTF-Fast: a third of the tokens at three layers instead of r per layer (the reference's fast preset).
 MCTF_FAST = {"r": 0.35, "layers": [3, 6, 9]}
@@ -150,6 +157,8 @@ class MCTF(TokenReducer):
     """
 
     needs = frozenset({ATTN})
+    # r < 1 is a fraction of the tokens: finer steps than integer counts on small models
+    strength = (Strength("r", 0.0, 0.999, integer=False, larger_removes=True), REMOVAL_COUNT)
 
     def __init__(
         self,

@@ -20,7 +20,7 @@ from tokenreduce.core.merge import Assignment
 from tokenreduce.core.schedule import Schedule, no_cap
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, check_flag, check_number
-from tokenreduce.reducers.base import ATTN, KEYS, Signals, TokenReducer, register_reducer
+from tokenreduce.reducers.base import ATTN, KEEP_RATIO, KEYS, Signals, TokenReducer, register_reducer
 from tokenreduce.reducers.pruning import DEFAULT_LAYERS, require_class_token, top_tokens
 
 
@@ -92,6 +92,7 @@ class MSTMLike(TokenReducer):
     """
 
     needs = frozenset({KEYS, ATTN})
+    strength = (KEEP_RATIO,)
     cap = staticmethod(no_cap)
 
     def __init__(self, ratio: float = 0.7, layers: tuple[int, ...] | None = DEFAULT_LAYERS, fusion: bool = True,

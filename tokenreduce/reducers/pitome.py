@@ -13,7 +13,7 @@ from tokenreduce.core.matching import ordered_bipartite_matching, ordered_matchi
 from tokenreduce.core.schedule import Schedule
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, check_number
-from tokenreduce.reducers.base import KEYS, Signals, TokenReducer, register_reducer
+from tokenreduce.reducers.base import HALF_KEEP_RATIO, KEYS, Signals, TokenReducer, register_reducer
 
 if TYPE_CHECKING:
     from tokenreduce.adapters.base import ModelInfo
@@ -68,6 +68,7 @@ class PiToMe(TokenReducer):
     """
 
     needs = frozenset({KEYS})
+    strength = (HALF_KEEP_RATIO,)
 
     def __init__(
         self,

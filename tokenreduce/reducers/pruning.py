@@ -14,7 +14,7 @@ from tokenreduce.core.merge import keep_assignment
 from tokenreduce.core.schedule import Schedule, no_cap
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError
-from tokenreduce.reducers.base import ATTN, Signals, TokenReducer, register_reducer
+from tokenreduce.reducers.base import ATTN, KEEP_RATIO, Signals, TokenReducer, register_reducer
 
 DEFAULT_LAYERS = (3, 6, 9)  # pruning in layers 0-2 hurts badly; the reference schedules start at 3
 
@@ -46,6 +46,7 @@ class KeepRatioPruner(TokenReducer):
     """
 
     fuse = False
+    strength = (KEEP_RATIO,)
     cap = staticmethod(no_cap)
 
     def __init__(self, ratio: float = 0.7, layers: tuple[int, ...] | None = DEFAULT_LAYERS,

@@ -10,7 +10,14 @@ from tokenreduce.core.matching import bipartite_soft_matching, matching_macs
 from tokenreduce.core.schedule import Schedule
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, check_flag, check_number
-from tokenreduce.reducers.base import KEYS, Signals, TokenReducer, register_reducer
+from tokenreduce.reducers.base import (
+    HALF_KEEP_RATIO,
+    KEYS,
+    REMOVAL_COUNT,
+    Signals,
+    TokenReducer,
+    register_reducer,
+)
 
 if TYPE_CHECKING:
     from tokenreduce.adapters.base import ModelInfo
@@ -37,6 +44,7 @@ class ToFu(TokenReducer):
     """
 
     needs = frozenset({KEYS})
+    strength = (HALF_KEEP_RATIO, REMOVAL_COUNT)
 
     def __init__(
         self,

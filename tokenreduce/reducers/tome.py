@@ -8,7 +8,14 @@ from tokenreduce.core.matching import bipartite_soft_matching, matching_macs
 from tokenreduce.core.schedule import Schedule
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError
-from tokenreduce.reducers.base import KEYS, Signals, TokenReducer, register_reducer
+from tokenreduce.reducers.base import (
+    HALF_KEEP_RATIO,
+    KEYS,
+    REMOVAL_COUNT,
+    Signals,
+    TokenReducer,
+    register_reducer,
+)
 
 
 @register_reducer("tome")
@@ -25,6 +32,7 @@ class ToMe(TokenReducer):
     """
 
     needs = frozenset({KEYS})
+    strength = (HALF_KEEP_RATIO, REMOVAL_COUNT)
 
     def __init__(
         self,

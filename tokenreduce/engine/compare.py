@@ -1,0 +1,251 @@
+"""`task=compare`: the unreduced model beside every configured reducer at matched MAC fractions.
+
+For each reducer and each target fraction of the baseline's MACs, `match_macs` sets the reducer's
+strength; top-1 is measured on the evaluation split, images/s in interleaved timing rounds (so
+machine noise hits every setting alike), and the table, its CSV, two trade-off plots and merge maps
+are written into the run directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+import tokenreduce
+from tokenreduce.cost import match_macs, searchable
+from tokenreduce.data.transforms import model_data_config
+from tokenreduce.engine.config import plain
+from tokenreduce.engine.record import COMPARISON_CSV as TABLE_CSV
+from tokenreduce.engine.record import COMPARISON_JSON
+from tokenreduce.engine.record import COMPARISON_TABLE as TABLE_MD
+from tokenreduce.engine.speed import check_measure, images_per_second, time_forward
+from tokenreduce.errors import ConfigError, check_number
+from tokenreduce.reducers.base import create_reducer, reducer_class
+
+PLOT_MACS, PLOT_SPEED, MERGE_MAPS = "accuracy_vs_macs.png", "accuracy_vs_speed.png", "merge_maps.png"
+CSV_COLUMNS = ("reducer", "params", "mac_fraction", "top1", "speedup", "tokens")
+
+
+@dataclass
+class CompareSettings:
+    """reducers: the reducers to compare, by name.
+    fixed: reducer name -> parameters held fixed while its strength is searched (a reducer not
+    listed in `reducers` is ignored, so one config can serve several selections).
+    mac_fractions: targets, as fractions of the unreduced model's MACs.
+    images: evaluate on the first this many images of the split (None: all).
+    tolerance: how far (relative) a matched setting may miss its target.
+    merge_maps: how many evaluation images the merge-map figure shows (0: none).
+    merge_map_fraction: the target whose settings the merge maps show."""
+
+    reducers: list[str] = field(default_factory=list)
+    fixed: dict[str, dict] = field(default_factory=dict)
+    mac_fractions: list[float] = field(default_factory=lambda: [0.75, 0.5])
+    images: int | None = None
+    tolerance: float = 0.02
+    merge_maps: int = 4
+    merge_map_fraction: float = 0.5
+
+    def __post_init__(self):
+        if isinstance(self.reducers, str) or not self.reducers:
+            raise ConfigError(f"compare.reducers={self.reducers!r} is invalid; allowed: a list of reducer names from "
+                              f"{', '.join(searchable())}")
+        fixed = dict(self.fixed or {})
+        self.reducers = {name: dict(fixed.get(name) or {}) for name in self.reducers}
+        for name, params in self.reducers.items():
+            strengths = reducer_class(name).strength  # an unknown name is a ConfigError here
+            if not strengths:
+                raise ConfigError(f"compare.reducers: {name} has no strength parameter to match MACs with; "
+                                  f"allowed: {', '.join(searchable())}")
+            searched = strengths[0].param
+            if searched in params:
+                raise ConfigError(f"compare.fixed.{name}.{searched}={params[searched]!r}: {searched} is set by the "
+                                  f"MAC matching; remove it")
+            create_reducer(name, **params)  # unknown or invalid fixed parameters fail now
+        self.mac_fractions = list(self.mac_fractions or [])
+        if not self.mac_fractions:
+            raise ConfigError("compare.mac_fractions is empty; allowed: a list of fractions in (0, 1]")
+        for value in self.mac_fractions:
+            check_number("compare", "mac_fractions", value, low=0, high=1, low_open=True)
+        check_number("compare", "tolerance", self.tolerance, low=0)
+        if self.images is not None:
+            check_number("compare", "images", self.images, low=1, integer=True)
+        check_number("compare", "merge_maps", self.merge_maps, low=0, integer=True)
+        if self.merge_maps and self.merge_map_fraction not in self.mac_fractions:
+            raise ConfigError(f"compare.merge_map_fraction={self.merge_map_fraction!r} is not one of "
+                              f"compare.mac_fractions={self.mac_fractions}; allowed: one of them")
+
+
+@dataclass
+class Setting:
+    reducer: str
+    params: dict
+    target: float | None  # the MAC fraction asked for (None: the baseline)
+    mac_fraction: float = 1.0
+    top1: float | None = None
+    speedup: float | None = None
+    images_per_s: float | None = None
+    tokens: int | None = None
+    times: list[float] = field(default_factory=list)
+
+
+def settings_from(cfg: DictConfig) -> CompareSettings:
+    values = plain(cfg.get("compare")) or {}
+    allowed = list(CompareSettings.__dataclass_fields__)
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ConfigError(f"compare.{unknown[0]} is not a setting; allowed: {', '.join(allowed)}")
+    return CompareSettings(**values)
+
+
+@torch.inference_mode()
+def top1_accuracy(model: nn.Module, loader, limit: int | None = None) -> tuple[float, int]:
+    """(top-1, number of images) of `model` over `loader`, or over its first `limit` images."""
+    param = next(model.parameters())
+    correct = total = 0
+    for images, labels in loader:
+        if limit is not None and total + len(labels) > limit:
+            images, labels = images[: limit - total], labels[: limit - total]
+        if not len(labels):
+            break
+        logits = model(images.to(device=param.device, dtype=param.dtype))
+        correct += int((logits.argmax(-1).cpu() == labels).sum())
+        total += len(labels)
+    return correct / max(total, 1), total
+
+
+def time_settings(model: nn.Module, settings: list[Setting], images: torch.Tensor, warmup: int, rounds: int) -> None:
+    """Images/s of every setting, timed in `rounds` interleaved rounds on the same images."""
+    reducers = [create_reducer(s.reducer, **s.params) for s in settings]
+    for reducer in reducers:
+        tokenreduce.apply(model, reducer)
+        time_forward(model, images, repeats=0, warmup=warmup)
+    for _ in range(rounds):
+        for setting, reducer in zip(settings, reducers, strict=True):
+            tokenreduce.apply(model, reducer)
+            setting.times += time_forward(model, images, repeats=1, warmup=0)
+    for setting in settings:
+        setting.images_per_s = images_per_second(len(images), setting.times)
+    for setting in settings:
+        setting.speedup = setting.images_per_s / settings[0].images_per_s
+
+
+def format_params(params: dict) -> str:
+    return ", ".join(f"{k}={_short(v)}" for k, v in params.items()) or "-"
+
+
+def _short(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_short(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(settings: list[Setting]) -> str:
+    base = settings[0].top1
+    lines = ["| reducer | params | MAC fraction | top-1 (%) | change | images/s vs baseline | tokens out |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for s in settings:
+        change = "-" if s.reducer == "none" else f"{100 * (s.top1 - base):+.2f}"
+        lines.append(f"| {s.reducer} | {format_params(s.params)} | {s.mac_fraction:.3f} | {100 * s.top1:.2f} | "
+                     f"{change} | {s.speedup:.2f}x | {s.tokens} |")
+    return "\n".join(lines)
+
+
+def csv_rows(settings: list[Setting]) -> list[dict]:
+    return [{"reducer": s.reducer, "params": json.dumps(s.params, sort_keys=True), "mac_fraction": s.mac_fraction,
+             "top1": s.top1, "speedup": s.speedup, "tokens": s.tokens} for s in settings]
+
+
+def _write_new(path: Path, text: str) -> None:
+    try:
+        with open(path, "x") as f:
+            f.write(text)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists; a run never overwrites an earlier run's results") from None
+
+
+def run_compare(cfg: DictConfig, output_dir: Path, model: nn.Module, datamodule, weights: str,
+                model_name: str) -> list[Setting]:
+    """Measure and write the comparison; `model` is unreduced and `datamodule` bound to it."""
+    started = time.perf_counter()
+    settings_cfg = settings_from(cfg)
+    mcfg = plain(cfg.measure)
+    dtype, _, device = check_measure(mcfg["batch_size"], mcfg["dtype"], mcfg["autocast"], mcfg["device"],
+                                     mcfg["warmup"], mcfg["repeats"])
+    model = model.to(device=device, dtype=dtype).eval()
+    stage = "test" if cfg.eval_split == "test" else "validate"
+    datamodule.setup(stage)
+    loader = datamodule.test_dataloader() if stage == "test" else datamodule.val_dataloader()
+
+    settings = [Setting("none", {}, None)]
+    for name, fixed in settings_cfg.reducers.items():
+        for fraction in settings_cfg.mac_fractions:
+            params, reached = match_macs(model, name, fraction, tolerance=settings_cfg.tolerance, **fixed)
+            settings.append(Setting(name, params, fraction, mac_fraction=reached))
+    input_size = tuple(model_data_config(model)["input_size"])
+    probe = torch.zeros(1, *input_size, device=device, dtype=dtype)
+    count = 0
+    for s in settings:
+        tokenreduce.apply(model, s.reducer, **s.params)
+        s.top1, count = top1_accuracy(model, loader, settings_cfg.images)
+        with torch.inference_mode():
+            model(probe)
+        s.tokens = tokenreduce.stats(model)["tokens"][-1]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    timing_images = torch.randn(mcfg["batch_size"], *input_size, generator=generator).to(device=device, dtype=dtype)
+    time_settings(model, settings, timing_images, warmup=mcfg["warmup"], rounds=mcfg["repeats"])
+    tokenreduce.remove(model)
+
+    protocol = {
+        "model": model_name, "weights": weights, "dataset": datamodule.describe(), "split": cfg.eval_split,
+        "images": count, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+        "threads": torch.get_num_threads(), "timing_batch": mcfg["batch_size"], "timing_rounds": mcfg["repeats"],
+        "seed": cfg.seed,
+    }
+    _write_outputs(output_dir, settings, protocol, settings_cfg, model, loader)
+    elapsed = time.perf_counter() - started
+    _write_new(output_dir / COMPARISON_JSON, json.dumps({
+        "protocol": protocol, "seconds": round(elapsed, 1),
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        "rows": [{"reducer": s.reducer, "params": s.params, "target": s.target, "mac_fraction": s.mac_fraction,
+                  "top1": s.top1, "images_per_s": s.images_per_s, "speedup": s.speedup, "tokens": s.tokens}
+                 for s in settings],
+    }, indent=2) + "\n")
+    print(f"{model_name} ({weights}) on {count} {protocol['dataset'].get('name', '')} {cfg.eval_split} images; "
+          f"images/s measured at batch {mcfg['batch_size']}, {protocol['dtype']}, {device}, "
+          f"{protocol['threads']} threads, {mcfg['repeats']} interleaved rounds\n")
+    print(markdown_table(settings))
+    print(f"\n{len(settings)} settings in {elapsed:.0f} s")
+    print(f"results: {output_dir}")
+    return settings
+
+
+def _write_outputs(output_dir: Path, settings, protocol, settings_cfg, model, loader) -> None:
+    from tokenreduce import viz
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_new(output_dir / TABLE_MD, f"{protocol['model']} ({protocol['weights']}), {protocol['images']} images of "
+               f"{protocol['dataset'].get('name', '?')} {protocol['split']}\n\n{markdown_table(settings)}\n")
+    rows = csv_rows(settings)
+    with open(output_dir / TABLE_CSV, "x", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_rows = [{**row, "params": json.loads(row["params"])} for row in rows]
+    title = f"{protocol['model']}, {protocol['images']} {protocol['dataset'].get('name', '')} images"
+    viz.plot_tradeoff(plot_rows, "mac_fraction", output_dir / PLOT_MACS, title=title)
+    viz.plot_tradeoff(plot_rows, "speedup", output_dir / PLOT_SPEED, title=title)
+    if settings_cfg.merge_maps:
+        images = next(iter(loader))[0][: settings_cfg.merge_maps]
+        chosen = {f"{s.reducer}": (s.reducer, s.params) for s in settings
+                  if s.target is not None and math.isclose(s.target, settings_cfg.merge_map_fraction)}
+        figure = viz.merge_maps(model, images, chosen)
+        figure.savefig(output_dir / MERGE_MAPS, dpi=110, bbox_inches="tight")
