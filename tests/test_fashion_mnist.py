@@ -151,8 +151,7 @@ def test_real_files_read_and_the_shipped_model_classifies_them():
     images, labels = load_split(DEBIAN_ROOT, "test")
     assert images.shape == (10_000, 28, 28) and images.dtype == torch.uint8
     assert torch.bincount(labels).tolist() == [1000] * 10
-    if not WEIGHTS.is_file():
-        pytest.fail(f"the shipped weights {WEIGHTS} are missing")
+    assert WEIGHTS.is_file(), f"the shipped weights {WEIGHTS} are missing"
     model = timm.create_model("fmnist_vit", pretrained=True).eval()
     dm = FashionMNISTDataModule(test_samples=200, eval_batch_size=200)
     dm.bind_model(model)
@@ -161,3 +160,16 @@ def test_real_files_read_and_the_shipped_model_classifies_them():
     with torch.inference_mode():
         accuracy = (model(batch).argmax(-1) == targets).float().mean().item()
     assert accuracy >= 0.80, accuracy
+
+
+def test_download_is_skipped_when_the_files_are_there(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    folder = tiny_dataset(tmp_path / "fm")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("download attempted although every file is present")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", no_network)
+    images, labels = load_split(folder, "test", download=True)
+    assert images.shape == (6, 28, 28) and labels.tolist() == [0, 1, 2, 3, 4, 5]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from tokenreduce.data.splits import SplitLoaders
 from tokenreduce.data.transforms import model_data_config
 from tokenreduce.errors import ConfigError, check_number
 
@@ -176,7 +177,7 @@ class IndexedImages(Dataset):
         return self.images[index], int(self.labels[index])
 
 
-class FashionMNISTDataModule(L.LightningDataModule):
+class FashionMNISTDataModule(SplitLoaders, L.LightningDataModule):
     """Fashion-MNIST train / val / test for a bound model.
 
     val: the last `val_size` images of the training split, held out from training (0: validate on
@@ -259,12 +260,3 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
         return DataLoader(dataset, batch_size=batch_size, shuffle=training, drop_last=training, collate_fn=collate,
                           num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, training=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, training=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size, training=False)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from tokenreduce.data.splits import SplitLoaders
 from tokenreduce.data.transforms import model_data_config
 from tokenreduce.errors import ConfigError
 
@@ -47,7 +48,7 @@ def _has_image(folder: str) -> bool:
     return False
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(SplitLoaders, L.LightningDataModule):
     """Train/val/test splits of an ImageNet-layout folder.
 
     Labels are the sorted class-folder names (so the 1000 ImageNet synsets get the standard
@@ -120,12 +121,3 @@ class ImageFolderDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=batch_size, shuffle=training, drop_last=training,
                           num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
                           persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, training=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, training=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size, training=False)
