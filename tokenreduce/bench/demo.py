@@ -1,4 +1,4 @@
-"""`make run`: ToMe off the shelf on a ViT-S/16, baseline beside reduced.
+"""`python -m tokenreduce.bench.demo`: ToMe's speed on a ViT-S/16, baseline beside reduced.
 
 Prints tokens per layer, MACs and images/s for r = 8, 13, 16, measured side by side. The weights
 are random (no model hub is reachable offline), which changes accuracy but not speed or MACs.
