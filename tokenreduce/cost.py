@@ -99,13 +99,22 @@ def searchable() -> list[str]:
     return [name for name in available() if reducer_class(name).strength]
 
 
-def _macs(model: nn.Module, reducer: str, params: dict) -> int:
-    apply(model, reducer, **params)
+def probe_pass(model: nn.Module) -> dict:
+    """`stats` of one blank image at the model's input size, in eval mode (the mode is restored):
+    the tokens and MACs of every image, since token counts do not depend on the content."""
     param = next(model.parameters())
     size = model_data_config(model)["input_size"]
+    was_training = model.training
+    model.eval()
     with torch.inference_mode():
         model(torch.zeros(1, *size, device=param.device, dtype=param.dtype))
-    return stats(model)["macs"]
+    model.train(was_training)
+    return stats(model)
+
+
+def _macs(model: nn.Module, reducer: str, params: dict) -> int:
+    apply(model, reducer, **params)
+    return probe_pass(model)["macs"]
 
 
 def _num_patches(model: nn.Module) -> int:

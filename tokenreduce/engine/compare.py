@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import io
 import json
 import math
 import time
@@ -21,11 +22,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 import tokenreduce
-from tokenreduce.cost import match_macs, searchable
+from tokenreduce.cost import match_macs, probe_pass, searchable
 from tokenreduce.data.transforms import model_data_config
 from tokenreduce.engine.config import plain
 from tokenreduce.engine.record import COMPARISON_CSV as TABLE_CSV
-from tokenreduce.engine.record import COMPARISON_JSON
+from tokenreduce.engine.record import COMPARISON_JSON, write_new
 from tokenreduce.engine.record import COMPARISON_TABLE as TABLE_MD
 from tokenreduce.engine.speed import check_measure, images_per_second, time_forward
 from tokenreduce.errors import ConfigError, check_number
@@ -37,7 +38,7 @@ CSV_COLUMNS = ("reducer", "params", "mac_fraction", "top1", "speedup", "tokens")
 
 @dataclass
 class CompareSettings:
-    """reducers: the reducers to compare, by name.
+    """reducers: the reducers to compare, by name; validation turns it into name -> fixed parameters.
     fixed: reducer name -> parameters held fixed while its strength is searched (a reducer not
     listed in `reducers` is ignored, so one config can serve several selections).
     mac_fractions: targets, as fractions of the unreduced model's MACs.
@@ -132,9 +133,8 @@ def time_settings(model: nn.Module, settings: list[Setting], images: torch.Tenso
         for setting, reducer in zip(settings, reducers, strict=True):
             tokenreduce.apply(model, reducer)
             setting.times += time_forward(model, images, repeats=1, warmup=0)
-    for setting in settings:
+    for setting in settings:  # the baseline comes first, so its images/s is there for the others
         setting.images_per_s = images_per_second(len(images), setting.times)
-    for setting in settings:
         setting.speedup = setting.images_per_s / settings[0].images_per_s
 
 
@@ -159,24 +159,24 @@ def markdown_table(settings: list[Setting]) -> str:
     return "\n".join(lines)
 
 
-def csv_rows(settings: list[Setting]) -> list[dict]:
-    return [{"reducer": s.reducer, "params": json.dumps(s.params, sort_keys=True), "mac_fraction": s.mac_fraction,
-             "top1": s.top1, "speedup": s.speedup, "tokens": s.tokens} for s in settings]
+def rows(settings: list[Setting]) -> list[dict]:
+    """One dict per setting with the CSV's columns (params as a dict)."""
+    return [{"reducer": s.reducer, "params": s.params, "mac_fraction": s.mac_fraction, "top1": s.top1,
+             "speedup": s.speedup, "tokens": s.tokens} for s in settings]
 
 
-def _write_new(path: Path, text: str) -> None:
-    try:
-        with open(path, "x") as f:
-            f.write(text)
-    except FileExistsError:
-        raise ConfigError(f"{path} already exists; a run never overwrites an earlier run's results") from None
+def csv_text(settings: list[Setting]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows({**row, "params": json.dumps(row["params"], sort_keys=True)} for row in rows(settings))
+    return buffer.getvalue()
 
 
-def run_compare(cfg: DictConfig, output_dir: Path, model: nn.Module, datamodule, weights: str,
-                model_name: str) -> list[Setting]:
+def run_compare(cfg: DictConfig, settings_cfg: CompareSettings, output_dir: Path, model: nn.Module, datamodule,
+                weights: str, model_name: str) -> list[Setting]:
     """Measure and write the comparison; `model` is unreduced and `datamodule` bound to it."""
     started = time.perf_counter()
-    settings_cfg = settings_from(cfg)
     mcfg = plain(cfg.measure)
     dtype, _, device = check_measure(mcfg["batch_size"], mcfg["dtype"], mcfg["autocast"], mcfg["device"],
                                      mcfg["warmup"], mcfg["repeats"])
@@ -190,15 +190,12 @@ def run_compare(cfg: DictConfig, output_dir: Path, model: nn.Module, datamodule,
         for fraction in settings_cfg.mac_fractions:
             params, reached = match_macs(model, name, fraction, tolerance=settings_cfg.tolerance, **fixed)
             settings.append(Setting(name, params, fraction, mac_fraction=reached))
-    input_size = tuple(model_data_config(model)["input_size"])
-    probe = torch.zeros(1, *input_size, device=device, dtype=dtype)
     count = 0
     for s in settings:
         tokenreduce.apply(model, s.reducer, **s.params)
         s.top1, count = top1_accuracy(model, loader, settings_cfg.images)
-        with torch.inference_mode():
-            model(probe)
-        s.tokens = tokenreduce.stats(model)["tokens"][-1]
+        s.tokens = probe_pass(model)["tokens"][-1]
+    input_size = tuple(model_data_config(model)["input_size"])
     generator = torch.Generator().manual_seed(cfg.seed)
     timing_images = torch.randn(mcfg["batch_size"], *input_size, generator=generator).to(device=device, dtype=dtype)
     time_settings(model, settings, timing_images, warmup=mcfg["warmup"], rounds=mcfg["repeats"])
@@ -212,12 +209,11 @@ def run_compare(cfg: DictConfig, output_dir: Path, model: nn.Module, datamodule,
     }
     _write_outputs(output_dir, settings, protocol, settings_cfg, model, loader)
     elapsed = time.perf_counter() - started
-    _write_new(output_dir / COMPARISON_JSON, json.dumps({
+    write_new(output_dir / COMPARISON_JSON, json.dumps({
         "protocol": protocol, "seconds": round(elapsed, 1),
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-        "rows": [{"reducer": s.reducer, "params": s.params, "target": s.target, "mac_fraction": s.mac_fraction,
-                  "top1": s.top1, "images_per_s": s.images_per_s, "speedup": s.speedup, "tokens": s.tokens}
-                 for s in settings],
+        "rows": [{**row, "target": s.target, "images_per_s": s.images_per_s} for row, s in zip(rows(settings), settings,
+                                                                                              strict=True)],
     }, indent=2) + "\n")
     print(f"{model_name} ({weights}) on {count} {protocol['dataset'].get('name', '')} {cfg.eval_split} images; "
           f"images/s measured at batch {mcfg['batch_size']}, {protocol['dtype']}, {device}, "
@@ -232,14 +228,10 @@ def _write_outputs(output_dir: Path, settings, protocol, settings_cfg, model, lo
     from tokenreduce import viz
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    _write_new(output_dir / TABLE_MD, f"{protocol['model']} ({protocol['weights']}), {protocol['images']} images of "
+    write_new(output_dir / TABLE_MD, f"{protocol['model']} ({protocol['weights']}), {protocol['images']} images of "
                f"{protocol['dataset'].get('name', '?')} {protocol['split']}\n\n{markdown_table(settings)}\n")
-    rows = csv_rows(settings)
-    with open(output_dir / TABLE_CSV, "x", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    plot_rows = [{**row, "params": json.loads(row["params"])} for row in rows]
+    write_new(output_dir / TABLE_CSV, csv_text(settings))
+    plot_rows = rows(settings)
     title = f"{protocol['model']}, {protocol['images']} {protocol['dataset'].get('name', '')} images"
     viz.plot_tradeoff(plot_rows, "mac_fraction", output_dir / PLOT_MACS, title=title)
     viz.plot_tradeoff(plot_rows, "speedup", output_dir / PLOT_SPEED, title=title)

@@ -83,16 +83,8 @@ class RunRecord:
         writer = csv.DictWriter(buffer, fieldnames=list(row))
         writer.writeheader()
         writer.writerow(row)
-        written = []
-        for name, text in ((RECORD_JSON, json.dumps(self.to_dict(), indent=2) + "\n"), (RECORD_CSV, buffer.getvalue())):
-            path = output_dir / name
-            try:
-                with open(path, "x") as f:
-                    f.write(text)
-            except FileExistsError:
-                raise ConfigError(f"{path} already exists; a run never overwrites an earlier run's results") from None
-            written.append(path)
-        return written
+        json_text = json.dumps(self.to_dict(), indent=2) + "\n"
+        return [write_new(output_dir / RECORD_JSON, json_text), write_new(output_dir / RECORD_CSV, buffer.getvalue())]
 
     def table(self) -> str:
         """The record as a two-column text table, for the terminal."""
@@ -123,6 +115,16 @@ class RunRecord:
         rows = [(k, fmt(v)) for k, v in rows if v is not None]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def write_new(path: Path, text: str) -> Path:
+    """Write `text` to a file that must not exist yet: a run never overwrites an earlier one's results."""
+    try:
+        with open(path, "x", newline="") as f:
+            f.write(text)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists; a run never overwrites an earlier run's results") from None
+    return path
 
 
 def ensure_fresh(output_dir: str | Path) -> None:

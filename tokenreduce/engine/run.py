@@ -22,6 +22,7 @@ from torch import nn
 
 import tokenreduce
 from tokenreduce import models
+from tokenreduce.cost import probe_pass
 from tokenreduce.data.transforms import model_data_config
 from tokenreduce.engine.callbacks import build_callbacks
 from tokenreduce.engine.compare import run_compare, settings_from
@@ -146,8 +147,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> RunRecord | None:
         raise ConfigError(f"measure.{unknown[0]} is not a setting; allowed: {', '.join(MEASURE_KEYS)}")
     check_measure(mcfg["batch_size"], mcfg["dtype"], mcfg["autocast"], mcfg["device"], mcfg["warmup"],
                   mcfg["repeats"])
-    if task == "compare":
-        settings_from(cfg)
+    compare_settings = settings_from(cfg) if task == "compare" else None
     datamodule = instantiate(cfg.data, _convert_="all")
     if task != "compare" or cfg.eval_split == "val":
         datamodule.check(STAGES[task])
@@ -162,7 +162,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> RunRecord | None:
     if task == "compare":
         datamodule.bind_model(model)
         model_cfg = plain(cfg.model)
-        run_compare(cfg, output_dir, model, datamodule, weights_label(model_cfg, model), model_cfg["name"])
+        run_compare(cfg, compare_settings, output_dir, model, datamodule, weights_label(model_cfg, model),
+                    model_cfg["name"])
         return None
     tokenreduce.apply(model, reducer)
     datamodule.bind_model(model)
@@ -210,14 +211,7 @@ def _record(cfg, task, run_name, model, model_cfg, datamodule, reducer_name, red
         timing = measure(model, input_size, batch_size=mcfg["batch_size"], dtype=mcfg["dtype"],
                          autocast=mcfg["autocast"], device=mcfg["device"], warmup=mcfg["warmup"],
                          repeats=mcfg["repeats"], seed=cfg.seed)
-    # tokens and MACs of one image at the model's input size, from the Core statistics
-    param = next(model.parameters())
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
-    model.train(was_training)
-    st = tokenreduce.stats(model)
+    st = probe_pass(model)
     return RunRecord(
         run_name=run_name,
         task=task,
