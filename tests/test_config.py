@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import os
+import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -11,7 +16,9 @@ import torch
 import yaml
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -23,6 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 import tokenreduce
 from tokenreduce.engine.config import (
     build_reducer,
+    check_task,
     compose,
     config_files_dir,
     config_source,
@@ -147,6 +155,47 @@ def test_unregistered_reducer_name_is_an_error():
         build_reducer({"r": 3})
 
 
+NOT_GIVEN = "r=13 was not given on the command line (the experiment or a config file set it): drop it with ~reducer.r"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["experiment=tome_vit_b", "reducer=none"], f"none: unknown parameter(s) r; allowed: no parameters; {NOT_GIVEN}"),
+    (["experiment=tome_vit_b", "reducer.ratio=0.3"], f"tome: give either r=13 or ratio=0.3, not both; {NOT_GIVEN}"),
+])
+def test_reducer_error_names_what_the_command_line_did_not_give(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        build_reducer(compose(overrides).reducer, overrides)
+    assert str(err.value) == message
+    build_reducer(compose([*overrides, "~reducer.r"]).reducer, overrides)  # the way out it gives works
+    with pytest.raises(ConfigError) as err:  # where the values came from unknown: no guess
+        build_reducer(compose(overrides).reducer)
+    assert "command line" not in str(err.value)
+
+
+def test_reducer_error_does_not_blame_the_experiment_for_the_command_line():
+    overrides = ["experiment=tome_vit_b", "reducer.layers=abc"]  # wrong with or without the experiment's r
+    with pytest.raises(ConfigError) as err:
+        build_reducer(compose(overrides).reducer, overrides)
+    assert str(err.value) == "tome: layers='abc' is invalid; allowed: a list of integers >= 0"
+    overrides = ["experiment=tome_vit_b", "reducer.r=2", "reducer.ratio=0.3"]  # both given: no hint
+    with pytest.raises(ConfigError) as err:
+        build_reducer(compose(overrides).reducer, overrides)
+    assert str(err.value) == "tome: give either r=2 or ratio=0.3, not both"
+
+
+def tokenreduce_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-m", "tokenreduce", *args, f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_reports_an_experiment_parameter_in_one_line(tmp_path):
+    done = tokenreduce_cli(tmp_path, "experiment=tome_vit_b", "reducer=none")  # the command line reaches the message
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip() == (f"tokenreduce: error: none: unknown parameter(s) r; allowed: no parameters; "
+                                   f"{NOT_GIVEN}")
+
+
 # --- the other groups --------------------------------------------------------------------------
 @pytest.mark.parametrize("name", options("model"))
 def test_model_group_builds(name):
@@ -267,6 +316,37 @@ def test_wandb_key_from_netrc(monkeypatch, tmp_path):
     assert has_wandb_key()
 
 
+def _no_wandb_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_IDENTITY_TOKEN_FILE", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+
+
+def test_wandb_online_without_a_key_is_refused(monkeypatch, tmp_path):
+    _no_wandb_key(monkeypatch, tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    with pytest.raises(ConfigError) as err:
+        wandb_mode("auto")
+    assert str(err.value) == ("WANDB_MODE='online' needs a W&B API key and none is configured; allowed: a key "
+                              "(WANDB_API_KEY or `wandb login`), WANDB_MODE=offline (sync later with `wandb sync`) "
+                              "or disabled, or logger=csv")
+    with pytest.raises(ConfigError, match="^logger.wandb.mode='online' needs a W&B API key"):
+        wandb_mode("online")
+    assert wandb_mode("offline") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert wandb_mode("online") == "online"
+
+
+def test_cli_refuses_wandb_online_without_a_key_in_one_line(monkeypatch, tmp_path):
+    _no_wandb_key(monkeypatch, tmp_path)
+    done = tokenreduce_cli(tmp_path, "experiment=smoke", "logger=default", WANDB_MODE="online")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().startswith("tokenreduce: error: WANDB_MODE='online' needs a W&B API key")
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "run" / "wandb").exists()
+
+
 @pytest.mark.parametrize("name", options("sweep"))
 def test_sweep_configs_compose(name):
     GlobalHydra.instance().clear()
@@ -276,6 +356,43 @@ def test_sweep_configs_compose(name):
     assert len(params) >= 1
     for key, values in params.items():
         assert len(str(values).split(",")) >= 2, key
+
+
+DOCUMENTED = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "experiments" / "README.md",
+              *sorted(CONF.glob("sweep/*.yaml")), ROOT / "tokenreduce" / "__main__.py"]
+
+
+def documented_multiruns() -> list[str]:
+    """The arguments of every `python -m tokenreduce -m ...` the docs show (continuation lines joined,
+    comments and the closing backtick left out)."""
+    found = set()
+    for path in DOCUMENTED:
+        text = path.read_text().replace("\\\n", " ")
+        found |= {m.strip() for m in re.findall(r"python -m tokenreduce -m ([^`#|\n]+)", text)}
+    return sorted(found)
+
+
+@pytest.mark.parametrize("command", documented_multiruns())
+def test_documented_sweeps_compose_every_job(command):
+    """Each job of the multirun, as Hydra's basic sweeper makes them (the sweep file's values, then the
+    command line's), composes and builds its reducer."""
+    args = shlex.split(command)
+    hydra_args = [a for a in args if a.lstrip("+~").startswith("hydra")]
+    task_args = [a for a in args if a not in hydra_args]
+    parser = OverridesParser.create()
+    single = [o.input_line for o in parser.parse_overrides(args) if not o.is_sweep_override()]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        swept = hydra_compose("config", overrides=single, return_hydra_config=True).hydra.sweeper.params or {}
+        parsed = parser.parse_overrides([*(f"{k}={v}" for k, v in swept.items()), *task_args])
+        [jobs] = BasicSweeper.split_arguments(parsed, None)
+        for job in jobs:
+            cfg = hydra_compose("config", overrides=[*hydra_args, *job])
+            check_task(cfg)
+            build_reducer(cfg.reducer, job)
+            if "data.root=/data/imagenet" in job:
+                assert cfg.data.name == "imagenet" and cfg.data.root == "/data/imagenet"
+    assert len(jobs) >= 2 or "hydra/launcher=slurm" in args
 
 
 def test_slurm_launcher_config_composes():

@@ -79,6 +79,10 @@ def test_check_split_names_the_path_and_the_key(tmp_path):
     with pytest.raises(ConfigError, match="has no class folders"):
         check_split(str(tmp_path), "val")
     (tmp_path / "val" / "cls").mkdir()
+    # one class would make any classifier right: refused, rather than model.num_classes=1 recommended
+    with pytest.raises(ConfigError, match=r"has 1 class folder \(cls\); allowed: at least 2 class folders"):
+        check_split(str(tmp_path), "val")
+    (tmp_path / "val" / "other").mkdir()
     (tmp_path / "val" / "cls" / "notes.txt").write_text("x")
     with pytest.raises(ConfigError, match="hold no images"):
         check_split(str(tmp_path), "val")

@@ -127,6 +127,8 @@ def test_predictors_live_in_the_state_dict_and_get_gradients():
         ({"ratios": [0.7, 0.5]}, "layers"),
         ({"layers": [6, 3, 9]}, "layers"),
         ({"tau": 0}, "tau=0"),
+        ({"ratios": 0.5}, "ratios=0.5 is invalid"),  # not a list: refused, not a TypeError
+        ({"layers": [3, "x", 9]}, r"layers=\[3, 'x', 9\] is invalid"),
     ],
 )
 def test_bad_parameters(params, match):

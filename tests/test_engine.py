@@ -331,6 +331,19 @@ def test_bad_input_fails_clearly_and_leaves_earlier_runs_alone(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert "no_such_experiment" in err and "tome_vit_b" in err  # names the available experiments
 
+    # a run refused before any compute leaves no run directory (single runs and multirun jobs) ...
+    assert sorted((tmp_path / "outputs" / "runs").glob("*/*")) == earlier
+    with pytest.raises(SystemExit):
+        cli(monkeypatch, "-m", *SMALL, "reducer.r=-1,-2")
+    assert not list((tmp_path / "outputs" / "sweeps").glob("*/*/[0-9]*"))
+    # ... but a folder the user made keeps what was in it
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit):
+        cli(monkeypatch, *SMALL, "reducer.r=-1", f"hydra.run.dir={mine}")
+    assert (mine / "notes.txt").read_text() == "keep"
+
     after = snapshot(tmp_path / "outputs")
     assert {k: after.get(k) for k in before} == before  # the earlier run: every file as it was
     # no failed run left a result or a checkpoint anywhere
@@ -343,6 +356,7 @@ def test_empty_dataset_folder_names_the_path_and_key(tmp_path):
     with pytest.raises(ConfigError, match=r"data.root=.*has no class folders"):
         run(config("data=imagenet", f"data.root={tmp_path / 'data'}", base=SMALL[:2]), tmp_path / "run")
     (tmp_path / "data" / "val" / "cat").mkdir()
+    (tmp_path / "data" / "val" / "dog").mkdir()
     with pytest.raises(ConfigError, match=r"hold no images"):
         run(config("data=imagenet", f"data.root={tmp_path / 'data'}", base=SMALL[:2]), tmp_path / "run2")
 
@@ -390,6 +404,14 @@ def test_topk_accuracy_against_a_loop():
     top5 = sum(int(labels[i]) in logits[i].topk(5).indices.tolist() for i in range(50)) / 50
     assert result["top1"].item() == pytest.approx(top1) and result["top5"].item() == pytest.approx(top5)
     assert set(topk_accuracy(3).keys()) == {"top1"}
+
+
+def test_topk_accuracy_needs_two_classes_and_top5_more_than_five():
+    assert set(topk_accuracy(5).keys()) == {"top1"}  # every label is in the top 5 of 5: always 1.0
+    assert set(topk_accuracy(6).keys()) == {"top1", "top5"}
+    for bad in (1, 0):  # 0: a feature extractor without a head
+        with pytest.raises(ConfigError, match=f"^model.num_classes={bad} is invalid; allowed: an integer >= 2"):
+            topk_accuracy(bad)
 
 
 def test_measure_keeps_the_model_and_records_the_protocol():

@@ -1,11 +1,13 @@
 """The scripts in experiments/ that reproduce published tables."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "macs_table.py"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "macs_table.py"
 
 
 def load_macs_table():
@@ -20,7 +22,18 @@ def test_published_gmacs_are_reproduced(index):
     table = load_macs_table()
     model_name, _, reducer, params, published = table.ROWS[index]
     gmacs, _ = table.measure(model_name, reducer, params)
-    assert gmacs == pytest.approx(published, abs=0.015)  # papers print two decimals
+    decimals = len(published.partition(".")[2])  # papers print one or two decimals
+    assert gmacs == pytest.approx(float(published), abs=1.5 * 10**-decimals)
+
+
+@pytest.mark.parametrize("page", sorted((ROOT / "docs" / "reducers").glob("*.md")), ids=lambda p: p.stem)
+def test_reducer_pages_quote_the_published_gmacs_of_the_table(page):
+    """The table's published figures are the one record: a page's "Published numbers" quotes exactly
+    the figures the table holds for its reducer, as printed."""
+    section = page.read_text().partition("## Published numbers")[2].split("\n## ")[0]
+    quoted = sorted(re.findall(r"(\d+\.\d+) GMACs", section))
+    table = sorted(row[4] for row in load_macs_table().ROWS if row[2] == page.stem and row[4] is not None)
+    assert quoted == table
 
 
 def test_the_table_prints_every_row(capsys):

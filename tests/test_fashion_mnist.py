@@ -107,6 +107,30 @@ def test_splits_hold_out_validation_from_training(tmp_path):
         dm.bind_model(other)
 
 
+def test_training_batches_resume_with_the_same_images_and_augmentation(tmp_path):
+    folder = tiny_dataset(tmp_path / "fm", train=24, test=4)
+    dm = FashionMNISTDataModule(root=str(folder), val_size=4, batch_size=4)
+    dm.bind_model(timm.create_model("fmnist_vit"))
+    dm.setup("fit")
+    dm.shuffle_seed = 5
+    loader = dm.train_dataloader()
+    loader.order.set_epoch(2)
+    whole = list(loader)
+    assert len(whole) == 5
+    torch.manual_seed(99)  # the process's own random state plays no part in the augmentation
+    iterator = iter(dm.train_dataloader())
+    next(iterator)  # a fresh loader at epoch 0: a different order from epoch 2
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict({"epoch": 2, "batches": 3})
+    rest = list(resumed)
+    assert len(rest) == 2
+    for (images, labels), (want_images, want_labels) in zip(rest, whole[3:], strict=True):
+        assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+    shuffled = dm.train_dataloader()
+    shuffled.order.set_epoch(3)
+    assert not torch.equal(next(iter(shuffled))[0], whole[0][0])
+
+
 def test_padding_centres_the_image_and_normalises():
     shaper = ShapeImages((1, 32, 32), mean=(0.5,), std=(0.25,), scaling="pad")
     image = torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8)

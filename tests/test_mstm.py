@@ -145,7 +145,7 @@ def test_samples_do_not_depend_on_each_other():
         ({"ratio": None}, "ratio=None"),
         ({"fusion": 1}, "fusion=1"),
         ({"fusion_pool": 1}, "fusion_pool=1"),
-        ({"layers": [-3]}, "layers=-3"),
+        ({"layers": [-3]}, r"layers=\[-3\]"),
     ],
 )
 def test_bad_parameters(params, match):

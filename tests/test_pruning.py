@@ -204,7 +204,7 @@ def test_keep_assignment():
         ("norm", {"ratio": None}, "ratio=None"),
         ("random", {"seed": -1}, "seed=-1"),
         ("random", {"seed": "a"}, "seed='a'"),
-        ("topk", {"layers": [3, -1]}, "layers=-1"),
+        ("topk", {"layers": [3, -1]}, r"layers=\[3, -1\]"),
         ("evit", {"keep_rate": 0.7}, "unknown parameter"),
     ],
 )

@@ -67,14 +67,19 @@ def test_ratio_one_and_r_zero_remove_nothing():
 
 @pytest.mark.parametrize("kwargs, words", [
     (dict(r=-1), ["r=-1", ">= 0"]),
-    (dict(r=[3, -2]), ["r=-2"]),
+    (dict(r=[3, -2]), ["r=[3, -2]", "a list of integers >= 0"]),  # the value as given, not its bad entry
     (dict(r=2.5), ["r=2.5"]),
     (dict(ratio=0.0), ["ratio=0.0", "(0, 1]"]),
     (dict(ratio=1.5), ["ratio=1.5", "(0, 1]"]),
     (dict(r=4, ratio=0.9), ["either r", "ratio"]),
     (dict(r=[1, 2], inflect=-1), ["inflect"]),
     (dict(r=(1, 2, 3)), ["tuple must be (r, inflect)"]),
-    (dict(r=4, layers=[-1]), ["layers=-1"]),
+    (dict(r=4, layers=[-1]), ["layers=[-1]"]),
+    # a string is one bad value, not a list of its characters (r=abc on the command line)
+    (dict(r="abc"), ["r='abc' is invalid; allowed: an integer >= 0"]),
+    (dict(r=[1, "a"]), ["r=[1, 'a'] is invalid"]),
+    (dict(r=2, layers="abc"), ["layers='abc' is invalid; allowed: a list of integers >= 0"]),
+    (dict(r=2, layers=5), ["layers=5 is invalid"]),
 ])
 def test_bad_schedules_are_refused_with_the_value(kwargs, words):
     with pytest.raises(ConfigError) as err:

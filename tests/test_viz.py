@@ -254,3 +254,34 @@ def test_tradeoff_saves_a_png_and_never_overwrites(tmp_path):
 def test_tradeoff_refuses_bad_input(rows, x):
     with pytest.raises(ConfigError):
         plot_tradeoff(rows, x)
+
+
+def test_tradeoff_lines_follow_strength_not_x():
+    rows = [{"reducer": "none", "params": {}, "mac_fraction": 1.0, "top1": 80.0, "speedup": 1.0}]
+    # measured speed-ups are noisy: r=4 came out slower than r=2; lines must still follow r
+    for r, fraction, speedup in ((2, 0.9, 1.3), (8, 0.6, 1.9), (4, 0.8, 1.25)):
+        rows.append({"reducer": "tome", "params": {"r": r}, "mac_fraction": fraction, "top1": 80 - r / 2,
+                     "speedup": speedup})
+    for ratio, speedup in ((0.9, 1.1), (0.5, 2.0), (0.7, 1.45)):
+        rows.append({"reducer": "evit", "params": {"ratio": ratio}, "mac_fraction": ratio, "top1": 70 + 10 * ratio,
+                     "speedup": speedup, "method": "evit keep_cls"})
+    lines = method_lines(plot_tradeoff(rows, "speedup").axes[0])
+    assert set(lines) == {"tome", "evit keep_cls"}  # `method` names the line, `reducer` gives its strength
+    assert list(lines["tome"].get_xdata()) == [1.9, 1.25, 1.3]  # r = 8, 4, 2: strongest first
+    assert list(lines["evit keep_cls"].get_xdata()) == [2.0, 1.45, 1.1]  # ratio = 0.5, 0.7, 0.9
+
+
+def test_tradeoff_labels_overlap_nothing_when_lines_meet():
+    rows = [{"reducer": "none", "params": {}, "mac_fraction": 1.0, "top1": 80.0, "speedup": 1.0}]
+    for k, name in enumerate(("tome", "pitome", "tofu", "mctf")):
+        for ratio in (0.95, 0.9, 0.85, 0.8, 0.75):
+            rows.append({"reducer": name, "params": {"ratio": ratio}, "mac_fraction": ratio - 0.005 * k,
+                         "top1": 80 - 20 * (1 - ratio) - 0.2 * k, "speedup": 1 / ratio})
+    fig = plot_tradeoff(rows, "mac_fraction", label_points="all")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in ax.texts]
+    assert len(boxes) == 20
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    star = ax.transData.transform([(1.0, 80.0)])[0]
+    assert not any(b.contains(*star) for b in boxes)

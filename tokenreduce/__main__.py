@@ -23,15 +23,23 @@ from tokenreduce.errors import ConfigError
 
 @hydra.main(version_base="1.3", config_path=config_source(), config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from tokenreduce.engine.run import run  # heavy imports only once Hydra has parsed the command line
+    # heavy imports only once Hydra has parsed the command line
+    from tokenreduce.engine.callbacks import RunInterrupted
+    from tokenreduce.engine.hydra_callbacks import discard_refused_run
+    from tokenreduce.engine.run import run
 
     _one_console_handler()
+    hydra_cfg = HydraConfig.get()
+    output_dir = hydra_cfg.runtime.output_dir
     try:
-        record = run(cfg, HydraConfig.get().runtime.output_dir)
+        record = run(cfg, output_dir, overrides=list(hydra_cfg.overrides.task))
     except ConfigError as err:
-        # a configuration mistake: one clear line, not a traceback
+        # a configuration mistake: one clear line, not a traceback, and no empty run directory left behind
+        discard_refused_run(output_dir)
         print(f"tokenreduce: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RunInterrupted as stop:  # the record and the resume command are written and printed
+        raise SystemExit(stop.exit_code) from None
     return record.top1 if record is not None else None
 
 

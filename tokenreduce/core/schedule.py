@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tokenreduce.errors import ConfigError, check_number
+from tokenreduce.errors import ConfigError, check_number, check_numbers, is_list
 
 Cap = Callable[[int], int]
 
@@ -29,10 +29,6 @@ def no_cap(tokens: int) -> int:
 def keep_ratio_removal(tokens: int, ratio: float) -> int:
     """Tokens removed when keeping `ratio` of `tokens` (PiToMe/ToFu/EViT rounding)."""
     return math.floor(tokens - tokens * ratio)
-
-
-def _check_int(name: str, value, who: str) -> int:
-    return check_number(who, name, value, low=0, integer=True)
 
 
 @dataclass(frozen=True)
@@ -74,10 +70,10 @@ class Schedule:
                 )
             if inflect is not None:
                 raise ConfigError(f"{who}: inflect={inflect!r} needs an integer r, got the fraction r={r!r}")
-        elif isinstance(r, list) or (r is not None and not isinstance(r, int) and hasattr(r, "__iter__")):
-            r = [_check_int("r", v, who) for v in r]
+        elif is_list(r):
+            r = check_numbers(who, "r", r, low=0, integer=True)
         elif r is not None:
-            r = _check_int("r", r, who)
+            r = check_number(who, "r", r, low=0, integer=True)
         if r is not None and self.ratio is not None:
             raise ConfigError(f"{who}: give either r={self.r!r} or ratio={self.ratio!r}, not both")
         if self.ratio is not None:
@@ -91,7 +87,7 @@ class Schedule:
                 raise ConfigError(f"{who}: inflect={inflect!r} is invalid; allowed: a number, e.g. -1")
         layers = self.layers
         if layers is not None:
-            layers = tuple(_check_int("layers", v, who) for v in layers)
+            layers = tuple(check_numbers(who, "layers", layers, low=0, integer=True))
             if isinstance(r, list):
                 raise ConfigError(f"{who}: layers={list(layers)} cannot be combined with a per-layer r list")
         object.__setattr__(self, "r", r)

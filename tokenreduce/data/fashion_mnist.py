@@ -18,7 +18,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from tokenreduce.data.splits import SplitLoaders
 from tokenreduce.data.transforms import model_data_config
@@ -250,7 +250,7 @@ class FashionMNISTDataModule(SplitLoaders, L.LightningDataModule):
         self.test_set = IndexedImages(test_images[:limit], test_labels[:limit])
         self.val_set = IndexedImages(train_images[cut:], train_labels[cut:]) if self.val_size else self.test_set
 
-    def _loader(self, dataset: Dataset, batch_size: int, training: bool) -> DataLoader:
+    def _loader_options(self, training: bool) -> dict:
         shaper = self.augmenter if training else self.shaper
 
         def collate(items):
@@ -258,5 +258,4 @@ class FashionMNISTDataModule(SplitLoaders, L.LightningDataModule):
             labels = torch.tensor([label for _, label in items])
             return shaper(images, training=training), labels
 
-        return DataLoader(dataset, batch_size=batch_size, shuffle=training, drop_last=training, collate_fn=collate,
-                          num_workers=self.num_workers)
+        return {"collate_fn": collate, "num_workers": self.num_workers}

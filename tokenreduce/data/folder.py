@@ -9,7 +9,6 @@ import lightning as L
 import torch
 from timm.data import create_transform
 from torch import nn
-from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -36,6 +35,9 @@ def check_split(root: str | None, split: str, key: str = "data.root") -> Path:
         raise ConfigError(
             f"{key}={root}: the folder {path} has no class folders; set {key} to a folder laid out as {LAYOUT}"
         )
+    if len(classes) < 2:  # a classifier needs two classes; one would always be right
+        raise ConfigError(f"{key}={root}: the folder {path} has 1 class folder ({classes[0].name}); allowed: at "
+                          f"least 2 class folders, laid out as {LAYOUT}")
     if not any(_has_image(entry.path) for entry in classes):
         raise ConfigError(f"{key}={root}: the class folders in {path} hold no images ({', '.join(IMG_EXTENSIONS)})")
     return path
@@ -117,7 +119,6 @@ class ImageFolderDataModule(SplitLoaders, L.LightningDataModule):
         if stage in (None, "test"):
             self.test_set = self._dataset(self.splits["test"], training=False)
 
-    def _loader(self, dataset, batch_size: int, training: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=training, drop_last=training,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
-                          persistent_workers=self.num_workers > 0)
+    def _loader_options(self, training: bool) -> dict:
+        return {"num_workers": self.num_workers, "pin_memory": self.pin_memory and torch.cuda.is_available(),
+                "persistent_workers": self.num_workers > 0}

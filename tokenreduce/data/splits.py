@@ -4,16 +4,30 @@ from __future__ import annotations
 
 from torch.utils.data import DataLoader
 
+from tokenreduce.data.resumable import ResumableLoader
+
 
 class SplitLoaders:
-    """Mixin: `train_set`, `val_set`, `test_set`, `batch_size`, `eval_batch_size` and a
-    `_loader(dataset, batch_size, training)` give Lightning its three dataloaders."""
+    """Mixin: `train_set`, `val_set`, `test_set`, `batch_size`, `eval_batch_size` and
+    `_loader_options(training)` (DataLoader keyword arguments) give Lightning its three dataloaders.
+
+    Training batches come from a `ResumableLoader` whose order is drawn from `shuffle_seed` (the
+    run's seed, set by the engine), split across the trainer's ranks.
+    """
+
+    shuffle_seed: int = 0
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, training=True)
+        trainer = getattr(self, "trainer", None)
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return ResumableLoader(self.train_set, self.batch_size, seed=self.shuffle_seed, num_replicas=replicas,
+                               rank=rank, **self._loader_options(training=True))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, training=False)
+        return DataLoader(self.val_set, batch_size=self.eval_batch_size, **self._loader_options(training=False))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size, training=False)
+        return DataLoader(self.test_set, batch_size=self.eval_batch_size, **self._loader_options(training=False))
+
+    def _loader_options(self, training: bool) -> dict:
+        return {"num_workers": getattr(self, "num_workers", 0)}

@@ -5,21 +5,12 @@ from __future__ import annotations
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from tokenreduce.data.resumable import mix_seed
+from tokenreduce.data.splits import SplitLoaders
 from tokenreduce.data.transforms import model_data_config
 from tokenreduce.errors import ConfigError
-
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(*values: int) -> int:
-    """A 32-bit seed from several integers (the CPU generator keeps only 32 bits of a seed)."""
-    h = 0x9E3779B97F4A7C15
-    for value in values:
-        h = ((h ^ (value & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h ^= h >> 31
-    return (h ^ (h >> 32)) & 0xFFFFFFFF
 
 
 class SyntheticImages(Dataset):
@@ -43,7 +34,7 @@ class SyntheticImages(Dataset):
         return self.num_samples
 
     def _generator(self, stream: int, index: int) -> torch.Generator:
-        return torch.Generator().manual_seed(_mix(self.seed, stream, index))
+        return torch.Generator().manual_seed(mix_seed(self.seed, stream, index))
 
     def label(self, index: int) -> int:
         generator = self._generator(0, self.first_index + index)
@@ -62,7 +53,7 @@ class SyntheticImages(Dataset):
         return image, label
 
 
-class SyntheticDataModule(L.LightningDataModule):
+class SyntheticDataModule(SplitLoaders, L.LightningDataModule):
     """Train and validation sets of `SyntheticImages` at the bound model's input size; the test set
     is the validation set."""
 
@@ -84,6 +75,7 @@ class SyntheticDataModule(L.LightningDataModule):
         self.signal = signal
         self.seed = seed
         self.batch_size = batch_size
+        self.eval_batch_size = batch_size
         self.num_workers = num_workers
         self.input_size = tuple(input_size) if input_size is not None else None
 
@@ -119,13 +111,4 @@ class SyntheticDataModule(L.LightningDataModule):
         common = dict(num_classes=self.num_classes, input_size=self.input_size, seed=self.seed, signal=self.signal)
         self.train_set = SyntheticImages(self.train_samples, **common)
         self.val_set = SyntheticImages(self.val_samples, first_index=self.train_samples, **common)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        self.test_set = self.val_set

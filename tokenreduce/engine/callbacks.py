@@ -1,14 +1,21 @@
-"""Lightning callbacks of a run: checkpoints, learning rate, and the reducer's tokens and MACs."""
+"""Lightning callbacks of a run: checkpoints, interruption, learning rate, and the reducer's tokens and MACs."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, LearningRateMonitor, ModelCheckpoint
 
 from tokenreduce.api import stats
+from tokenreduce.data.resumable import ResumableLoader
 from tokenreduce.engine.record import CHECKPOINT_DIR
+
+LAST_CHECKPOINT = "last.ckpt"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what SLURM sends before a time limit
 
 
 class TokenStatsCallback(Callback):
@@ -31,24 +38,121 @@ class TokenStatsCallback(Callback):
         self._log(pl_module, "test")
 
 
+class RunInterrupted(Exception):
+    """A fine-tune stopped by a signal after saving the step it had reached."""
+
+    def __init__(self, signal_name: str, checkpoint: str, step: int):
+        super().__init__(f"{signal_name} at step {step}; saved {checkpoint}")
+        self.signal_name = signal_name
+        self.checkpoint = checkpoint
+        self.step = step
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + signal.Signals[self.signal_name].value
+
+
+class LatestCheckpoint(Checkpoint):
+    """`checkpoints/last.ckpt` always holds the latest step: it is written at the end of every
+    training epoch, and when SIGINT or SIGTERM arrives, at the end of the training batch under way
+    (the step, optimizer, scheduler and the loader's position), after which the run stops with
+    `RunInterrupted`. A second Ctrl-C stops at once, keeping the last checkpoint written.
+
+    It is written to a temporary file and renamed, so an interruption while saving never leaves a
+    half-written `last.ckpt`.
+    """
+
+    def __init__(self, dirpath: str | Path):
+        self.path = Path(dirpath) / LAST_CHECKPOINT
+        self.received: str | None = None
+        self._handlers: dict = {}
+        self._loader_states: list[dict] = []
+
+    # --- resuming mid-epoch -------------------------------------------------------------------
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        self._loader_states = fit_loop.get("state_dict", {}).get("combined_loader", [])
+
+    def _resume_loader(self, trainer: L.Trainer) -> None:
+        # Lightning builds the training loader (to count the steps for the schedule) before it
+        # restores the loops, and so never hands a resumable loader its state: hand it here.
+        states, self._loader_states = self._loader_states, []
+        loader = trainer.train_dataloader
+        if len(states) == 1 and isinstance(loader, ResumableLoader) and 0 < states[0]["batches"] < len(loader):
+            loader.load_state_dict(states[0])
+
+    # --- signals ----------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._resume_loader(trainer)
+        self.received = None
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for sig in STOP_SIGNALS:
+                self._handlers[sig] = signal.signal(sig, self._note)
+
+    def _note(self, signum: int, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now
+        self.received = signal.Signals(signum).name
+
+    def _restore_handlers(self) -> None:
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
+        self._handlers = {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+
+    # --- saving -----------------------------------------------------------------------------
+    def _stop_requested(self, trainer: L.Trainer) -> bool:
+        received = self.received is not None
+        if trainer.world_size > 1:  # every rank stops at the same step
+            received = trainer.strategy.reduce_boolean_decision(received, all=False)
+        return received
+
+    def save(self, trainer: L.Trainer) -> None:
+        partial = self.path.with_name(self.path.name + ".partial")
+        trainer.save_checkpoint(partial)
+        if trainer.is_global_zero:
+            os.replace(partial, self.path)
+        trainer.strategy.barrier("LatestCheckpoint.save")
+
+    def _save(self, trainer: L.Trainer, stop: bool) -> None:
+        self.save(trainer)
+        if stop:
+            raise RunInterrupted(self.received or "SIGTERM", str(self.path), trainer.global_step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if self._stop_requested(trainer):
+            self._save(trainer, stop=True)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer, stop=self._stop_requested(trainer))
+
+
 def checkpoint_callback(output_dir: str | Path, monitor: str = "val/top1", mode: str = "max", save_top_k: int = 1,
-                        save_last: bool = True) -> ModelCheckpoint:
-    """`last.ckpt` after every validation, and the best `save_top_k` by `monitor`."""
-    return ModelCheckpoint(
-        dirpath=str(Path(output_dir) / CHECKPOINT_DIR),
+                        save_last: bool = True) -> list[Checkpoint]:
+    """The best `save_top_k` checkpoints by `monitor`, and with `save_last` a `LatestCheckpoint`."""
+    dirpath = Path(output_dir) / CHECKPOINT_DIR
+    best = ModelCheckpoint(
+        dirpath=str(dirpath),
         filename="best-epoch{epoch:03d}-step{step}",
         auto_insert_metric_name=False,
         monitor=monitor,
         mode=mode,
         save_top_k=save_top_k,
-        save_last=save_last,
+        save_last=False,  # Lightning refreshes its last.ckpt only when a new best is saved
     )
+    return [best, LatestCheckpoint(dirpath)] if save_last else [best]
 
 
 def build_callbacks(task: str, output_dir: str | Path, checkpoint: dict, with_loggers: bool) -> list[Callback]:
     callbacks: list[Callback] = [TokenStatsCallback()]
     if task == "finetune":
-        callbacks.append(checkpoint_callback(output_dir, **checkpoint))
+        callbacks += checkpoint_callback(output_dir, **checkpoint)
         if with_loggers:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
     return callbacks

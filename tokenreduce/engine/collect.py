@@ -1,10 +1,30 @@
-"""Turn the result records of many runs (a sweep) into one table and two trade-off plots.
+"""Turn the result records of many runs (a sweep) into one table and trade-off plots.
 
-    python -m tokenreduce.engine.collect outputs/sweeps/2025-01-01/12-00-00-000000 [more dirs] --out DIR
-    tokenreduce-collect outputs/sweeps/...            # the same, once installed
+    tokenreduce-collect PATH [PATH ...] [--out DIR] [--no-plots]
+    python -m tokenreduce.engine.collect PATH [PATH ...] [--out DIR] [--no-plots]
 
-Writes `results.csv`, `results.md`, `accuracy_vs_throughput.png` and `accuracy_vs_macs.png`. A Hydra
-multirun does this by itself in its sweep directory when the last job ends
+PATH: run or sweep directories (searched for `result.json`) or `result.json` files. --out defaults
+to the first PATH (its folder when it is a file).
+
+Numbers are compared only within a protocol: runs with the same model, weights, task, dataset,
+split and measuring protocol (dtype, autocast, batch size, device), see `protocol_key`. Protocols
+are numbered p1, p2, ... in the order of their oldest run. Each run's speedup and MAC ratio are
+against its protocol's baseline, the newest run with reducer "none" (a baseline's own are 1.0),
+named in the `baseline` column; a protocol without a baseline has none.
+
+Written into --out:
+  results.csv   one row per run, grouped by protocol, with every column (`COLUMNS`)
+  results.md    the table, then one line per protocol: what it is and what its ratios are against
+  accuracy_vs_throughput.png, accuracy_vs_macs.png
+                top-1 against images/s and GMACs per image (`tokenreduce.viz.plot_tradeoff`): one
+                line per method (reducer and non-default parameters other than its strength), its
+                points in order of strength, the baseline a black star. A plot never mixes
+                protocols: with several, each gets its own pair, suffixed with its number
+                (accuracy_vs_throughput_p1.png, accuracy_vs_macs_p1.png, ..._p2.png, ...).
+A report is never overwritten: when any of these files is already in --out, nothing is written.
+Records whose `status` is present and not "finished" are skipped, with a warning saying how many.
+
+A Hydra multirun does this by itself in its sweep directory when the last job ends
 (`tokenreduce.engine.hydra_callbacks.CollectOnMultirunEnd`).
 """
 
@@ -12,74 +32,123 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
+import logging
+import sys
 from pathlib import Path
 
 from tokenreduce.engine.config import non_default_params
-from tokenreduce.engine.record import RECORD_JSON
+from tokenreduce.engine.record import RECORD_JSON, write_new
 from tokenreduce.errors import ConfigError
+from tokenreduce.reducers import reducer_class
+
+log = logging.getLogger(__name__)
 
 TABLE_CSV = "results.csv"
 TABLE_MD = "results.md"
-PLOT_THROUGHPUT = "accuracy_vs_throughput.png"
-PLOT_MACS = "accuracy_vs_macs.png"
-COLUMNS = ("model", "reducer", "params", "top1", "top5", "images_per_s", "speedup", "gmacs", "mac_ratio",
-           "tokens_out", "dataset", "split", "run_name", "output_dir")
+BASELINE = "none"
+PLOTS = {"throughput": ("images_per_s", "accuracy_vs_throughput"), "macs": ("gmacs", "accuracy_vs_macs")}  # x, stem
+# the fields of `protocol_key`, in its order; they are columns too
+PROTOCOL = ("model", "weights", "task", "dataset", "split", "dtype", "autocast", "batch_size", "device")
+COLUMNS = ("protocol", "model", "weights", "task", "reducer", "params", "top1", "top5", "images_per_s", "speedup",
+           "gmacs", "mac_ratio", "tokens_out", "dataset", "split", "dtype", "autocast", "batch_size", "device",
+           "baseline", "run_name", "output_dir")
+MARKDOWN_COLUMNS = ("protocol", "model", "weights", "task", "reducer", "params", "top1", "top5", "images_per_s",
+                    "speedup", "gmacs", "mac_ratio", "tokens_out", "baseline")
 
 
 def find_records(paths: list[str | Path]) -> list[dict]:
-    """Every result record under `paths` (record files or directories searched recursively), oldest first."""
-    records = []
+    """Every finished run's record under `paths` (record files or directories searched recursively),
+    oldest first. A missing path, one without records, or a record that is not JSON is a ConfigError."""
+    records, skipped, seen = [], [], set()
     for path in map(Path, paths):
+        if not path.exists():
+            raise ConfigError(f"{path} does not exist; allowed: run or sweep directories, or {RECORD_JSON} files")
         files = [path] if path.is_file() else sorted(path.rglob(RECORD_JSON))
+        if not files:
+            raise ConfigError(f"{path} holds no {RECORD_JSON}: there is no run to collect")
         for file in files:
-            with open(file) as f:
-                record = json.load(f)
-            record.setdefault("output_dir", str(file.parent))
-            records.append(record)
-    return sorted(records, key=lambda r: (r.get("finished", ""), r.get("output_dir", "")))
+            if file.resolve() in seen:  # a run named twice (its sweep and itself) is one run
+                continue
+            seen.add(file.resolve())
+            record = _read(file)
+            record["output_dir"] = record.get("output_dir") or str(file.parent)
+            # a failed or unfinished run has no numbers to compare
+            (records if record.get("status", "finished") == "finished" else skipped).append(record)
+    if skipped:
+        log.warning("skipped %d run(s) whose status is not 'finished': %s", len(skipped),
+                    ", ".join(r["output_dir"] for r in skipped))
+    if not records:
+        raise ConfigError(f"no finished run under {', '.join(map(str, paths))} ({len(skipped)} skipped)")
+    return sorted(records, key=lambda r: (r.get("finished") or "", r["output_dir"]))
 
 
-def _params_label(params: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in params.items() if v is not None) if params else ""
+def _read(file: Path) -> dict:
+    try:
+        with open(file) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{file} is not a readable run record: {err}") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{file} is not a run record: it holds a JSON {type(record).__name__}, not an object")
+    return record
 
 
-def _comparable(record: dict) -> tuple:
-    """Runs compared against one baseline share the model, data, split and measuring protocol."""
+def protocol_key(record: dict) -> tuple:
+    """What two runs must share for their accuracies and speeds to be compared (fields: `PROTOCOL`)."""
     measure = record.get("measure") or {}
     dataset = record.get("dataset") or {}
-    return (record.get("model"), dataset.get("name"), record.get("split"), measure.get("batch_size"),
-            measure.get("dtype"), measure.get("autocast"), measure.get("device"))
+    return (record.get("model"), record.get("weights"), record.get("task"), dataset.get("name"), record.get("split"),
+            measure.get("dtype"), measure.get("autocast"), measure.get("batch_size"), measure.get("device"))
+
+
+def protocols(records: list[dict]) -> dict[str, tuple[tuple, list[dict]]]:
+    """Protocol number ("p1", "p2", ...) -> (its key, its records), numbered in the order of `records`."""
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        groups.setdefault(protocol_key(record), []).append(record)
+    return {f"p{n}": group for n, group in enumerate(groups.items(), 1)}
+
+
+def newest_baseline(records: list[dict]) -> dict | None:
+    """The last unreduced run of oldest-first `records`, or None."""
+    return next((r for r in reversed(records) if r.get("reducer") == BASELINE), None)
 
 
 def table_rows(records: list[dict]) -> list[dict]:
-    """One row per run; speedup and MAC ratio against the newest unreduced run (reducer "none")
-    with the same model, data and measuring protocol, when there is one."""
-    baselines = {}
-    for record in records:
-        if record.get("reducer") == "none":
-            baselines[_comparable(record)] = record
+    """One row per run (`COLUMNS`, plus `reducer_params` and `method` for the plots), grouped by
+    protocol; speedup and MAC ratio against its protocol's newest baseline."""
     rows = []
-    for record in records:
-        base = baselines.get(_comparable(record))
-        ips, gmacs = record.get("images_per_s"), record.get("gmacs")
-        rows.append({
-            "model": record.get("model"),
-            "reducer": record.get("reducer"),
-            "params": _params_label(_changed_params(record)),
-            "top1": record.get("top1"),
-            "top5": record.get("top5"),
-            "images_per_s": ips,
-            "speedup": ips / base["images_per_s"] if base and ips and base.get("images_per_s") else None,
-            "gmacs": gmacs,
-            "mac_ratio": base["gmacs"] / gmacs if base and gmacs and base.get("gmacs") else None,
-            "tokens_out": record.get("tokens_out"),
-            "dataset": (record.get("dataset") or {}).get("name"),
-            "split": record.get("split"),
-            "run_name": record.get("run_name"),
-            "output_dir": record.get("output_dir"),
-        })
+    for number, (key, group) in protocols(records).items():
+        base = newest_baseline(group)
+        for record in group:
+            # a baseline is compared only with itself, never with another baseline
+            against = record if record.get("reducer") == BASELINE else base
+            ips, gmacs = record.get("images_per_s"), record.get("gmacs")
+            rows.append({
+                "protocol": number,
+                **dict(zip(PROTOCOL, key, strict=True)),
+                "reducer": record.get("reducer"),
+                "params": _params_label(_changed_params(record)),
+                "top1": record.get("top1"),
+                "top5": record.get("top5"),
+                "images_per_s": ips,
+                "speedup": _ratio(ips, against and against.get("images_per_s")),
+                "gmacs": gmacs,
+                "mac_ratio": _ratio(against and against.get("gmacs"), gmacs),
+                "tokens_out": record.get("tokens_out"),
+                "baseline": against["output_dir"] if against else None,
+                "run_name": record.get("run_name"),
+                "output_dir": record["output_dir"],
+                "reducer_params": record.get("reducer_params") or {},
+                "method": _method(record),
+            })
     return rows
+
+
+def _ratio(a, b) -> float | None:
+    return a / b if a and b else None
 
 
 def _changed_params(record: dict) -> dict:
@@ -91,87 +160,116 @@ def _changed_params(record: dict) -> dict:
         return params
 
 
+def _method(record: dict) -> str:
+    """The plot line of a run: its reducer and non-default parameters other than the strength, so
+    that a sweep over, e.g., prop_attn draws one line per value instead of one zigzag."""
+    reducer = str(record.get("reducer"))
+    try:
+        strength = {s.param for s in reducer_class(reducer).strength}
+    except ConfigError:  # an unknown reducer: which parameter is its strength cannot be told
+        return reducer
+    others = {k: v for k, v in _changed_params(record).items() if k not in strength}
+    return f"{reducer} {_params_label(others)}".strip()
+
+
+def _params_label(params: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items() if v is not None) if params else ""
+
+
+def describe(key: tuple, sep: str = "; ") -> str:
+    """A protocol in words: what was run, then how images/s was measured."""
+    p = dict(zip(PROTOCOL, key, strict=True))
+    measured = ", ".join(f"{k} {p[k]}" for k in ("dtype", "autocast", "batch_size", "device") if p[k] is not None)
+    return f"{p['model']} ({p['weights']}), {p['task']} on {p['dataset']} {p['split']}{sep}measured: {measured or '-'}"
+
+
+def protocol_notes(records: list[dict]) -> list[str]:
+    """One line per protocol for the report: what it is and what its ratios are against."""
+    notes = []
+    for number, (key, group) in protocols(records).items():
+        base = newest_baseline(group)
+        count = sum(r.get("reducer") == BASELINE for r in group)
+        if base is None:
+            against = "no baseline (reducer none): no speedup or MAC ratio"
+        elif count > 1:
+            against = f"ratios against the newest of its {count} baselines, {base['output_dir']}"
+        else:
+            against = f"ratios against {base['output_dir']}"
+        notes.append(f"- {number}: {describe(key)}; {against}")
+    return notes
+
+
 def _cell(value) -> str:
-    if value is None:
+    if value is None or value == "":
         return "-"
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)
 
 
-def format_markdown(rows: list[dict], columns: tuple[str, ...] = COLUMNS[:10]) -> str:
+def format_markdown(rows: list[dict], columns: tuple[str, ...] = MARKDOWN_COLUMNS) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
-        writer.writeheader()
-        writer.writerows(rows)
+def csv_text(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
-def plot_tradeoff(rows: list[dict], x_key: str, xlabel: str, path: Path, log_x: bool = False) -> bool:
-    """Top-1 against `x_key`, one line per method (per model and method when several models);
-    the unreduced model is a star. False when no row has both numbers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [r for r in rows if r.get(x_key) is not None and r.get("top1") is not None]
-    if not points:
-        return False
-    several_models = len({r["model"] for r in points}) > 1
-    groups: dict[str, list[dict]] = {}
-    for row in points:
-        label = f"{row['model']} {row['reducer']}" if several_models else row["reducer"]
-        groups.setdefault(label, []).append(row)
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    for label, group in sorted(groups.items()):
-        group = sorted(group, key=lambda r: r[x_key])
-        xs = [r[x_key] for r in group]
-        ys = [100 * r["top1"] for r in group]
-        if group[0]["reducer"] == "none":
-            ax.scatter(xs, ys, marker="*", s=160, zorder=3, label=label)
-        else:
-            ax.plot(xs, ys, marker="o", label=label)
-            for r, x, y in zip(group, xs, ys, strict=True):
-                if r["params"]:
-                    ax.annotate(r["params"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
-    if log_x:
-        ax.set_xscale("log")
-    models = sorted({r["model"] for r in points})
-    datasets = sorted({f"{r['dataset']} ({r['split']})" for r in points if r.get("dataset")})
-    ax.set_title(", ".join(models) + (" on " + ", ".join(datasets) if datasets else ""), fontsize=9)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+def _plot_rows(rows: list[dict], number: str, base: dict | None, x: str) -> list[dict]:
+    """The rows of protocol `number` with top-1, GMACs and `x`, as `plot_tradeoff` takes them; of its
+    baselines only `base`, the one its ratios are against."""
+    points = []
+    for row in rows:
+        if row["protocol"] != number or any(row[k] is None for k in ("top1", "gmacs", x)):
+            continue
+        if row["reducer"] == BASELINE and row["output_dir"] != base["output_dir"]:
+            continue
+        points.append({"reducer": row["reducer"], "method": row["method"], "params": row["reducer_params"],
+                       "top1": row["top1"], "gmacs": row["gmacs"], "images_per_s": row["images_per_s"]})
+    return points
 
 
 def collect(paths: list[str | Path], out_dir: str | Path, plots: bool = True) -> dict[str, Path]:
-    """Write the table (CSV and Markdown) and, with `plots`, the two PNG plots into `out_dir`."""
+    """Write the table (CSV and Markdown) and, with `plots`, the trade-off plots into `out_dir`;
+    returns what was written by kind ("csv", "markdown", "throughput_plot", "macs_plot", with "_p<n>"
+    when there are several protocols). Refuses (ConfigError) before writing anything when one of
+    these files exists."""
     records = find_records(paths)
-    if not records:
-        raise FileNotFoundError(f"no {RECORD_JSON} under {', '.join(map(str, paths))}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows = table_rows(records)
-    written = {"csv": out_dir / TABLE_CSV, "markdown": out_dir / TABLE_MD}
-    write_csv(rows, written["csv"])
-    written["markdown"].write_text(format_markdown(rows) + "\n")
-    if plots:
-        if plot_tradeoff(rows, "images_per_s", "images / s", out_dir / PLOT_THROUGHPUT):
-            written["throughput_plot"] = out_dir / PLOT_THROUGHPUT
-        if plot_tradeoff(rows, "gmacs", "GMACs per image", out_dir / PLOT_MACS):
-            written["macs_plot"] = out_dir / PLOT_MACS
-    return written
+    out_dir = Path(out_dir)
+    planned = {"csv": out_dir / TABLE_CSV, "markdown": out_dir / TABLE_MD}
+    charts = {}  # kind -> (rows, x, title)
+    groups = protocols(records) if plots else {}
+    for number, (key, group) in groups.items():
+        base = newest_baseline(group)
+        title = f"{number}: " + describe(key, sep="\n")
+        suffix = f"_{number}" if len(groups) > 1 else ""  # one protocol per plot
+        for kind, (x, stem) in PLOTS.items():
+            points = _plot_rows(rows, number, base, x)
+            if any(p["reducer"] != BASELINE for p in points):
+                planned[f"{kind}_plot{suffix}"] = out_dir / f"{stem}{suffix}.png"
+                charts[f"{kind}_plot{suffix}"] = (points, x, title)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file; allowed: a directory")
+    existing = [str(p) for p in planned.values() if p.exists()]
+    if existing:
+        raise ConfigError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''} from an earlier "
+                          "report, which is never overwritten: pick another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_new(planned["csv"], csv_text(rows))
+    write_new(planned["markdown"], format_markdown(rows) + "\n\n" + "\n".join(protocol_notes(records)) + "\n")
+    if charts:
+        from tokenreduce import viz  # matplotlib only when plotting
+
+        for kind, (points, x, title) in charts.items():
+            viz.plot_tradeoff(points, x, planned[kind], title=title)
+    return planned
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -181,8 +279,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-plots", action="store_true", help="write only the table")
     args = parser.parse_args(argv)
     out = args.out or (args.paths[0] if Path(args.paths[0]).is_dir() else Path(args.paths[0]).parent)
-    written = collect(args.paths, out, plots=not args.no_plots)
-    print((Path(out) / TABLE_MD).read_text())
+    try:
+        written = collect(args.paths, out, plots=not args.no_plots)
+    except ConfigError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(written["markdown"].read_text())
     for kind, path in written.items():
         print(f"{kind}: {path}")
 

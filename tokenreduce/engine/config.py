@@ -64,10 +64,40 @@ def reducer_spec(reducer_cfg: DictConfig | dict) -> tuple[str, dict]:
     return spec.pop("name"), spec
 
 
-def build_reducer(reducer_cfg: DictConfig | dict) -> TokenReducer:
-    """The reducer the config names; an unknown name or parameter is a ConfigError."""
+def build_reducer(reducer_cfg: DictConfig | dict, overrides: list[str] | None = None) -> TokenReducer:
+    """The reducer the config names; an unknown name or parameter is a ConfigError.
+
+    overrides: the command line's overrides (Hydra's `overrides.task`; a multirun's sweep values
+    among them), None when unknown. When the error comes from parameters the command line did not
+    give, e.g. an experiment's `r` kept after `reducer=none`, the message says so and how to drop them.
+    """
     name, params = reducer_spec(reducer_cfg)
-    return create_reducer(name, **params)
+    try:
+        return create_reducer(name, **params)
+    except ConfigError as err:
+        raise ConfigError(f"{err}{_not_from_command_line(name, params, overrides)}") from None
+
+
+def _not_from_command_line(name: str, params: dict, overrides: list[str] | None) -> str:
+    """"; r=13 was not given on the command line ..." when the reducer builds without the parameters
+    the command line did not set (those at their default aside); "" when that is unknown or not so."""
+    if overrides is None:
+        return ""
+    given = {key.split(".")[1] for key in (o.lstrip("~+").split("=", 1)[0] for o in overrides)
+             if key.startswith("reducer.")}
+    defaults = reducer_defaults(name)
+    others = {k: v for k, v in params.items() if k not in given and (k not in defaults or not _same(v, defaults[k]))}
+    if not others:
+        return ""
+    try:  # only blame them if the command line's own values are fine without them
+        create_reducer(name, **{k: v for k, v in params.items() if k not in others})
+    except ConfigError:
+        return ""
+    values = ", ".join(f"{k}={v!r}" for k, v in others.items())
+    one = len(others) == 1
+    return (f"; {values} {'was' if one else 'were'} not given on the command line (the experiment or a config "
+            f"file set {'it' if one else 'them'}): drop {'it' if one else 'them'} with "
+            f"{' '.join(f'~reducer.{k}' for k in others)}")
 
 
 def non_default_params(name: str, params: dict) -> dict:

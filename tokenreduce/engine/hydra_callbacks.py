@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from tokenreduce.engine.collect import collect, find_records
+from tokenreduce.engine.collect import collect
 from tokenreduce.engine.record import CHECKPOINT_DIR, RECORD_JSON, ensure_fresh
 from tokenreduce.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+HYDRA_FILES = (".hydra",)  # and the job's *.log: all that a run refused before any compute leaves
+_new_dirs: set[Path] = set()  # run or sweep directories that did not exist when this process started them
+
+
+def discard_refused_run(output_dir: str | Path) -> bool:
+    """Remove the run directory of a run refused before any compute: only when this run created it
+    and it holds nothing but Hydra's own files. True when removed."""
+    output_dir = Path(output_dir).resolve()
+    if not output_dir.is_dir() or not any(output_dir == new or new in output_dir.parents for new in _new_dirs):
+        return False
+    entries = list(output_dir.iterdir())
+    if any(e.name not in HYDRA_FILES and not (e.is_file() and e.suffix == ".log") for e in entries):
+        return False
+    shutil.rmtree(output_dir)
+    return True
 
 
 def _refuse(err: ConfigError) -> None:
@@ -30,14 +47,18 @@ class FreshRunDirectory(Callback):
 
         if not launched_rank_zero():  # a DDP worker shares rank 0's directory
             return
+        run_dir = Path(config.hydra.run.dir)
+        if not run_dir.exists():
+            _new_dirs.add(run_dir.resolve())
         try:
-            ensure_fresh(Path(config.hydra.run.dir))
+            ensure_fresh(run_dir)
         except ConfigError as err:
             _refuse(err)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
+            _new_dirs.add(sweep_dir.resolve())
             return
         earlier = next(iter(sweep_dir.rglob(RECORD_JSON)), None) or next(iter(sweep_dir.rglob(CHECKPOINT_DIR)), None)
         if earlier is not None:
@@ -61,5 +82,9 @@ class CollectOnMultirunEnd(Callback):
         except ImportError:
             log.warning("matplotlib is not installed: writing the results table without plots")
             plots = False
-        written = collect([sweep_dir], sweep_dir, plots=plots)
-        print(f"collected {len(find_records([sweep_dir]))} runs: " + ", ".join(str(p) for p in written.values()))
+        try:
+            written = collect([sweep_dir], sweep_dir, plots=plots)
+        except ConfigError as err:  # e.g. no run finished; every run's own results are in place
+            print(f"tokenreduce: results not collected: {err}", file=sys.stderr)
+            return
+        print(f"collected the runs of {sweep_dir}: " + ", ".join(str(p) for p in written.values()))

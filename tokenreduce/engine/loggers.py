@@ -16,36 +16,62 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
 def has_wandb_key() -> bool:
-    """Whether W&B could authenticate: WANDB_API_KEY, or a `wandb login` entry in ~/.netrc."""
-    if os.environ.get("WANDB_API_KEY"):
+    """Whether W&B can log in without a prompt: WANDB_API_KEY, or a `wandb login` entry in the netrc
+    file for the W&B host (WANDB_BASE_URL, else wandb's default), found as wandb finds it. Offline."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    import wandb
+
+    host = os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
     try:
-        return netrc.netrc().authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        from wandb.errors import AuthenticationError
+        from wandb.sdk.lib.wbauth.wbnetrc import read_netrc_auth
+    except ImportError:  # a wandb without its wbauth package: the netrc entry for the host's name
+        try:
+            return netrc.netrc().authenticators(urlparse(host).hostname or "") is not None
+        except (FileNotFoundError, netrc.NetrcParseError, OSError):
+            return False
+    try:
+        return read_netrc_auth(host=host) is not None
+    except AuthenticationError:  # an entry that is not a valid key
         return False
 
 
 def wandb_mode(configured: str) -> str:
-    """online, offline or disabled. "auto" follows WANDB_MODE when set, else online only with a key."""
+    """online, offline or disabled. "auto" follows WANDB_MODE when set, else online only with a key.
+
+    Online without a key is a ConfigError here, one line before the run, rather than wandb's login
+    failing with a traceback once it has started (runs are not interactive: no prompt)."""
     if configured not in WANDB_MODES:
         raise ConfigError(f"logger.wandb.mode={configured!r} is invalid; allowed: {', '.join(WANDB_MODES)}")
-    if configured != "auto":
-        return configured
     env = os.environ.get("WANDB_MODE", "").strip().lower()
-    if env in ("online", "offline", "disabled"):
-        return env
-    if env == "dryrun":
-        return "offline"
-    return "online" if has_wandb_key() else "offline"
+    if configured != "auto":
+        mode, setting = configured, "logger.wandb.mode"
+    elif env in ("online", "offline", "disabled", "dryrun"):
+        mode, setting = ("offline" if env == "dryrun" else env), "WANDB_MODE"
+    else:
+        return "online" if has_wandb_key() else "offline"
+    if mode == "online" and not has_wandb_key():
+        raise ConfigError(f"{setting}='online' needs a W&B API key and none is configured; allowed: a key "
+                          f"(WANDB_API_KEY or `wandb login`), {setting}=offline (sync later with `wandb sync`) "
+                          f"or disabled, or logger=csv")
+    return mode
 
 
-def build_loggers(logger_cfg: dict | None, output_dir: str | Path, run_name: str) -> list[Logger]:
-    """The loggers the `logger` config names, writing under `output_dir`."""
+def check_loggers(logger_cfg: dict | None) -> dict:
+    """The `logger` config, checked before the run: known loggers, and a W&B mode that can start."""
     logger_cfg = dict(logger_cfg or {})
     unknown = sorted(set(logger_cfg) - set(LOGGERS))
     if unknown:
         raise ConfigError(f"logger.{unknown[0]} is not a known logger; allowed: {', '.join(LOGGERS)}")
+    if "wandb" in logger_cfg:
+        wandb_mode((logger_cfg["wandb"] or {}).get("mode", "auto"))
+    return logger_cfg
+
+
+def build_loggers(logger_cfg: dict | None, output_dir: str | Path, run_name: str) -> list[Logger]:
+    """The loggers the `logger` config names, writing under `output_dir`."""
+    logger_cfg = check_loggers(logger_cfg)
     loggers: list[Logger] = []
     if "csv" in logger_cfg:
         options = dict(logger_cfg["csv"] or {})

@@ -23,11 +23,13 @@ class RunRecord:
     run_name: str
     task: str
     model: str
-    weights: str  # "timm:<name>" (pretrained), "file:<path>", or "random"
+    weights: str  # the run's starting weights: "timm:<name>", "offline:<name>", "file:<path>", "checkpoint:<path>",
+    #               or "random"
     dataset: dict
     split: str
     reducer: str
     reducer_params: dict
+    status: str = "finished"  # or "interrupted" (resume with `resume_command`), "failed" (see `error`)
     top1: float | None = None
     top5: float | None = None
     loss: float | None = None
@@ -43,6 +45,9 @@ class RunRecord:
     resumed_from: str | None = None
     best_checkpoint: str | None = None
     last_checkpoint: str | None = None
+    evaluated: str | None = None  # the weights the metrics are of: `weights`, or a fine-tune's checkpoint
+    resume_command: str | None = None
+    error: str | None = None
     seed: int | None = None
     output_dir: str = ""
     finished: str = ""
@@ -101,7 +106,9 @@ class RunRecord:
             return str(value)
 
         rows = [
-            ("run", self.run_name), ("task", self.task), ("model", self.model), ("weights", self.weights),
+            ("run", self.run_name), ("task", self.task),
+            ("status", self.status if self.status != "finished" else None), ("error", self.error),
+            ("model", self.model), ("weights", self.weights),
             ("data", f"{self.dataset.get('name', '?')} ({self.split})"),
             ("reducer", f"{self.reducer} {fmt(self.reducer_params)}".strip()),
             ("top-1", self.top1), ("top-5", self.top5), ("loss", self.loss),
@@ -111,6 +118,7 @@ class RunRecord:
             ("GMACs", self.gmacs), ("tokens/layer", self.tokens_per_layer),
             ("steps", f"{self.start_step} -> {self.global_step}" if self.task == "finetune" else None),
             ("output", self.output_dir),
+            ("resume", self.resume_command),
         ]
         rows = [(k, fmt(v)) for k, v in rows if v is not None]
         width = max(len(k) for k, _ in rows)

@@ -10,13 +10,17 @@ from __future__ import annotations
 import datetime
 import importlib
 import os
+import shlex
+from functools import partial
 from pathlib import Path
 
 import lightning as L
 import timm
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -24,10 +28,10 @@ import tokenreduce
 from tokenreduce import models
 from tokenreduce.cost import probe_pass
 from tokenreduce.data.transforms import model_data_config
-from tokenreduce.engine.callbacks import build_callbacks
+from tokenreduce.engine.callbacks import LatestCheckpoint, RunInterrupted, build_callbacks
 from tokenreduce.engine.compare import run_compare, settings_from
 from tokenreduce.engine.config import build_reducer, check_task, default_run_name, plain, reducer_spec
-from tokenreduce.engine.loggers import build_loggers, finish_loggers
+from tokenreduce.engine.loggers import build_loggers, check_loggers, finish_loggers
 from tokenreduce.engine.module import LossSettings, OptimSettings, ReductionModule
 from tokenreduce.engine.record import RunRecord, ensure_fresh
 from tokenreduce.engine.speed import check_measure, measure
@@ -60,7 +64,10 @@ def build_model(model_cfg: DictConfig | dict) -> nn.Module:
                                **kwargs)
 
 
-def weights_label(model_cfg: dict, model: nn.Module) -> str:
+def weights_label(model_cfg: dict, model: nn.Module, ckpt_path: str | None = None) -> str:
+    """Where the weights come from: a Lightning checkpoint (`ckpt_path`), a file, a source, or none."""
+    if ckpt_path:
+        return f"checkpoint:{Path(ckpt_path).resolve()}"
     if model_cfg.get("checkpoint"):
         return f"file:{model_cfg['checkpoint']}"
     if not model_cfg.get("pretrained"):
@@ -91,6 +98,8 @@ def build_trainer(trainer_cfg: DictConfig | dict, loggers: list, callbacks: list
                          enable_checkpointing=checkpointing, **kwargs)
     except TypeError as err:
         raise ConfigError(f"trainer: {err}; the trainer config takes lightning.Trainer arguments") from None
+    except MisconfigurationException as err:
+        raise ConfigError(f"trainer: {err}") from None
 
 
 def _settings(cls, cfg_node, key: str):
@@ -130,14 +139,20 @@ def _versions() -> dict:
 
 
 # --- the run -----------------------------------------------------------------------------------
-def run(cfg: DictConfig, output_dir: str | Path) -> RunRecord | None:
-    """Run the configured task, writing into `output_dir`; the record on rank 0, None elsewhere."""
+def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = None) -> RunRecord | None:
+    """Run the configured task, writing into `output_dir`; the record on rank 0, None elsewhere.
+
+    `overrides` are the command line's (Hydra's) settings, from which an interrupted fine-tune's
+    resume command is built. A fine-tune stopped by SIGINT or SIGTERM writes an "interrupted" record
+    and raises `RunInterrupted`; a failure after the evaluation writes a "failed" record keeping the
+    metrics measured before it, then raises.
+    """
     output_dir = Path(output_dir)
     task = check_task(cfg)
     if launched_rank_zero():
         ensure_fresh(output_dir)
     import_plugins(cfg.get("imports") or [])
-    reducer = build_reducer(cfg.reducer)
+    reducer = build_reducer(cfg.reducer, overrides)
     reducer_name, reducer_params = reducer_spec(cfg.reducer)
     optim = _settings(OptimSettings, cfg.get("optim"), "optim")
     loss = _settings(LossSettings, cfg.get("loss"), "loss")
@@ -146,9 +161,11 @@ def run(cfg: DictConfig, output_dir: str | Path) -> RunRecord | None:
     if unknown:
         raise ConfigError(f"measure.{unknown[0]} is not a setting; allowed: {', '.join(MEASURE_KEYS)}")
     check_measure(mcfg["batch_size"], mcfg["dtype"], mcfg["autocast"], mcfg["device"], mcfg["warmup"],
-                  mcfg["repeats"])
+                  mcfg["repeats"], probe=bool(mcfg["enabled"]) or task == "compare")
+    check_loggers(plain(cfg.logger))
     compare_settings = settings_from(cfg) if task == "compare" else None
     datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.shuffle_seed = cfg.seed
     if task != "compare" or cfg.eval_split == "val":
         datamodule.check(STAGES[task])
     if cfg.eval_split == "test":
@@ -159,9 +176,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> RunRecord | None:
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg.model)
+    model_cfg = plain(cfg.model)
     if task == "compare":
         datamodule.bind_model(model)
-        model_cfg = plain(cfg.model)
         run_compare(cfg, compare_settings, output_dir, model, datamodule, weights_label(model_cfg, model),
                     model_cfg["name"])
         return None
@@ -169,58 +186,90 @@ def run(cfg: DictConfig, output_dir: str | Path) -> RunRecord | None:
     datamodule.bind_model(model)
     module = ReductionModule(model, num_classes=model.num_classes, optim=optim, loss=loss)
 
-    model_cfg = plain(cfg.model)
     run_name = cfg.get("run_name") or default_run_name(model_cfg["name"], reducer_name, reducer_params)
     loggers = build_loggers(plain(cfg.logger), output_dir, run_name)
     try:
-        for lg in loggers:
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         callbacks = build_callbacks(task, output_dir, plain(cfg.checkpoint), with_loggers=bool(loggers))
         trainer = build_trainer(cfg.trainer, loggers, callbacks, output_dir, checkpointing=task == "finetune")
-        evaluate = trainer.validate if cfg.eval_split == "val" else trainer.test
-        eval_ckpt = ckpt_path
-        checkpoints = {}
-        if task == "finetune":
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-            # read before validate(ckpt_path=...) restores the callback's state from that checkpoint
-            callback = trainer.checkpoint_callback
-            checkpoints = {"best": callback.best_model_path or None, "last": callback.last_model_path or None}
-            eval_ckpt = "best" if checkpoints["best"] else None
-        results = evaluate(module, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False)
-        if not trainer.is_global_zero:
-            return None
-        record = _record(cfg, task, run_name, model, model_cfg, datamodule, reducer_name, reducer_params,
-                         results, trainer, module, output_dir, mcfg, checkpoints)
         for lg in loggers:
-            lg.log_metrics({f"result/{k}": v for k, v in record.metrics().items()}, step=trainer.global_step)
-            if isinstance(lg, WandbLogger):
-                lg.experiment.summary.update({f"result/{k}": v for k, v in record.to_dict().items()})
-        record.write(output_dir)
-        print(record.table())
-        return record
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        finish = partial(_finish, cfg, task, run_name, model, model_cfg, datamodule, reducer_name, reducer_params,
+                         trainer, module, output_dir, mcfg, loggers)
+        evaluate = trainer.validate if cfg.eval_split == "val" else trainer.test
+        weights = weights_label(model_cfg, model, ckpt_path if task == "evaluate" else None)
+        evaluated, eval_ckpt, checkpoints = weights, ckpt_path, {}
+        if task == "finetune":
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            except RunInterrupted as stop:
+                resume = resume_command(overrides, stop.checkpoint)
+                finish(weights=weights, evaluated=None, results=[], checkpoints=_checkpoints(trainer),
+                       status="interrupted", error=str(stop), resume=resume, timed=False)
+                print(f"interrupted by {stop.signal_name} at step {stop.step}; resume with:\n  {resume}")
+                raise
+            except Exception as err:
+                finish(weights=weights, evaluated=None, results=[], checkpoints=_checkpoints(trainer),
+                       status="failed", error=f"{type(err).__name__}: {err}", timed=False)
+                raise
+            checkpoints = _checkpoints(trainer)
+            if checkpoints["best"]:
+                evaluated, eval_ckpt = f"checkpoint:{Path(checkpoints['best']).resolve()}", "best"
+            else:
+                evaluated, eval_ckpt = "fine-tuned (final step, no checkpoint)", None
+        results = evaluate(module, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False)
+        return finish(weights=weights, evaluated=evaluated, results=results, checkpoints=checkpoints)
     finally:
         finish_loggers(loggers)
 
 
-def _record(cfg, task, run_name, model, model_cfg, datamodule, reducer_name, reducer_params, results, trainer,
-            module, output_dir, mcfg, checkpoints) -> RunRecord:
-    split = cfg.eval_split
-    input_size = tuple(model_data_config(model)["input_size"])
-    timing = None
-    if mcfg["enabled"]:
-        timing = measure(model, input_size, batch_size=mcfg["batch_size"], dtype=mcfg["dtype"],
-                         autocast=mcfg["autocast"], device=mcfg["device"], warmup=mcfg["warmup"],
-                         repeats=mcfg["repeats"], seed=cfg.seed)
+def resume_command(overrides: list[str] | None, checkpoint: str) -> str:
+    """The command that continues a run from `checkpoint`: the same settings, a new run directory."""
+    kept = [o for o in overrides or [] if not o.lstrip("+~").startswith("ckpt_path")]
+    return " ".join(["python -m tokenreduce", *map(shlex.quote, kept),
+                     shlex.quote(f"ckpt_path={Path(checkpoint).resolve()}")])
+
+
+def _checkpoints(trainer: L.Trainer) -> dict:
+    """The best and the latest checkpoint files a fine-tune has written so far (None: not written)."""
+    found = {"best": None, "last": None}
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            found["best"] = callback.best_model_path or None
+        elif isinstance(callback, LatestCheckpoint) and callback.path.is_file():
+            found["last"] = str(callback.path)
+    return found
+
+
+def _finish(cfg, task, run_name, model, model_cfg, datamodule, reducer_name, reducer_params, trainer, module,
+            output_dir, mcfg, loggers, *, weights, evaluated, results, checkpoints, status="finished", error=None,
+            resume=None, timed=True) -> RunRecord | None:
+    """Time the model (unless `timed` is off), write the record on rank 0 and log it; a failure while
+    timing still writes the record, as "failed", with the metrics measured before it."""
+    timing, late_error = None, None
+    if timed and mcfg["enabled"]:
+        try:
+            timing = measure(model, tuple(model_data_config(model)["input_size"]), batch_size=mcfg["batch_size"],
+                             dtype=mcfg["dtype"], autocast=mcfg["autocast"], device=mcfg["device"],
+                             warmup=mcfg["warmup"], repeats=mcfg["repeats"], seed=cfg.seed)
+        except Exception as err:  # keep what was measured before it
+            late_error = err
+            status, error = "failed", f"measuring throughput: {type(err).__name__}: {err}"
+    if not trainer.is_global_zero:
+        if late_error is not None:
+            raise late_error
+        return None
     st = probe_pass(model)
-    return RunRecord(
+    split = cfg.eval_split
+    record = RunRecord(
         run_name=run_name,
         task=task,
         model=model_cfg["name"],
-        weights=weights_label(model_cfg, model),
+        weights=weights,
         dataset=datamodule.describe(),
         split=split,
         reducer=reducer_name,
         reducer_params=reducer_params,
+        status=status,
         top1=_metric(results, f"{split}/top1"),
         top5=_metric(results, f"{split}/top5"),
         loss=_metric(results, f"{split}/loss"),
@@ -235,11 +284,23 @@ def _record(cfg, task, run_name, model, model_cfg, datamodule, reducer_name, red
         num_params=sum(p.numel() for p in model.parameters()),
         start_step=getattr(module, "start_step", 0),
         global_step=trainer.global_step,
-        resumed_from=str(cfg.ckpt_path) if task == "finetune" and cfg.get("ckpt_path") else None,
+        resumed_from=str(Path(cfg.ckpt_path).resolve()) if task == "finetune" and cfg.get("ckpt_path") else None,
         best_checkpoint=checkpoints.get("best"),
         last_checkpoint=checkpoints.get("last"),
+        evaluated=evaluated,
+        resume_command=resume,
+        error=error,
         seed=cfg.seed,
         output_dir=str(output_dir),
         finished=datetime.datetime.now().isoformat(timespec="seconds"),
         versions=_versions(),
     )
+    for lg in loggers:
+        lg.log_metrics({f"result/{k}": v for k, v in record.metrics().items()}, step=trainer.global_step)
+        if isinstance(lg, WandbLogger):
+            lg.experiment.summary.update({f"result/{k}": v for k, v in record.to_dict().items()})
+    record.write(output_dir)
+    print(record.table())
+    if late_error is not None:
+        raise late_error
+    return record

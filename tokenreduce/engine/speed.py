@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tokenreduce.errors import ConfigError
@@ -78,13 +79,42 @@ def throughput(model: nn.Module, images: torch.Tensor, repeats: int = 5, warmup:
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" is the current GPU when there is one, else the CPU."""
+    """"auto" is the current GPU when there is one, else the CPU; a GPU that is not there is a ConfigError."""
     if device == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
-        return torch.device(device)
-    except RuntimeError:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
         raise ConfigError(f"measure.device={device!r} is invalid; allowed: auto, cpu, cuda, cuda:N") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"measure.device={device!r} but this machine has no usable GPU; allowed here: auto, cpu")
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(f"measure.device={device!r} but this machine has {count} GPU(s); allowed: cuda:0 to "
+                              f"cuda:{count - 1}, auto, cpu")
+    elif resolved.type != "cpu":
+        raise ConfigError(f"measure.device={device!r} is invalid; allowed: auto, cpu, cuda, cuda:N")
+    return resolved
+
+
+def probe_dtypes(dtype: torch.dtype, autocast: torch.dtype | None, device: torch.device) -> None:
+    """Run a tiny attention-shaped computation in `dtype` (and under `autocast`) on `device`, so a
+    combination the device cannot compute fails here, before any evaluation, not after it."""
+    x = torch.ones(2, 3, 8, device=device, dtype=dtype)
+    weight = torch.ones(8, 8, device=device, dtype=dtype)
+    try:
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            attn = (F.layer_norm(x, (8,)) @ weight @ x.transpose(1, 2)).softmax(-1)
+            F.gelu(attn @ x).sum().item()
+    except (RuntimeError, AssertionError) as err:
+        setting = f"measure.dtype={_name(dtype)}" + (f" with measure.autocast={_name(autocast)}" if autocast else "")
+        raise ConfigError(f"{setting} cannot run on {device}: {str(err).splitlines()[0]}; allowed there: "
+                          "float32") from None
+
+
+def _name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
 
 
 def resolve_dtype(name: str | None, key: str, allow_none: bool = False) -> torch.dtype | None:
@@ -97,13 +127,18 @@ def resolve_dtype(name: str | None, key: str, allow_none: bool = False) -> torch
 
 
 def check_measure(batch_size: int, dtype: str = "float32", autocast: str | None = None, device: str = "auto",
-                  warmup: int = 3, repeats: int = 10) -> tuple[torch.dtype, torch.dtype | None, torch.device]:
-    """Validate the `measure` settings (a ConfigError naming the key); the resolved dtypes and device."""
+                  warmup: int = 3, repeats: int = 10,
+                  probe: bool = False) -> tuple[torch.dtype, torch.dtype | None, torch.device]:
+    """Validate the `measure` settings (a ConfigError naming the key); the resolved dtypes and device.
+    With `probe`, also check that the device computes in those dtypes (`probe_dtypes`)."""
     for key, value, least in (("batch_size", batch_size, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConfigError(f"measure.{key}={value!r} is invalid; allowed: an integer >= {least}")
-    return (resolve_dtype(dtype, "measure.dtype"), resolve_dtype(autocast, "measure.autocast", allow_none=True),
-            resolve_device(device))
+    resolved = (resolve_dtype(dtype, "measure.dtype"), resolve_dtype(autocast, "measure.autocast", allow_none=True),
+                resolve_device(device))
+    if probe:
+        probe_dtypes(*resolved)
+    return resolved
 
 
 def measure(model: nn.Module, input_size: tuple[int, int, int], batch_size: int, dtype: str = "float32",

@@ -180,6 +180,6 @@ def create_reducer(name: str, **params) -> TokenReducer:
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ConfigError(
-            f"{name}: unknown parameter(s) {', '.join(unknown)}; allowed: {', '.join(allowed) or 'none'}"
+            f"{name}: unknown parameter(s) {', '.join(unknown)}; allowed: {', '.join(allowed) or 'no parameters'}"
         )
     return cls(**params)

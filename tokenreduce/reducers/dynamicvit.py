@@ -17,7 +17,7 @@ from tokenreduce.core.macs import linear_macs
 from tokenreduce.core.merge import keep_assignment
 from tokenreduce.core.schedule import Schedule, no_cap
 from tokenreduce.core.state import ReductionState
-from tokenreduce.errors import ConfigError, check_number
+from tokenreduce.errors import ConfigError, check_number, check_numbers
 from tokenreduce.reducers.base import REDUCE_SCOPE, TokenReducer, register_reducer
 from tokenreduce.reducers.pruning import top_tokens
 
@@ -83,9 +83,10 @@ class DynamicViT(TokenReducer):
 
     def __init__(self, ratios: tuple[float, ...] = (0.7, 0.49, 0.343), layers: tuple[int, ...] = (3, 6, 9),
                  tau: float = 1.0, prop_attn: bool = False, trace_source: bool = False, ratio_weight: float = 2.0):
-        ratios, layers = tuple(ratios), tuple(layers)
-        if not ratios or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1 for v in ratios):
-            raise ConfigError(f"{self.name}: ratios={list(ratios)} is invalid; allowed: keep ratios in (0, 1]")
+        ratios = tuple(check_numbers(self.name, "ratios", ratios, low=0, high=1, low_open=True))
+        layers = tuple(check_numbers(self.name, "layers", layers, low=0, integer=True))
+        if not ratios:
+            raise ConfigError(f"{self.name}: ratios=[] is invalid; allowed: a list of keep ratios in (0, 1]")
         if any(b > a for a, b in zip(ratios, ratios[1:], strict=False)):
             raise ConfigError(f"{self.name}: ratios={list(ratios)} is invalid; allowed: non-increasing keep ratios")
         if len(layers) != len(ratios) or list(layers) != sorted(set(layers)):
