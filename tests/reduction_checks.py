@@ -82,3 +82,50 @@ def duplicate_pairs_through_two_blocks(model, reducer, layer: int = 0):
         y = TimmBlockOps(blocks[1]).plain(y, state.attn_bias(y.dtype))
         full = blocks[1](blocks[0](x))
     return y.gather(1, state.source.unsqueeze(-1).expand(-1, -1, dim)), full
+
+
+def check_zero_reduction_and_remove(model, x, reducer: str, params: dict):
+    """A reducer that removes nothing gives the unpatched model's output, and `remove` restores the
+    model exactly: its class, no reducer attached, the same output bit for bit."""
+    import tokenreduce
+
+    original = type(model)
+    with torch.no_grad():
+        expected = model(x)
+        tokenreduce.apply(model, reducer, **params)
+        reduced = model(x)
+        tokenreduce.remove(model)
+        restored = model(x)
+    torch.testing.assert_close(reduced, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(restored, expected, rtol=0, atol=0)
+    assert type(model) is original
+    assert not hasattr(model, "token_reducer") and not hasattr(model, "_tokenreduce")
+
+
+def check_grad_checkpointing(model, x):
+    """A reduced model in training mode gives the same gradients with timm's gradient checkpointing."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    twin.set_grad_checkpointing(True)
+    for m in (model, twin):
+        torch.manual_seed(0)
+        m(x).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def check_bfloat16(model, x):
+    """A reduced model runs in bfloat16 with the token counts of float32, finite outputs, and sizes
+    kept in float32. Returns the pass's state."""
+    import tokenreduce
+
+    with torch.no_grad():
+        model(x)
+        tokens = tokenreduce.stats(model)["tokens"]
+        got = model.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert tokenreduce.stats(model)["tokens"] == tokens
+    state = model._tokenreduce.last_state
+    assert state.sizes is None or state.sizes.dtype == torch.float32  # sizes stay exact
+    return state

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import TINY_MODELS, images_for, make_model
 from merge_checks import check_every_merge
+from reduction_checks import check_bfloat16
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -129,15 +130,7 @@ def test_bfloat16_runs_with_the_same_token_counts(name, model_name):
     than float32 (outputs then differ by the choice, not by precision); the precision of the merge
     itself is checked in test_matching with the selection held fixed."""
     model = reduced(name, model_name)
-    x = images_for(model)
-    with torch.no_grad():
-        model(x)
-        tokens = tokenreduce.stats(model)["tokens"]
-        got = model.to(torch.bfloat16)(x.to(torch.bfloat16))
-    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
-    assert tokenreduce.stats(model)["tokens"] == tokens
-    state = model._tokenreduce.last_state
-    assert state.sizes is None or state.sizes.dtype == torch.float32  # sizes stay exact
+    check_bfloat16(model, images_for(model))
 
 
 @pytest.mark.parametrize("name, model_name", cases())

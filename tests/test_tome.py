@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from conftest import TINY_MODELS, images_for, make_model, narrow_vit_b_geometry
+from reduction_checks import check_grad_checkpointing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -60,14 +61,7 @@ def test_sizes_sources_and_prefix_tokens_after_every_layer(name):
 
 def test_grad_checkpointing_gives_the_same_gradients():
     model = tokenreduce.apply(make_model("test_vit2"), "tome", r=9).train()
-    twin = copy.deepcopy(model)
-    twin.set_grad_checkpointing(True)
-    x = images_for(model)
-    for m in (model, twin):
-        torch.manual_seed(0)
-        m(x).square().sum().backward()
-    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    check_grad_checkpointing(model, images_for(model))
 
 
 @pytest.mark.parametrize("name", [*TINY_MODELS, "deit_tiny_distilled_patch16_224"])

@@ -4,46 +4,54 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from tokenreduce.adapters import timm_vit
+from tokenreduce.adapters import adapter_for, is_patched
 from tokenreduce.errors import ConfigError
 from tokenreduce.reducers.base import TokenReducer, create_reducer
 
 
-def apply(model: nn.Module, reducer: str | TokenReducer, **params) -> nn.Module:
+def apply(model: nn.Module, reducer: str | TokenReducer, adapter_options: dict | None = None, **params) -> nn.Module:
     """Make `model` reduce its tokens with `reducer` (a registered name or an instance).
 
     Returns the same model, whose `forward` still returns logits. Applying to a model that already
     reduces replaces its reducer; nothing is patched twice. Every check runs before the model is
     touched, so a bad argument leaves it as it was.
+
+    The model's family is found by the adapter that claims it (`tokenreduce.adapters`);
+    `adapter_options` are that adapter's settings, e.g. `{"rope_position": "mean"}` for timm Eva
+    models (how a merged token's RoPE position is set; see docs/adapters.md); when None, a model
+    that already reduces keeps its options. `params` go to the reducer.
     """
     if isinstance(reducer, TokenReducer):
         if params:
             raise ConfigError(f"parameters {sorted(params)} given with a reducer instance; set them on the instance")
     else:
         reducer = create_reducer(reducer, **params)
-    patched = timm_vit.is_patched(model)
-    info = model._tokenreduce.info if patched else timm_vit.describe(model)
+    adapter = adapter_for(model)
+    patched = is_patched(model)
+    info = model._tokenreduce.info if patched else adapter.describe(model)
+    # re-applying keeps the options unless new ones are given (e.g. a matched-cost search that swaps reducers)
+    options = model._tokenreduce.options if patched and adapter_options is None else adapter.check_options(adapter_options)
     reducer.check_model(info)
     if patched:
-        timm_vit.unpatch(model)
+        adapter.unpatch(model)
     param = next(model.parameters(), None)
     if param is not None:  # a reducer's own weights follow the model's device, dtype and mode
         reducer.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
     reducer.train(model.training)
-    timm_vit.patch(model, reducer, info)
+    adapter.patch(model, reducer, info, options)
     return model
 
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo `apply`: the model is again its original class with its original forward."""
-    if timm_vit.is_patched(model):
-        timm_vit.unpatch(model)
+    if is_patched(model):
+        model._tokenreduce.adapter.unpatch(model)
     return model
 
 
 def reducer_of(model: nn.Module) -> TokenReducer | None:
     """The reducer applied to `model`, or None."""
-    return model.token_reducer if timm_vit.is_patched(model) else None
+    return model.token_reducer if is_patched(model) else None
 
 
 def stats(model: nn.Module) -> dict:
@@ -58,14 +66,14 @@ def stats(model: nn.Module) -> dict:
                   index of the output token, leaving the last block, that it ended in; -1 for a token
                   that was dropped (pruned). None when the reducer does not trace sources.
     """
-    if not timm_vit.is_patched(model):
+    if not is_patched(model):
         raise ConfigError("stats(model): the model has no reducer; call tokenreduce.apply(model, ...) first")
     state = model._tokenreduce.last_state
     if state is None:
         raise ConfigError("stats(model): the model has not run a forward pass since tokenreduce.apply")
     tokens = state.tokens_per_layer()
     entering = [rec.tokens_in for rec in state.records] + [state.final_tokens]
-    macs = timm_vit.pass_macs(model, state)
+    macs = model._tokenreduce.adapter.pass_macs(model, state)
     return {
         "reducer": model.token_reducer.name,
         "params": model.token_reducer.params(),

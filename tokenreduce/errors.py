@@ -13,6 +13,11 @@ class UnsupportedModelError(TypeError):
     """The model lacks a piece the adapter needs, so reducing it would give a wrong output."""
 
 
+class UnclaimedModelError(ConfigError, UnsupportedModelError):
+    """No adapter claims the model (a ConfigError; also an UnsupportedModelError, as it was before
+    adapters were chosen by a registry)."""
+
+
 def check_flag(who: str, name: str, value) -> bool:
     """`value` must be a real bool (a config's 1 or "yes" is refused, not guessed)."""
     if not isinstance(value, bool):

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenreduce.adapters import timm_vit
+from tokenreduce.adapters import is_patched
 from tokenreduce.errors import ConfigError
 from tokenreduce.reducers.dynamicvit import DECISIONS, DynamicViT
 from tokenreduce.reducers.mctf import MCTF
 
 
 def _reducer(model: nn.Module, cls: type, who: str):
-    reducer = getattr(model, "token_reducer", None) if timm_vit.is_patched(model) else None
+    reducer = getattr(model, "token_reducer", None) if is_patched(model) else None
     if not isinstance(reducer, cls):
         raise ConfigError(f"{who}: the model must carry a {cls.name!r} reducer (tokenreduce.apply(model, {cls.name!r}))")
     return reducer

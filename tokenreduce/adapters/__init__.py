@@ -1,1 +1,17 @@
-"""How reducers are placed into model families."""
+"""How reducers are placed into model families: one adapter per family, chosen by a registry.
+
+Importing this package registers the built-in adapters; see docs/adapters.md to add one.
+"""
+
+from tokenreduce.adapters import timm_eva, timm_vit  # noqa: F401  (registers the adapters)
+from tokenreduce.adapters.base import (
+    Adapter,
+    ModelInfo,
+    Patch,
+    adapter_for,
+    adapters,
+    is_patched,
+    register_adapter,
+)
+
+__all__ = ["Adapter", "ModelInfo", "Patch", "adapter_for", "adapters", "is_patched", "register_adapter"]

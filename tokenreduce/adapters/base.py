@@ -1,13 +1,17 @@
-"""What a reducer may know about a model and do with one block, independent of the model family."""
+"""What a reducer may know about a model and do with one block, independent of the model family;
+and the registry of adapters, each placing reducers into one model family (docs/adapters.md)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from tokenreduce.reducers.base import Signals
+from tokenreduce.core.state import ReductionState
+from tokenreduce.errors import ConfigError, UnclaimedModelError
+from tokenreduce.reducers.base import Signals, TokenReducer
 
 
 @dataclass(frozen=True)
@@ -56,3 +60,153 @@ class BlockOps(Protocol):
 
     def attn_residual(self, x: Tensor, y: Tensor) -> Tensor:
         """x plus the attention branch's output, through the block's scaling and drop path."""
+
+
+# --- the patch a model carries ------------------------------------------------------------------
+@dataclass
+class Patch:
+    """What `apply` attached to a model: the adapter that placed the reducer, the model's original
+    class and facts, the adapter's options, and the last pass's state."""
+
+    adapter: Adapter
+    original_class: type
+    info: ModelInfo
+    options: dict = field(default_factory=dict)
+    last_state: ReductionState | None = field(default=None, repr=False)
+
+    def sizes_for(self, x: Tensor) -> Tensor | None:
+        """The last pass's token sizes, if `x` has its batch and token count."""
+        state = self.last_state
+        if state is None or state.sizes is None or state.sizes.shape[:2] != x.shape[:2]:
+            return None
+        return state.sizes
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether `tokenreduce.apply` placed a reducer into `model` (and `remove` has not taken it out)."""
+    return isinstance(getattr(model, "_tokenreduce", None), Patch)
+
+
+# --- adapters and their registry ----------------------------------------------------------------
+class Adapter:
+    """How reducers are placed into one model family. Subclass, register with `@register_adapter`.
+
+    A subclass sets `family` (words for messages), `reduced_methods` (a class whose methods are
+    placed in front of the model's own class while it is patched) and `options` (its settings with
+    their defaults), and implements `claims`, `describe` and `pass_macs`.
+    """
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    reduced_methods: ClassVar[type] = object
+    options: ClassVar[dict] = {}
+
+    def claims(self, model: nn.Module) -> bool:
+        """Whether `model` belongs to this family (cheap; `describe` then checks every detail)."""
+        raise NotImplementedError
+
+    def describe(self, model: nn.Module) -> ModelInfo:
+        """The model's facts; raise UnsupportedModelError for a member this adapter cannot run exactly."""
+        raise NotImplementedError
+
+    def pass_macs(self, model: nn.Module, state: ReductionState) -> dict[str, int]:
+        """MACs of one image for the pass that left `state`: embed, blocks, reducer, head, total."""
+        raise NotImplementedError
+
+    def check_options(self, options: dict | None) -> dict:
+        """The adapter's options with defaults filled in; an unknown name is a ConfigError."""
+        if options is not None and not isinstance(options, Mapping):
+            raise ConfigError(f"adapter_options={options!r} is invalid; allowed: a dict of the {self.family} "
+                              f"adapter's options ({', '.join(self.options) or 'none'})")
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ConfigError(f"adapter_options: {', '.join(unknown)} not known to the {self.family} adapter; "
+                              f"allowed: {', '.join(self.options) or 'no options'}")
+        return {**self.options, **options}
+
+    def patch(self, model: nn.Module, reducer: TokenReducer, info: ModelInfo, options: dict) -> None:
+        model._tokenreduce = Patch(adapter=self, original_class=type(model), info=info, options=options)
+        model.token_reducer = reducer
+        model.__class__ = self._reduced_class(type(model))
+
+    def unpatch(self, model: nn.Module) -> None:
+        model.__class__ = model._tokenreduce.original_class
+        del model.token_reducer
+        del model._tokenreduce
+
+    def _reduced_class(self, cls: type) -> type:
+        # one class per (adapter, model class), so patched models of a class share it
+        key = (self.name, cls)
+        if key not in _REDUCED_CLASSES:
+            _REDUCED_CLASSES[key] = type(f"TokenReduced{cls.__name__}", (self.reduced_methods, cls), {})
+        return _REDUCED_CLASSES[key]
+
+
+_REDUCED_CLASSES: dict[tuple[str, type], type] = {}
+_ADAPTERS: dict[str, Adapter] = {}
+
+
+def register_adapter(name: str):
+    """Class decorator: make an `Adapter` subclass one of the families `apply` can reduce."""
+
+    def wrap(cls: type[Adapter]) -> type[Adapter]:
+        if name in _ADAPTERS and type(_ADAPTERS[name]) is not cls:
+            raise ValueError(f"an adapter named {name!r} is already registered ({type(_ADAPTERS[name]).__name__})")
+        cls.name = name
+        _ADAPTERS[name] = cls()
+        return cls
+
+    return wrap
+
+
+def adapters() -> dict[str, Adapter]:
+    """The registered adapters by name, in registration order."""
+    return dict(_ADAPTERS)
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter that placed the model's reducer, or else the one that claims the model.
+
+    A model no adapter claims is a ConfigError listing the supported families; a windowed or
+    hierarchical transformer is refused with the reason.
+    """
+    if is_patched(model):
+        return model._tokenreduce.adapter
+    claimed = [a for a in _ADAPTERS.values() if a.claims(model)]
+    if len(claimed) == 1:
+        return claimed[0]
+    if len(claimed) > 1:  # a registration bug, not a user error
+        raise RuntimeError(f"{type(model).__name__} is claimed by several adapters: {[a.name for a in claimed]}")
+    families = "; ".join(a.family for a in _ADAPTERS.values())
+    windowed = _windowed_kind(model)
+    if windowed:
+        raise UnclaimedModelError(
+            f"model {type(model).__name__} is a {windowed}: its attention runs in windows that tile a fixed token "
+            f"grid, and token reduction changes the number of tokens, so the windows would no longer tile; use a "
+            f"plain (global-attention) model instead, supported: {families}")
+    raise UnclaimedModelError(f"model {type(model).__name__} is not claimed by any adapter; supported: {families}")
+
+
+def _windowed_kind(model: nn.Module) -> str | None:
+    """Words for a timm windowed or hierarchical transformer, None for any other model."""
+    from timm.models import (
+        davit,
+        hiera,
+        maxxvit,
+        mvitv2,
+        swin_transformer,
+        swin_transformer_v2,
+        swin_transformer_v2_cr,
+    )
+
+    kinds = {
+        swin_transformer.SwinTransformer: "Swin Transformer (shifted-window attention)",
+        swin_transformer_v2.SwinTransformerV2: "Swin Transformer V2 (shifted-window attention)",
+        swin_transformer_v2_cr.SwinTransformerV2Cr: "Swin Transformer V2 (shifted-window attention)",
+        maxxvit.MaxxVit: "MaxViT/CoAtNet (block and grid window attention)",
+        hiera.Hiera: "Hiera (mask-unit window attention)",
+        davit.DaVit: "DaViT (window attention)",
+        mvitv2.MultiScaleVit: "MViTv2 (pooling attention over a token grid)",
+    }
+    return next((words for cls, words in kinds.items() if isinstance(model, cls)), None)

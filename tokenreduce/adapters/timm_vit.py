@@ -9,8 +9,6 @@ exactly as in timm.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention, AttentionPoolLatent
@@ -19,7 +17,7 @@ from timm.models.vision_transformer import Block, ResPostBlock, VisionTransforme
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from tokenreduce.adapters.base import ModelInfo
+from tokenreduce.adapters.base import Adapter, ModelInfo, register_adapter
 from tokenreduce.core.macs import BlockCost, blocks_macs, linear_macs
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, UnsupportedModelError
@@ -82,9 +80,19 @@ def attention_forward(attn: Attention, x: Tensor, bias: Tensor | None, needs: fr
     Keeps the fused kernel unless the attention probabilities are needed.
     """
     b, n, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    return attend(attn, x, q, k, v, bias, needs)
+
+
+def attend(attn: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, needs: frozenset[str],
+           keys: Tensor | None = None) -> tuple[Tensor, Signals]:
+    """The rest of a timm attention from its queries, keys and values [B, H, N, head_dim]: the
+    (fused unless probabilities are asked for) product, the output norm, gate and projection.
+
+    x: the attention input (for a gated attention); keys: the keys reported as the KEYS signal when
+    they are not `k` itself (RoPE models report the keys before the rotation).
+    """
     signals = Signals()
     if ATTN in needs or not attn.fused_attn:
         logits = (q * attn.scale) @ k.transpose(-2, -1)
@@ -98,19 +106,30 @@ def attention_forward(attn: Attention, x: Tensor, bias: Tensor | None, needs: fr
         drop = attn.attn_drop.p if attn.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
     if KEYS in needs:
-        signals.keys = k.mean(dim=1)
+        signals.keys = (k if keys is None else keys).mean(dim=1)
+    return _attn_out(attn, out, x), signals
+
+
+def _attn_out(attn: nn.Module, out: Tensor, x: Tensor) -> Tensor:
+    """[B, H, N, head_dim] heads -> [B, N, C] through the output norm, the gate of `x` and the projection."""
+    b, n, _ = x.shape
     out = attn.norm(out.transpose(1, 2).reshape(b, n, -1))
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out)), signals
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(out))
 
 
 class TimmBlockOps:
-    """The steps of a timm `Block` (pre-norm) or `ResPostBlock` (post-norm) for a reducer."""
+    """The steps of a timm `Block` (pre-norm) or `ResPostBlock` (post-norm) for a reducer.
 
-    def __init__(self, block: nn.Module, checkpointing: bool = False):
+    Another timm family with the same block layout (Eva) subclasses it and overrides the hooks:
+    `_branch_kwargs` (extra block arguments), `_scale1`/`_scale2` (LayerScale), `_attention_branch`,
+    `attn_qk` and `attn_values`.
+    """
+
+    def __init__(self, block: nn.Module, checkpointing: bool = False, pre_norm: bool | None = None):
         self.block = block
-        self.pre_norm = isinstance(block, PRE_NORM_BLOCKS)
+        self.pre_norm = isinstance(block, PRE_NORM_BLOCKS) if pre_norm is None else pre_norm
         self.checkpointing = checkpointing
 
     def _run(self, fn, *args):
@@ -118,18 +137,34 @@ class TimmBlockOps:
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
+    # --- hooks ---------------------------------------------------------------------------------
+    def _branch_kwargs(self) -> dict:
+        """Arguments the block's own forward and `_attention_branch` need besides the tokens and the
+        mask; taken once per step, outside the checkpointed function, so a recomputation in the
+        backward pass sees the same ones."""
+        return {}
+
+    def _scale1(self, y: Tensor) -> Tensor:
+        return self.block.ls1(y)
+
+    def _scale2(self, y: Tensor) -> Tensor:
+        return self.block.ls2(y)
+
+    def _attention_branch(self, h: Tensor, bias: Tensor | None, needs: frozenset[str]) -> tuple[Tensor, Signals]:
+        """attn(h) with the signals asked for (and the `_branch_kwargs` as keywords)."""
+        return attention_forward(self.block.attn, h, bias, needs)
+
+    # --- the steps -----------------------------------------------------------------------------
     def plain(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        return self._run(lambda t, m: self.block(t, attn_mask=m), x, bias)
+        kwargs = self._branch_kwargs()
+        return self._run(lambda t, m: self.block(t, attn_mask=m, **kwargs), x, bias)
 
     def attention(self, x: Tensor, bias: Tensor | None, needs: frozenset[str]) -> tuple[Tensor, Signals]:
-        blk = self.block
+        kwargs = self._branch_kwargs()
 
         def step(t, m):
-            if self.pre_norm:
-                y, sig = attention_forward(blk.attn, blk.norm1(t), m, needs)
-                return t + blk.drop_path1(blk.ls1(y)), sig.keys, sig.attn
-            y, sig = attention_forward(blk.attn, t, m, needs)
-            return t + blk.drop_path1(blk.norm1(y)), sig.keys, sig.attn
+            y, sig = self._attention_branch(self.attn_input(t), m, needs, **kwargs)
+            return self.attn_residual(t, y), sig.keys, sig.attn
 
         x, keys, attn = self._run(step, x, bias)
         return x, Signals(keys=keys, attn=attn)
@@ -137,7 +172,7 @@ class TimmBlockOps:
     def mlp(self, x: Tensor) -> Tensor:
         blk = self.block
         if self.pre_norm:
-            return self._run(lambda t: t + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(t)))), x)
+            return self._run(lambda t: t + blk.drop_path2(self._scale2(blk.mlp(blk.norm2(t)))), x)
         return self._run(lambda t: t + blk.drop_path2(blk.norm2(blk.mlp(t))), x)
 
     # --- finer steps: the attention residual in pieces ---------------------------------------
@@ -182,39 +217,17 @@ class TimmBlockOps:
     def attn_output(self, probs: Tensor, v: Tensor, h: Tensor) -> Tensor:
         """The attention's output [B, N, C] from probabilities [B, H, N, N] and values; `h` is the
         attention input of the same tokens (for a gated attention)."""
-        attn = self.block.attn
-        b, n, _ = h.shape
-        out = attn.attn_drop(probs) @ v
-        out = attn.norm(out.transpose(1, 2).reshape(b, n, -1))
-        if getattr(attn, "gate", None) is not None:
-            out = out * attn.gate(h).sigmoid()
-        return attn.proj_drop(attn.proj(out))
+        return _attn_out(self.block.attn, self.block.attn.attn_drop(probs) @ v, h)
 
     def attn_residual(self, x: Tensor, y: Tensor) -> Tensor:
         """x + the attention branch `y` through LayerScale and drop path (post-norm: through norm1)."""
         blk = self.block
         if self.pre_norm:
-            return x + blk.drop_path1(blk.ls1(y))
+            return x + blk.drop_path1(self._scale1(y))
         return x + blk.drop_path1(blk.norm1(y))
 
 
 # --- the patched model -----------------------------------------------------------------------
-@dataclass
-class Patch:
-    """What `apply` attached to a model: its original class and facts, and the last pass's state."""
-
-    original_class: type
-    info: ModelInfo
-    last_state: ReductionState | None = field(default=None, repr=False)
-
-    def sizes_for(self, x: Tensor) -> Tensor | None:
-        """The last pass's token sizes, if `x` has its batch and token count."""
-        state = self.last_state
-        if state is None or state.sizes is None or state.sizes.shape[:2] != x.shape[:2]:
-            return None
-        return state.sizes
-
-
 def _refuse_masks(attn_mask, is_causal) -> None:
     if attn_mask is not None or is_causal:
         raise ConfigError(
@@ -230,17 +243,21 @@ def _embed(model: VisionTransformer, x: Tensor) -> Tensor:
     return model.norm_pre(x)
 
 
-def _run_blocks(model: VisionTransformer, x: Tensor, take: set[int] | None = None, last: int | None = None):
-    """Run the blocks with reduction; return the tokens, the pass's state and the taken intermediates."""
+def run_blocks(model: nn.Module, x: Tensor, extra, take: set[int] | None = None, last: int | None = None):
+    """Run the blocks with reduction; return the tokens, the pass's state and the taken intermediates.
+
+    `extra` is what the family's embedding produced besides the tokens (see `_ReducedViT._tr_embed`).
+    """
     reducer: TokenReducer = model.token_reducer
     num_prefix = model.num_prefix_tokens
     depth = len(model.blocks)
     removals = reducer.removal_counts(depth, x.shape[1] - num_prefix)
     state = ReductionState.start(x, num_prefix, removals, reducer.prop_attn, reducer.trace_source)
+    model._tr_start(state, extra)
     checkpointing = bool(model.grad_checkpointing) and torch.is_grad_enabled() and not torch.jit.is_scripting()
     taken = []
     for i, blk in enumerate(model.blocks[: depth if last is None else last + 1]):
-        ops = TimmBlockOps(blk, checkpointing)
+        ops = model._tr_block_ops(blk, state, extra, checkpointing)
         state.begin_layer(x.shape[1])
         if reducer.acts_at(i, removals[i]):
             x = reducer.block_forward(ops, x, state, i, removals[i])
@@ -253,38 +270,50 @@ def _run_blocks(model: VisionTransformer, x: Tensor, take: set[int] | None = Non
     return x, state, taken
 
 
-def _weighted_pool(model: VisionTransformer, x: Tensor, sizes: Tensor, pool_type: str | None) -> Tensor:
+def _weighted_pool(model: nn.Module, x: Tensor, sizes: Tensor, pool_type: str | None) -> Tensor:
     pool_type = model.global_pool if pool_type is None else pool_type
+    if not model._tr_pool_includes_prefix():
+        x, sizes = x[:, model.num_prefix_tokens :], sizes[:, model.num_prefix_tokens :]
     if model.attn_pool is not None:
-        if not model.pool_include_prefix:
-            x, sizes = x[:, model.num_prefix_tokens :], sizes[:, model.num_prefix_tokens :]
         bias = sizes.log().to(x.dtype).transpose(1, 2).unsqueeze(1) if model.token_reducer.prop_attn else None
         return model.attn_pool(x, attn_mask=bias)
-    if pool_type in ("", "token", "max"):
-        return model.pool_original(x, pool_type)
-    if not model.pool_include_prefix:
-        x, sizes = x[:, model.num_prefix_tokens :], sizes[:, model.num_prefix_tokens :]
     avg = ((x.float() * sizes).sum(dim=1) / sizes.sum(dim=1)).to(x.dtype)
     return avg if pool_type == "avg" else 0.5 * (x.amax(dim=1) + avg)
 
 
 class _ReducedViT:
-    """Methods placed in front of the model's own class by `patch`."""
+    """Methods placed in front of the model's own class by `patch`.
 
+    Another timm family built like VisionTransformer (Eva) subclasses it and overrides the `_tr_*` hooks.
+    """
+
+    # --- hooks ---------------------------------------------------------------------------------
+    def _tr_embed(self, x: Tensor) -> tuple[Tensor, object]:
+        """The tokens entering block 0, and what the blocks need besides them (None here)."""
+        return _embed(self, x), None
+
+    def _tr_start(self, state: ReductionState, extra) -> None:
+        """Prepare the pass's state (nothing for a ViT: its positions were added to the tokens)."""
+
+    def _tr_block_ops(self, block: nn.Module, state: ReductionState, extra, checkpointing: bool) -> TimmBlockOps:
+        return TimmBlockOps(block, checkpointing)
+
+    def _tr_pool_includes_prefix(self) -> bool:
+        return self.pool_include_prefix
+
+    # --- timm's methods, with reduction --------------------------------------------------------
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         _refuse_masks(attn_mask, is_causal)
-        x, state, _ = _run_blocks(self, _embed(self, x))
+        x, state, _ = run_blocks(self, *self._tr_embed(x))
         self._tokenreduce.last_state = state
         return self.norm(x)
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         sizes = self._tokenreduce.sizes_for(x)
-        if sizes is None:
-            return self.pool_original(x, pool_type)
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if sizes is None or (self.attn_pool is None and pool_type in ("", "token", "max")):
+            return self._tokenreduce.original_class.pool(self, x, pool_type)
         return _weighted_pool(self, x, sizes, pool_type)
-
-    def pool_original(self, x: Tensor, pool_type: str | None = None) -> Tensor:
-        return self._tokenreduce.original_class.pool(self, x, pool_type)
 
     def forward_intermediates(
         self,
@@ -308,7 +337,7 @@ class _ReducedViT:
             raise ConfigError(f"output_fmt={output_fmt!r} is invalid; allowed: 'NCHW', 'NLC'")
         take, max_index = feature_take_indices(len(self.blocks), indices)
         batch, _, height, width = x.shape
-        x = _embed(self, x)
+        x, extra = self._tr_embed(x)
         num_prefix = self.num_prefix_tokens
         if output_fmt == "NCHW":
             removals = self.token_reducer.removal_counts(len(self.blocks), x.shape[1] - num_prefix)
@@ -317,7 +346,7 @@ class _ReducedViT:
                     f"output_fmt='NCHW' needs the full patch grid, but this reducer removes tokens at or before "
                     f"layer {max(take)}; allowed: output_fmt='NLC' for token-reduced intermediates"
                 )
-        x, state, intermediates = _run_blocks(self, x, set(take), max_index if stop_early else None)
+        x, state, intermediates = run_blocks(self, x, extra, set(take), max_index if stop_early else None)
         self._tokenreduce.last_state = state
         if norm:
             intermediates = [self.norm(y) for y in intermediates]
@@ -340,47 +369,23 @@ class _ReducedViT:
         return self.norm(x), intermediates
 
 
-_REDUCED_CLASSES: dict[type, type] = {}
-
-
-def _reduced_class(cls: type) -> type:
-    if cls not in _REDUCED_CLASSES:
-        _REDUCED_CLASSES[cls] = type(f"TokenReduced{cls.__name__}", (_ReducedViT, cls), {})
-    return _REDUCED_CLASSES[cls]
-
-
-def is_patched(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "_tokenreduce", None), Patch)
-
-
-def patch(model: VisionTransformer, reducer: TokenReducer, info: ModelInfo) -> None:
-    model._tokenreduce = Patch(original_class=type(model), info=info)
-    model.token_reducer = reducer
-    model.__class__ = _reduced_class(type(model))
-
-
-def unpatch(model: VisionTransformer) -> None:
-    model.__class__ = model._tokenreduce.original_class
-    del model.token_reducer
-    del model._tokenreduce
-
-
 # --- cost --------------------------------------------------------------------------------------
-def block_costs(model: VisionTransformer) -> list[BlockCost]:
-    return [
-        BlockCost(attn_linear=linear_macs(blk.attn), attn_dim=blk.attn.num_heads * blk.attn.head_dim,
-                  mlp_linear=linear_macs(blk.mlp), qk_linear=2 * blk.attn.qkv.in_features * blk.attn.num_heads * blk.attn.head_dim)
-        for blk in model.blocks
-    ]
+def block_costs(model: nn.Module) -> list[BlockCost]:
+    costs = []
+    for blk in model.blocks:
+        attn_dim = blk.attn.num_heads * blk.attn.head_dim
+        costs.append(BlockCost(attn_linear=linear_macs(blk.attn), attn_dim=attn_dim, mlp_linear=linear_macs(blk.mlp),
+                               qk_linear=2 * model.embed_dim * attn_dim))
+    return costs
 
 
-def _pool_and_head_macs(model: VisionTransformer, final_tokens: int) -> int:
+def _pool_and_head_macs(model: nn.Module, final_tokens: int) -> int:
     heads = [m for m in (getattr(model, "head", None), getattr(model, "head_dist", None)) if m is not None]
     head = sum(linear_macs(m) for m in heads)
     pool = model.attn_pool
     if pool is None:
         return head
-    tokens = final_tokens if model.pool_include_prefix else final_tokens - model.num_prefix_tokens
+    tokens = final_tokens if model._tr_pool_includes_prefix() else final_tokens - model.num_prefix_tokens
     latent = pool.latent_len
     attn_dim = pool.num_heads * pool.head_dim
     macs = latent * linear_macs(pool.q) + tokens * linear_macs(pool.kv) + 2 * latent * tokens * attn_dim
@@ -388,7 +393,7 @@ def _pool_and_head_macs(model: VisionTransformer, final_tokens: int) -> int:
     return macs + head * (1 if pool.pool in ("token", "avg") else latent)
 
 
-def pass_macs(model: VisionTransformer, state: ReductionState) -> dict[str, int]:
+def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
     """MACs of one image for the pass that left `state`, split by where they are spent."""
     num_patches = state.records[0].tokens_in - model.num_prefix_tokens
     proj = model.patch_embed.proj
@@ -397,3 +402,18 @@ def pass_macs(model: VisionTransformer, state: ReductionState) -> dict[str, int]
     head = _pool_and_head_macs(model, state.final_tokens)
     return {"embed": embed, "blocks": backbone, "reducer": reducer, "head": head,
             "total": embed + backbone + reducer + head}
+
+
+@register_adapter("timm_vit")
+class TimmViTAdapter(Adapter):
+    family = "timm VisionTransformer (ViT, DeiT, ViT with registers)"
+    reduced_methods = _ReducedViT
+
+    def claims(self, model: nn.Module) -> bool:
+        return isinstance(model, VisionTransformer)
+
+    def describe(self, model: nn.Module) -> ModelInfo:
+        return describe(model)
+
+    def pass_macs(self, model: nn.Module, state: ReductionState) -> dict[str, int]:
+        return pass_macs(model, state)

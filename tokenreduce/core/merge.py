@@ -162,6 +162,29 @@ def _sum_columns(attn: Tensor, assignment: Assignment) -> Tensor:
     return cols[..., :n_out]
 
 
+POSITION_RULES = ("destination", "mean")
+
+
+def carry_positions(positions: Tensor, sizes: Tensor | None, assignment: Assignment, rule: str) -> Tensor:
+    """The positions [B, n_out, D] of the tokens after `assignment`, from theirs [B, N, D] (float32).
+
+    rule "destination": a slot keeps the position of the token that represents it (the merge's
+        destination, a kept token); a slot that no token represents (EViT's fused token, made only
+        of sources) takes the size-weighted mean of its members.
+    rule "mean": every slot takes the size-weighted mean of its members' positions.
+    Dropped tokens are left out either way.
+    """
+    if rule not in POSITION_RULES:
+        raise ConfigError(f"position rule={rule!r} is invalid; allowed: {', '.join(map(repr, POSITION_RULES))}")
+    dest, n_out = assignment.dest, assignment.n_out
+    w = _weights(sizes, positions)
+    mean = scatter_sum(positions * w, dest, n_out) / scatter_sum(w, dest, n_out).clamp_min(1e-12)
+    held_by = dest if rule == "mean" or assignment.merged is None else dest.masked_fill(assignment.merged, n_out)
+    # a slot held by exactly one token copies its position (exact, where p * w / w may round)
+    count = scatter_sum(torch.ones_like(w), held_by, n_out)
+    return torch.where(count == 1, scatter_sum(positions, held_by, n_out), mean)
+
+
 def keep_assignment(keep: Tensor, fuse: bool = False) -> Assignment:
     """The assignment of a pruning step: `keep` [B, N] bool, the same number of True per row.
 

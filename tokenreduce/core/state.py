@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tokenreduce.core.merge import Assignment, combine, update_source
+from tokenreduce.core.merge import Assignment, carry_positions, combine, update_source
 
 
 @dataclass
@@ -42,6 +42,10 @@ class ReductionState:
     records: list[LayerRecord] = field(default_factory=list)
     extras: dict = field(default_factory=dict)  # per-pass data a reducer wants to keep (losses, masks)
     final_tokens: int = 0  # tokens leaving the last block
+    # [B, N, D] float32 coordinates of every token, for models whose attention reads positions
+    # (RoPE); set by the adapter, carried through every merge by `position_rule` (see carry_positions)
+    positions: Tensor | None = None
+    position_rule: str = "destination"
 
     @classmethod
     def start(cls, x: Tensor, num_prefix: int, removals: list[int], prop_attn: bool, trace_source: bool):
@@ -71,6 +75,8 @@ class ReductionState:
         """Apply one assignment to the tokens, their sizes and the source map."""
         if assignment is None:
             return x
+        if self.positions is not None:
+            self.positions = carry_positions(self.positions, self.sizes, assignment, self.position_rule)
         x, self.sizes = combine(x, self.sizes, assignment, mode=mode, **kwargs)
         if self.source is not None:
             self.source = update_source(self.source, assignment)
