@@ -39,7 +39,7 @@ run: setup
 	$(BIN)/python -m tokenreduce
 
 bench: setup
-	$(BIN)/python -m tokenreduce.bench
+	$(BIN)/python -m tokenreduce.bench $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check tokenreduce tests experiments
