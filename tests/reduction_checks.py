@@ -129,3 +129,16 @@ def check_bfloat16(model, x):
     state = model._tokenreduce.last_state
     assert state.sizes is None or state.sizes.dtype == torch.float32  # sizes stay exact
     return state
+
+
+def check_refused(model, words: list[str], **params) -> None:
+    """`apply` refuses the model with a message holding every one of `words`, leaving it untouched."""
+    import pytest
+
+    import tokenreduce
+    from tokenreduce.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError) as err:
+        tokenreduce.apply(model, "tome", **params)
+    assert all(w in str(err.value) for w in words), str(err.value)
+    assert not hasattr(model, "_tokenreduce")

@@ -5,7 +5,12 @@ import pytest
 import timm
 import torch
 from merge_checks import check_every_merge
-from reduction_checks import check_bfloat16, check_grad_checkpointing, check_zero_reduction_and_remove
+from reduction_checks import (
+    check_bfloat16,
+    check_grad_checkpointing,
+    check_refused,
+    check_zero_reduction_and_remove,
+)
 from test_invariants import DROPS_TOKENS, NEEDS_CLASS_TOKEN
 from test_invariants import SETTINGS as INVARIANT_SETTINGS
 from timm.layers import apply_rot_embed_cat
@@ -320,11 +325,7 @@ def test_intermediates_carry_the_reduced_tokens():
                  num_kv_heads=2, use_rot_pos_emb=True), ["grouped-query"]),
 ])
 def test_unsupported_eva_variants_are_named(build, words):
-    model = build()
-    with pytest.raises(UnsupportedModelError) as err:
-        tokenreduce.apply(model, "tome", r=2)
-    assert all(w in str(err.value) for w in words)
-    assert not hasattr(model, "_tokenreduce")
+    check_refused(build(), words, r=2)
 
 
 def test_adapter_options_are_checked():
