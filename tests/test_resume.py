@@ -166,6 +166,12 @@ def test_resumable_loader_continues_the_epoch_with_the_same_batches_and_randomne
     fresh.order.set_epoch(4)
     assert batches(fresh) != whole  # a new epoch, a new order
 
+    # a state saved at the end of an epoch holds no position: the next epoch is whole
+    ended = ResumableLoader(Numbers(22), batch_size=4, seed=7, num_workers=workers)
+    ended.load_state_dict({"epoch": 3, "batches": 5})
+    ended.order.set_epoch(4)
+    assert len(batches(ended)) == 5
+
 
 def test_resumable_loader_splits_an_epoch_across_ranks_without_overlap():
     ranks = [ResumableLoader(Numbers(16), batch_size=2, seed=0, num_replicas=2, rank=r) for r in range(2)]

@@ -109,5 +109,8 @@ class ResumableLoader(DataLoader):
         return {"epoch": self.order.epoch, "batches": self.served}
 
     def load_state_dict(self, state: dict) -> None:
-        self.order.set_epoch(int(state["epoch"]))
-        self._resume_at = int(state["batches"])
+        """Continue the saved epoch after its served batches. A state saved at an epoch's end holds
+        no position: the next epoch starts from its first batch."""
+        if 0 < int(state["batches"]) < len(self):
+            self.order.set_epoch(int(state["epoch"]))
+            self._resume_at = int(state["batches"])

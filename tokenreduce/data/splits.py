@@ -24,10 +24,13 @@ class SplitLoaders:
                                rank=rank, **self._loader_options(training=True))
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.eval_batch_size, **self._loader_options(training=False))
+        return self._eval_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.eval_batch_size, **self._loader_options(training=False))
+        return self._eval_loader(self.test_set)
+
+    def _eval_loader(self, dataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.eval_batch_size, **self._loader_options(training=False))
 
     def _loader_options(self, training: bool) -> dict:
         return {"num_workers": getattr(self, "num_workers", 0)}

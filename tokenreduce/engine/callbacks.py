@@ -78,7 +78,7 @@ class LatestCheckpoint(Checkpoint):
         # restores the loops, and so never hands a resumable loader its state: hand it here.
         states, self._loader_states = self._loader_states, []
         loader = trainer.train_dataloader
-        if len(states) == 1 and isinstance(loader, ResumableLoader) and 0 < states[0]["batches"] < len(loader):
+        if len(states) == 1 and isinstance(loader, ResumableLoader):
             loader.load_state_dict(states[0])
 
     # --- signals ----------------------------------------------------------------------------
