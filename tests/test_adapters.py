@@ -24,7 +24,7 @@ def tiny_eva():
 
 
 def test_builtin_adapters_are_registered():
-    assert set(adapters()) == {"timm_vit", "timm_eva"}
+    assert set(adapters()) == {"timm_vit", "timm_eva", "timm_relpos"}
     assert all(isinstance(a, Adapter) and a.family for a in adapters().values())
 
 
@@ -77,8 +77,8 @@ def test_windowed_models_are_refused_with_the_reason_and_what_to_use(build, kind
 
 def test_adapter_options_are_per_family():
     model = make_model("test_vit")
-    with pytest.raises(ConfigError, match="rope_position not known to the timm VisionTransformer .* no options"):
-        tokenreduce.apply(model, "tome", r=1, adapter_options={"rope_position": "mean"})
+    with pytest.raises(ConfigError, match="merged_position not known to the timm VisionTransformer .* no options"):
+        tokenreduce.apply(model, "tome", r=1, adapter_options={"merged_position": "mean"})
     with pytest.raises(ConfigError, match="adapter_options='mean' is invalid; allowed: a dict"):
         tokenreduce.apply(model, "tome", r=1, adapter_options="mean")
     assert not hasattr(model, "_tokenreduce")

@@ -78,7 +78,7 @@ def test_dynamic_image_size_builds_the_grid_of_each_input():
     model = make_eva("eva02", dynamic_img_size=True)
     x = torch.randn(2, 3, 140, 126)  # 10 x 9 patches
     check_zero_reduction_and_remove(model, x, "tome", {"r": 0})
-    tokenreduce.apply(model, "tome", r=8, trace_source=True, adapter_options={"rope_position": "mean"})
+    tokenreduce.apply(model, "tome", r=8, trace_source=True, adapter_options={"merged_position": "mean"})
     with torch.no_grad():
         model(x)
     state = model._tokenreduce.last_state
@@ -116,7 +116,7 @@ def test_sizes_sources_and_positions_after_every_merge(reducer, rule, monkeypatc
     size-weighted mean of its patches' grid positions."""
     counts = check_every_merge(monkeypatch) if reducer not in DROPS_TOKENS else [0]
     model = make_eva("eva02")
-    tokenreduce.apply(model, reducer, adapter_options={"rope_position": rule}, **SETTINGS[reducer], trace_source=True)
+    tokenreduce.apply(model, reducer, adapter_options={"merged_position": rule}, **SETTINGS[reducer], trace_source=True)
     with torch.no_grad():
         model(images(model, batch=3))
     state = model._tokenreduce.last_state
@@ -201,7 +201,7 @@ def test_tome_on_eva_equals_a_plain_loop(rule):
     x = images(model)
     with torch.no_grad():
         want = _reference_tome(model, x, r=8, rule=rule)
-        got = tokenreduce.apply(model, "tome", r=8, adapter_options={"rope_position": rule})(x)
+        got = tokenreduce.apply(model, "tome", r=8, adapter_options={"merged_position": rule})(x)
     assert tokenreduce.stats(model)["tokens"] == [65, 57, 49, 41, 33]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
@@ -211,20 +211,20 @@ def test_the_two_position_rules_differ_and_destination_is_the_default():
     x = images(model)
     with torch.no_grad():
         default = tokenreduce.apply(model, "tome", r=8)(x)
-        assert model._tokenreduce.options == {"rope_position": "destination"}
-        dest = tokenreduce.apply(model, "tome", r=8, adapter_options={"rope_position": "destination"})(x)
-        mean = tokenreduce.apply(model, "tome", r=8, adapter_options={"rope_position": "mean"})(x)
+        assert model._tokenreduce.options == {"merged_position": "destination"}
+        dest = tokenreduce.apply(model, "tome", r=8, adapter_options={"merged_position": "destination"})(x)
+        mean = tokenreduce.apply(model, "tome", r=8, adapter_options={"merged_position": "mean"})(x)
     assert torch.equal(default, dest) and not torch.allclose(dest, mean)
 
 
 def test_reapplying_keeps_the_options_unless_new_ones_are_given():
-    model = tokenreduce.apply(make_eva("eva02"), "tome", r=4, adapter_options={"rope_position": "mean"})
+    model = tokenreduce.apply(make_eva("eva02"), "tome", r=4, adapter_options={"merged_position": "mean"})
     tokenreduce.apply(model, "pitome", ratio=0.9)
-    assert model._tokenreduce.options == {"rope_position": "mean"}
+    assert model._tokenreduce.options == {"merged_position": "mean"}
     tokenreduce.reducer_macs(model, "tome", r=8)  # swaps reducers and restores the model
-    assert model._tokenreduce.options == {"rope_position": "mean"} and tokenreduce.reducer_of(model).name == "pitome"
+    assert model._tokenreduce.options == {"merged_position": "mean"} and tokenreduce.reducer_of(model).name == "pitome"
     tokenreduce.apply(model, "tome", r=4, adapter_options={})
-    assert model._tokenreduce.options == {"rope_position": "destination"}
+    assert model._tokenreduce.options == {"merged_position": "destination"}
 
 
 def test_carry_positions_rules():
@@ -330,9 +330,9 @@ def test_unsupported_eva_variants_are_named(build, words):
 
 def test_adapter_options_are_checked():
     model = make_eva("eva02")
-    with pytest.raises(ConfigError, match="rope_position='centre' is invalid; allowed: 'destination', 'mean'"):
-        tokenreduce.apply(model, "tome", r=2, adapter_options={"rope_position": "centre"})
-    with pytest.raises(ConfigError, match="rope_offset not known to the timm Eva .* allowed: rope_position"):
+    with pytest.raises(ConfigError, match="merged_position='centre' is invalid; allowed: 'destination', 'mean'"):
+        tokenreduce.apply(model, "tome", r=2, adapter_options={"merged_position": "centre"})
+    with pytest.raises(ConfigError, match="rope_offset not known to the timm Eva .* allowed: merged_position"):
         tokenreduce.apply(model, "tome", r=2, adapter_options={"rope_offset": 1})
     assert not hasattr(model, "_tokenreduce")
 

@@ -17,7 +17,7 @@ def apply(model: nn.Module, reducer: str | TokenReducer, adapter_options: dict |
     touched, so a bad argument leaves it as it was.
 
     The model's family is found by the adapter that claims it (`tokenreduce.adapters`);
-    `adapter_options` are that adapter's settings, e.g. `{"rope_position": "mean"}` for timm Eva
+    `adapter_options` are that adapter's settings, e.g. `{"merged_position": "mean"}` for timm Eva
     models (how a merged token's RoPE position is set; see docs/adapters.md); when None, a model
     that already reduces keeps its options. `params` go to the reducer.
     """

@@ -92,14 +92,14 @@ class Adapter:
     """How reducers are placed into one model family. Subclass, register with `@register_adapter`.
 
     A subclass sets `family` (words for messages), `reduced_methods` (a class whose methods are
-    placed in front of the model's own class while it is patched) and `options` (its settings with
-    their defaults), and implements `claims`, `describe` and `pass_macs`.
+    placed in front of the model's own class while it is patched) and `options` (each setting's
+    allowed values, the default first), and implements `claims`, `describe` and `pass_macs`.
     """
 
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""
     reduced_methods: ClassVar[type] = object
-    options: ClassVar[dict] = {}
+    options: ClassVar[dict[str, tuple]] = {}
 
     def claims(self, model: nn.Module) -> bool:
         """Whether `model` belongs to this family (cheap; `describe` then checks every detail)."""
@@ -114,7 +114,7 @@ class Adapter:
         raise NotImplementedError
 
     def check_options(self, options: dict | None) -> dict:
-        """The adapter's options with defaults filled in; an unknown name is a ConfigError."""
+        """The adapter's options with defaults filled in; an unknown name or value is a ConfigError."""
         if options is not None and not isinstance(options, Mapping):
             raise ConfigError(f"adapter_options={options!r} is invalid; allowed: a dict of the {self.family} "
                               f"adapter's options ({', '.join(self.options) or 'none'})")
@@ -123,7 +123,11 @@ class Adapter:
         if unknown:
             raise ConfigError(f"adapter_options: {', '.join(unknown)} not known to the {self.family} adapter; "
                               f"allowed: {', '.join(self.options) or 'no options'}")
-        return {**self.options, **options}
+        for key, value in options.items():
+            if value not in self.options[key]:
+                raise ConfigError(f"adapter_options: {key}={value!r} is invalid; allowed: "
+                                  f"{', '.join(map(repr, self.options[key]))}")
+        return {key: options.get(key, allowed[0]) for key, allowed in self.options.items()}
 
     def patch(self, model: nn.Module, reducer: TokenReducer, info: ModelInfo, options: dict) -> None:
         model._tokenreduce = Patch(adapter=self, original_class=type(model), info=info, options=options)

@@ -7,7 +7,7 @@ differs is handled here:
   the attention, so positions must follow the tokens. The pass's state carries one position per
   token (`ReductionState.positions`, in the RoPE grid's own units) through every merge and
   pruning step; a merged token gets its destination's position, or with
-  `adapter_options={"rope_position": "mean"}` the size-weighted mean of its members' positions.
+  `adapter_options={"merged_position": "mean"}` the size-weighted mean of its members' positions.
   Until the first reduction the blocks use timm's own embedding, so nothing changes there.
 - LayerScale is `gamma_1`/`gamma_2`; q/k/v come from a fused qkv with separate q/v biases
   (EvaAttention) or its own bias (AttentionRope), or from separate projections.
@@ -23,17 +23,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from timm.layers import AttentionPoolLatent, AttentionRope, apply_rot_embed_cat
 from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, _build_grid, _rope_layout
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch import Tensor, nn
 
 from tokenreduce.adapters.base import Adapter, ModelInfo, register_adapter
-from tokenreduce.adapters.timm_vit import POOLS, TimmBlockOps, _model_name, _ReducedViT, attend, pass_macs
+from tokenreduce.adapters.timm_vit import (
+    POOLS,
+    TimmBlockOps,
+    _model_name,
+    _ReducedViT,
+    attend,
+    pass_macs,
+    project,
+)
 from tokenreduce.core.merge import POSITION_RULES
 from tokenreduce.core.state import ReductionState
-from tokenreduce.errors import ConfigError, UnsupportedModelError
+from tokenreduce.errors import UnsupportedModelError
 from tokenreduce.reducers.base import Signals
 
 MODEL_PARTS = ("patch_embed", "_pos_embed", "norm_pre", "blocks", "norm", "num_prefix_tokens", "rope")
@@ -114,23 +121,18 @@ class _EvaPass:
     grid_embed: Tensor | None  # None without RoPE
     rope: RotaryEmbeddingCat | None = None
     state: ReductionState | None = None
-    _start: Tensor | None = None
     _cached: tuple[Tensor, Tensor] | None = None
 
     def start(self, state: ReductionState, rope: RotaryEmbeddingCat | None, rule: str) -> None:
         """Give every token of `state` its grid position (prefix tokens, never rotated, get 0)."""
         self.state, self.rope = state, rope
-        if self.grid_embed is None:  # no RoPE: positions were added to the tokens before block 0
-            return
-        coords = grid_coords(rope, self.grid, device=self.grid_embed.device)
-        prefix = coords.new_zeros(state.num_prefix, coords.shape[1])
-        state.positions = self._start = torch.cat([prefix, coords]).expand(self.batch, -1, -1)
-        state.position_rule = rule
+        if self.grid_embed is not None:  # without RoPE, positions were added to the tokens before block 0
+            state.place(grid_coords(rope, self.grid, device=self.grid_embed.device), self.batch, rule)
 
     def rope_now(self) -> Tensor | None:
-        positions = None if self.state is None else self.state.positions
-        if positions is None or positions is self._start:  # no token moved: timm's own embedding
+        if self.state is None or not self.state.positions_moved:  # timm's own embedding
             return self.grid_embed
+        positions = self.state.positions
         if self._cached is None or self._cached[0] is not positions:
             prefix = self.state.num_prefix
             embed = rope_embed(self.rope, positions[:, prefix:], self.grid_embed.dtype).unsqueeze(1)  # [B, 1, N, 2d]
@@ -150,32 +152,6 @@ class EvaBlockOps(TimmBlockOps):
     def _branch_kwargs(self) -> dict:
         return {"rope": self.rope()}
 
-    def _scale1(self, y: Tensor) -> Tensor:
-        return y if self.block.gamma_1 is None else self.block.gamma_1 * y
-
-    def _scale2(self, y: Tensor) -> Tensor:
-        return y if self.block.gamma_2 is None else self.block.gamma_2 * y
-
-    def _project(self, h: Tensor, parts: tuple[int, ...]) -> list[Tensor]:
-        """The projections [B, H, N, head_dim] among q (0), k (1), v (2) that `parts` names, as
-        timm computes them; a contiguous run of parts of a fused qkv is one matrix product."""
-        attn = self.block.attn
-        b, n, _ = h.shape
-        if attn.qkv is None:
-            projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-            return [projs[p](h).reshape(b, n, attn.num_heads, -1).transpose(1, 2) for p in parts]
-        dim = attn.num_heads * attn.head_dim
-        rows = slice(parts[0] * dim, (parts[-1] + 1) * dim)
-        if getattr(attn, "q_bias", None) is not None:  # EvaAttention: q and v biases, k none
-            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))[rows]
-        else:
-            bias = None if attn.qkv.bias is None else attn.qkv.bias[rows]
-        if getattr(attn, "qkv_bias_separate", False) and bias is not None:
-            out = F.linear(h, attn.qkv.weight[rows]) + bias
-        else:
-            out = F.linear(h, attn.qkv.weight[rows], bias)
-        return list(out.reshape(b, n, len(parts), attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0))
-
     def _rotate(self, t: Tensor, rope: Tensor | None) -> Tensor:
         """Queries or keys [B, H, N, head_dim] rotated by the RoPE embedding (prefix tokens are not)."""
         if rope is None:
@@ -187,18 +163,14 @@ class EvaBlockOps(TimmBlockOps):
     def _attention_branch(self, h: Tensor, bias: Tensor | None, needs: frozenset[str],
                           rope: Tensor | None = None) -> tuple[Tensor, Signals]:
         attn = self.block.attn
-        q, k, v = self._project(h, (0, 1, 2))
+        q, k, v = project(attn, h, (0, 1, 2))
         q, k = attn.q_norm(q), attn.k_norm(k)
         return attend(attn, h, self._rotate(q, rope), self._rotate(k, rope), v, bias, needs, keys=k)
 
     def attn_qk(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Queries and keys [B, H, N, head_dim], normed and rotated, from the q and k rows only."""
-        attn, rope = self.block.attn, self.rope()
-        q, k = self._project(h, (0, 1))
-        return self._rotate(attn.q_norm(q), rope), self._rotate(attn.k_norm(k), rope)
-
-    def attn_values(self, h: Tensor) -> Tensor:
-        return self._project(h, (2,))[0]
+        rope = self.rope()
+        return tuple(self._rotate(t, rope) for t in super().attn_qk(h))
 
 
 # --- the patched model -------------------------------------------------------------------------------
@@ -212,7 +184,7 @@ class _ReducedEva(_ReducedViT):
         return self.norm_pre(x), _EvaPass(batch=x.shape[0], grid=grid, grid_embed=rope)
 
     def _tr_start(self, state: ReductionState, extra: _EvaPass) -> None:
-        extra.start(state, self.rope, self._tokenreduce.options["rope_position"])
+        extra.start(state, self.rope, self._tokenreduce.options["merged_position"])
 
     def _tr_block_ops(self, block: nn.Module, state: ReductionState, extra: _EvaPass, checkpointing: bool):
         return EvaBlockOps(block, extra.rope_now, checkpointing)
@@ -225,22 +197,13 @@ class _ReducedEva(_ReducedViT):
 class TimmEvaAdapter(Adapter):
     family = "timm Eva (EVA, EVA-02, RoPE ViTs, Perception Encoder)"
     reduced_methods = _ReducedEva
-    # rope_position: the RoPE position of a merged token: its destination's ("destination"), or the
-    # size-weighted mean of its members' ("mean"); pruned tokens keep theirs either way
-    options = {"rope_position": "destination"}
+    options = {"merged_position": POSITION_RULES}  # see ReductionState.place and carry_positions
 
     def claims(self, model: nn.Module) -> bool:
         return isinstance(model, Eva)
 
     def describe(self, model: nn.Module) -> ModelInfo:
         return describe(model)
-
-    def check_options(self, options: dict | None) -> dict:
-        options = super().check_options(options)
-        if options["rope_position"] not in POSITION_RULES:
-            raise ConfigError(f"adapter_options: rope_position={options['rope_position']!r} is invalid; allowed: "
-                              f"{', '.join(map(repr, POSITION_RULES))}")
-        return options
 
     def pass_macs(self, model: nn.Module, state: ReductionState) -> dict[str, int]:
         return pass_macs(model, state)

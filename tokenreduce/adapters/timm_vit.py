@@ -74,15 +74,40 @@ def describe(model: nn.Module) -> ModelInfo:
 
 
 # --- one block -------------------------------------------------------------------------------
+def project(attn: nn.Module, h: Tensor, parts: tuple[int, ...]) -> list[Tensor]:
+    """The projections [B, H, N, head_dim] among q (0), k (1), v (2) that `parts` names, as timm's
+    attentions compute them: a fused qkv with its own bias or separate q/k/v biases (EVA, BEiT), or
+    separate projections; a contiguous run of parts of a fused qkv is one matrix product."""
+    b, n, _ = h.shape
+    if getattr(attn, "qkv", None) is None:
+        projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+        return [projs[p](h).reshape(b, n, attn.num_heads, -1).transpose(1, 2) for p in parts]
+    dim = attn.qkv.weight.shape[0] // 3
+    rows = slice(parts[0] * dim, (parts[-1] + 1) * dim)
+    if getattr(attn, "q_bias", None) is not None:  # q and v biases, k none (k_bias is zeros)
+        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))[rows]
+    else:
+        bias = None if attn.qkv.bias is None else attn.qkv.bias[rows]
+    if getattr(attn, "qkv_bias_separate", False) and bias is not None:
+        out = F.linear(h, attn.qkv.weight[rows]) + bias
+    else:
+        out = F.linear(h, attn.qkv.weight[rows], bias)
+    return list(out.reshape(b, n, len(parts), attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0))
+
+
+def _norm(attn: nn.Module, name: str, t: Tensor) -> Tensor:
+    """The attention's q or k norm of `t`, where it has one."""
+    norm = getattr(attn, name, None)
+    return t if norm is None else norm(t)
+
+
 def attention_forward(attn: Attention, x: Tensor, bias: Tensor | None, needs: frozenset[str]) -> tuple[Tensor, Signals]:
     """timm's `Attention.forward`, also returning the signals asked for.
 
     Keeps the fused kernel unless the attention probabilities are needed.
     """
-    b, n, _ = x.shape
-    q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    return attend(attn, x, q, k, v, bias, needs)
+    q, k, v = project(attn, x, (0, 1, 2))
+    return attend(attn, x, _norm(attn, "q_norm", q), _norm(attn, "k_norm", k), v, bias, needs)
 
 
 def attend(attn: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, needs: frozenset[str],
@@ -113,7 +138,9 @@ def attend(attn: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Te
 def _attn_out(attn: nn.Module, out: Tensor, x: Tensor) -> Tensor:
     """[B, H, N, head_dim] heads -> [B, N, C] through the output norm, the gate of `x` and the projection."""
     b, n, _ = x.shape
-    out = attn.norm(out.transpose(1, 2).reshape(b, n, -1))
+    out = out.transpose(1, 2).reshape(b, n, -1)
+    if getattr(attn, "norm", None) is not None:  # a sub-norm (EVA-02, scale_norm); BEiT has none
+        out = attn.norm(out)
     if getattr(attn, "gate", None) is not None:
         out = out * attn.gate(x).sigmoid()
     return attn.proj_drop(attn.proj(out))
@@ -122,9 +149,10 @@ def _attn_out(attn: nn.Module, out: Tensor, x: Tensor) -> Tensor:
 class TimmBlockOps:
     """The steps of a timm `Block` (pre-norm) or `ResPostBlock` (post-norm) for a reducer.
 
-    Another timm family with the same block layout (Eva) subclasses it and overrides the hooks:
-    `_branch_kwargs` (extra block arguments), `_scale1`/`_scale2` (LayerScale), `_attention_branch`,
-    `attn_qk` and `attn_values`.
+    Blocks of other timm families with the same layout (Eva, BEiT, the relative-position ViTs) work
+    through it as they are: LayerScale as `ls1`/`ls2` or `gamma_1`/`gamma_2`, attentions whose q, k,
+    v `project` computes, q/k norms where present. A family subclasses it to override the hooks
+    `_branch_kwargs` (extra block arguments), `_attention_branch` and `attn_logits`.
     """
 
     def __init__(self, block: nn.Module, checkpointing: bool = False, pre_norm: bool | None = None):
@@ -144,11 +172,13 @@ class TimmBlockOps:
         backward pass sees the same ones."""
         return {}
 
-    def _scale1(self, y: Tensor) -> Tensor:
-        return self.block.ls1(y)
-
-    def _scale2(self, y: Tensor) -> Tensor:
-        return self.block.ls2(y)
+    def _scale(self, y: Tensor, which: int) -> Tensor:
+        """LayerScale `which` (1: attention, 2: MLP) of a pre-norm block: a module or a gamma vector."""
+        ls = getattr(self.block, f"ls{which}", None)
+        if ls is not None:
+            return ls(y)
+        gamma = getattr(self.block, f"gamma_{which}", None)
+        return y if gamma is None else gamma * y
 
     def _attention_branch(self, h: Tensor, bias: Tensor | None, needs: frozenset[str]) -> tuple[Tensor, Signals]:
         """attn(h) with the signals asked for (and the `_branch_kwargs` as keywords)."""
@@ -172,7 +202,7 @@ class TimmBlockOps:
     def mlp(self, x: Tensor) -> Tensor:
         blk = self.block
         if self.pre_norm:
-            return self._run(lambda t: t + blk.drop_path2(self._scale2(blk.mlp(blk.norm2(t)))), x)
+            return self._run(lambda t: t + blk.drop_path2(self._scale(blk.mlp(blk.norm2(t)), 2)), x)
         return self._run(lambda t: t + blk.drop_path2(blk.norm2(blk.mlp(t))), x)
 
     # --- finer steps: the attention residual in pieces ---------------------------------------
@@ -191,23 +221,14 @@ class TimmBlockOps:
         return self.block.norm1(x) if self.pre_norm else x
 
     def attn_qk(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """Queries and keys [B, H, N, head_dim] (q/k norms applied), from the q and k rows of qkv only."""
+        """Queries and keys [B, H, N, head_dim] (q/k norms applied), from the q and k rows only."""
         attn = self.block.attn
-        b, n, _ = h.shape
-        split = 2 * attn.num_heads * attn.head_dim
-        weight, bias = attn.qkv.weight[:split], attn.qkv.bias
-        qk = F.linear(h, weight, None if bias is None else bias[:split])
-        q, k = qk.reshape(b, n, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return attn.q_norm(q), attn.k_norm(k)
+        q, k = project(attn, h, (0, 1))
+        return _norm(attn, "q_norm", q), _norm(attn, "k_norm", k)
 
     def attn_values(self, h: Tensor) -> Tensor:
-        """Values [B, H, N, head_dim], from the v rows of qkv only."""
-        attn = self.block.attn
-        b, n, _ = h.shape
-        split = 2 * attn.num_heads * attn.head_dim
-        weight, bias = attn.qkv.weight[split:], attn.qkv.bias
-        v = F.linear(h, weight, None if bias is None else bias[split:])
-        return v.reshape(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
+        """Values [B, H, N, head_dim], from the v rows only."""
+        return project(self.block.attn, h, (2,))[0]
 
     def attn_logits(self, q: Tensor, k: Tensor, bias: Tensor | None) -> Tensor:
         """Attention logits [B, H, N, N] before the softmax, with the additive bias (log size)."""
@@ -223,7 +244,7 @@ class TimmBlockOps:
         """x + the attention branch `y` through LayerScale and drop path (post-norm: through norm1)."""
         blk = self.block
         if self.pre_norm:
-            return x + blk.drop_path1(self._scale1(y))
+            return x + blk.drop_path1(self._scale(y, 1))
         return x + blk.drop_path1(blk.norm1(y))
 
 
@@ -270,6 +291,11 @@ def run_blocks(model: nn.Module, x: Tensor, extra, take: set[int] | None = None,
     return x, state, taken
 
 
+def size_weighted_mean(x: Tensor, sizes: Tensor) -> Tensor:
+    """[B, C] the mean of the tokens [B, N, C] weighted by their sizes [B, N, 1] (in float32)."""
+    return ((x.float() * sizes).sum(dim=1) / sizes.sum(dim=1)).to(x.dtype)
+
+
 def _weighted_pool(model: nn.Module, x: Tensor, sizes: Tensor, pool_type: str | None) -> Tensor:
     pool_type = model.global_pool if pool_type is None else pool_type
     if not model._tr_pool_includes_prefix():
@@ -277,7 +303,7 @@ def _weighted_pool(model: nn.Module, x: Tensor, sizes: Tensor, pool_type: str | 
     if model.attn_pool is not None:
         bias = sizes.log().to(x.dtype).transpose(1, 2).unsqueeze(1) if model.token_reducer.prop_attn else None
         return model.attn_pool(x, attn_mask=bias)
-    avg = ((x.float() * sizes).sum(dim=1) / sizes.sum(dim=1)).to(x.dtype)
+    avg = size_weighted_mean(x, sizes)
     return avg if pool_type == "avg" else 0.5 * (x.amax(dim=1) + avg)
 
 
@@ -373,8 +399,11 @@ class _ReducedViT:
 def block_costs(model: nn.Module) -> list[BlockCost]:
     costs = []
     for blk in model.blocks:
-        attn_dim = blk.attn.num_heads * blk.attn.head_dim
-        costs.append(BlockCost(attn_linear=linear_macs(blk.attn), attn_dim=attn_dim, mlp_linear=linear_macs(blk.mlp),
+        attn = blk.attn
+        attn_dim = attn.qkv.out_features // 3 if getattr(attn, "qkv", None) is not None else attn.q_proj.out_features
+        rel_pos = getattr(attn, "rel_pos", None)  # a relative-position MLP runs on offsets, not tokens
+        attn_linear = linear_macs(attn) - (linear_macs(rel_pos) if rel_pos is not None else 0)
+        costs.append(BlockCost(attn_linear=attn_linear, attn_dim=attn_dim, mlp_linear=linear_macs(blk.mlp),
                                qk_linear=2 * model.embed_dim * attn_dim))
     return costs
 
@@ -382,7 +411,7 @@ def block_costs(model: nn.Module) -> list[BlockCost]:
 def _pool_and_head_macs(model: nn.Module, final_tokens: int) -> int:
     heads = [m for m in (getattr(model, "head", None), getattr(model, "head_dist", None)) if m is not None]
     head = sum(linear_macs(m) for m in heads)
-    pool = model.attn_pool
+    pool = getattr(model, "attn_pool", None)
     if pool is None:
         return head
     tokens = final_tokens if model._tr_pool_includes_prefix() else final_tokens - model.num_prefix_tokens

@@ -46,6 +46,7 @@ class ReductionState:
     # (RoPE); set by the adapter, carried through every merge by `position_rule` (see carry_positions)
     positions: Tensor | None = None
     position_rule: str = "destination"
+    start_positions: Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def start(cls, x: Tensor, num_prefix: int, removals: list[int], prop_attn: bool, trace_source: bool):
@@ -53,6 +54,18 @@ class ReductionState:
         if trace_source:
             state.source = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1).clone()
         return state
+
+    def place(self, coords: Tensor, batch: int, rule: str) -> None:
+        """Give every patch its coordinates `coords` [N, D] and every prefix token zeros, for all
+        samples; merges then carry them by `rule` (see carry_positions)."""
+        prefix = coords.new_zeros(self.num_prefix, coords.shape[1])
+        self.positions = self.start_positions = torch.cat([prefix, coords]).float().expand(batch, -1, -1)
+        self.position_rule = rule
+
+    @property
+    def positions_moved(self) -> bool:
+        """Whether the tokens changed since `place` (before that, a model may use its own grid tables)."""
+        return self.positions is not self.start_positions
 
     def attn_bias(self, dtype: torch.dtype) -> Tensor | None:
         """Proportional attention: log(size) added to every key's logit, shaped [B, 1, 1, N]."""
