@@ -61,6 +61,10 @@ def stats(model: nn.Module) -> dict:
                   block (a block that reduces its own input attends over the reduced tokens)
     removed:      tokens each block removed, wherever in the block it removed them
     macs:         multiply-accumulates of one image, and its parts (embed, blocks, reducer, head)
+    groups:       only for a padded NaFlexViT batch, run in groups of images with the same number of
+                  real patches: per group its `images` and the keys above for one of its images;
+                  `tokens`/`removed` above are then those of the images that set the batch's width,
+                  and `macs` the mean over the batch's images
     source:       with a reducer built with `trace_source=True`, a [B, N_in] long tensor: for every
                   input token (prefix tokens first, then the patches in timm's row-major order) the
                   index of the output token, leaving the last block, that it ended in; -1 for a token
@@ -71,18 +75,26 @@ def stats(model: nn.Module) -> dict:
     state = model._tokenreduce.last_state
     if state is None:
         raise ConfigError("stats(model): the model has not run a forward pass since tokenreduce.apply")
+    adapter = model._tokenreduce.adapter
+    result = {"reducer": model.token_reducer.name, "params": model.token_reducer.params(),
+              **_pass_stats(model, adapter, state), "source": _public_source(state)}
+    if state.groups:  # a padded batch run in groups: per image, and MACs averaged over the images
+        per_group = [(index, _pass_stats(model, adapter, group)) for index, group in state.groups]
+        images = sum(len(index) for index, _ in per_group)
+        parts = {key: round(sum(len(index) * s["macs_parts"][key] for index, s in per_group) / images)
+                 for key in result["macs_parts"] if key != "total"}
+        result["macs_parts"] = {**parts, "total": sum(parts.values())}
+        result["macs"] = result["macs_parts"]["total"]
+        result["groups"] = [{"images": index.tolist(), **s} for index, s in per_group]
+    return result
+
+
+def _pass_stats(model: nn.Module, adapter, state) -> dict:
     tokens = state.tokens_per_layer()
     entering = [rec.tokens_in for rec in state.records] + [state.final_tokens]
-    macs = model._tokenreduce.adapter.pass_macs(model, state)
-    return {
-        "reducer": model.token_reducer.name,
-        "params": model.token_reducer.params(),
-        "tokens": tokens,
-        "removed": [a - b for a, b in zip(entering[:-1], entering[1:], strict=True)],
-        "macs": macs["total"],
-        "macs_parts": macs,
-        "source": _public_source(state),
-    }
+    macs = adapter.pass_macs(model, state)
+    return {"tokens": tokens, "removed": [a - b for a, b in zip(entering[:-1], entering[1:], strict=True)],
+            "macs": macs["total"], "macs_parts": macs}
 
 
 def _public_source(state) -> Tensor | None:

@@ -425,8 +425,9 @@ def _pool_and_head_macs(model: nn.Module, final_tokens: int) -> int:
 def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
     """MACs of one image for the pass that left `state`, split by where they are spent."""
     num_patches = state.records[0].tokens_in - model.num_prefix_tokens
-    proj = model.patch_embed.proj
-    embed = num_patches * proj.weight.numel() if isinstance(proj, nn.Conv2d) else 0  # stride == kernel
+    proj = (model.patch_embed if hasattr(model, "patch_embed") else model.embeds).proj  # NaFlexViT: embeds
+    # a convolution with stride == kernel, or a linear layer of flattened patches: weights per patch
+    embed = num_patches * proj.weight.numel() if isinstance(proj, (nn.Conv2d, nn.Linear)) else 0
     backbone, reducer = blocks_macs(block_costs(model)[: len(state.records)], state.records)
     head = _pool_and_head_macs(model, state.final_tokens)
     return {"embed": embed, "blocks": backbone, "reducer": reducer, "head": head,

@@ -47,6 +47,10 @@ class ReductionState:
     positions: Tensor | None = None
     position_rule: str = "destination"
     start_positions: Tensor | None = field(default=None, repr=False)
+    # a padded batch run in groups of images with the same number of real patches (timm_naflex):
+    # (image indices, the group's state); the fields above then describe the whole batch, with
+    # padding of size 0, and the records those of the image that sets the batch's width
+    groups: list[tuple[Tensor, ReductionState]] | None = field(default=None, repr=False)
 
     @classmethod
     def start(cls, x: Tensor, num_prefix: int, removals: list[int], prop_attn: bool, trace_source: bool):
@@ -54,6 +58,30 @@ class ReductionState:
         if trace_source:
             state.source = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1).clone()
         return state
+
+    @classmethod
+    def gather(cls, groups: list[tuple[Tensor, Tensor, ReductionState]], batch: int, tokens_in: int, width: int):
+        """The state of a batch whose groups (image indices, output tokens, state) were run apart and
+        put back into `width` tokens, each image's first and padding after."""
+        widest = max(groups, key=lambda g: g[1].shape[1])[2]
+        device = groups[0][1].device
+        state = cls(num_prefix=widest.num_prefix, removals=widest.removals, prop_attn=widest.prop_attn,
+                    records=widest.records, final_tokens=width, groups=[(index, s) for index, _, s in groups])
+        state.sizes = torch.zeros(batch, width, 1, device=device)
+        traced = all(s.source is not None for _, _, s in groups)
+        state.source = torch.full((batch, tokens_in), width, device=device) if traced else None
+        for index, y, group in groups:
+            state.sizes[index, : y.shape[1]] = 1.0 if group.sizes is None else group.sizes
+            if traced:  # a group's dropped tokens, and the padding it never saw, are dropped here
+                src = group.source.masked_fill(group.source == group.final_tokens, width)
+                state.source[index, : src.shape[1]] = src
+        return state
+
+    def real_tokens(self, x: Tensor) -> Tensor:
+        """[B, N] bool: which of the tokens `x` this pass left are real (not padding)."""
+        if self.sizes is None or self.sizes.shape[:2] != x.shape[:2]:
+            return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return self.sizes[..., 0] > 0
 
     def place(self, coords: Tensor, batch: int, rule: str) -> None:
         """Give every patch its coordinates `coords` [N, D] and every prefix token zeros, for all
