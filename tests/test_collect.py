@@ -306,3 +306,16 @@ def test_multirun_end_collects_into_the_fresh_sweep_dir(sweep, capsys):
                                       "accuracy_vs_throughput_p1.png", "accuracy_vs_throughput_p2.png"}
     CollectOnMultirunEnd().on_multirun_end(config)  # again: refused with a message, nothing raised or changed
     assert "results not collected" in capsys.readouterr().err and snapshot(sweep) == after
+
+
+def test_adapter_options_name_the_method_and_share_the_baseline(tmp_path):
+    """A model family's option (where merged tokens take their position) is part of the method, not
+    of the protocol: its runs are compared with the same baseline and drawn as their own line."""
+    record(tmp_path, "base", "none", {}, 0.80, 100.0, 4.0, finished="2025-01-01T00:00:00")
+    record(tmp_path, "dest", "tome", {"r": 8}, 0.78, 150.0, 2.5, finished="2025-01-01T00:00:01")
+    record(tmp_path, "mean", "tome", {"r": 8}, 0.77, 150.0, 2.5, finished="2025-01-01T00:00:02",
+           adapter_options={"merged_position": "mean"})
+    rows = {r["run_name"]: r for r in table_rows(find_records([tmp_path]))}
+    assert rows["dest"]["params"] == "r=8" and rows["mean"]["params"] == "r=8 merged_position=mean"
+    assert rows["mean"]["baseline"] == rows["dest"]["baseline"] == str(tmp_path / "base")
+    assert rows["mean"]["method"] == "tome merged_position=mean" and rows["dest"]["method"] == "tome"

@@ -57,6 +57,7 @@ def test_compare_writes_table_plots_and_maps(tmp_path, capsys):
     assert json.loads(rows[3]["params"])["layers"] == [2, 4, 6]  # the quickstart's fixed staged layers
     record = json.loads((out / "comparison.json").read_text())
     assert record["protocol"]["images"] == 5 and record["protocol"]["weights"] == "random"
+    assert record["protocol"]["adapter_options"] == {}
     assert len(record["rows"]) == 7
     for name in ("table.md", PLOT_MACS, PLOT_SPEED, MERGE_MAPS):
         assert (out / name).stat().st_size > 0

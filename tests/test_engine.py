@@ -476,3 +476,16 @@ def test_registered_reducers_losses_reach_the_objective(tmp_path, reducer, terms
         parts = [float(r["train/loss_main"])] + [float(r[f"train/loss_{t}"]) for t in terms]
         assert float(r["train/loss"]) == pytest.approx(sum(parts), rel=1e-5)
         assert all(math.isfinite(p) for p in parts)
+
+
+def test_model_adapter_options_reach_the_model_and_the_record(tmp_path):
+    """`model.adapter_options` (here where an EVA-02's merged tokens take their RoPE position) is
+    applied with the reducer, named in the record, and checked before any run directory content."""
+    eva = ["model.name=eva02_tiny_patch14_224", "model.img_size=56", "+model.kwargs.depth=2"]
+    record = run(config(*eva, "model.adapter_options={merged_position: mean}"), tmp_path / "run")
+    assert record.adapter_options == {"merged_position": "mean"} and record.tokens_out < record.tokens_per_layer[0]
+    default = run(config(*eva), tmp_path / "default")
+    assert default.adapter_options == {}  # defaults are not named
+    with pytest.raises(ConfigError, match="merged_position='centre' is invalid; allowed: 'destination', 'mean'"):
+        run(config(*eva, "model.adapter_options={merged_position: centre}"), tmp_path / "bad")
+    assert not (tmp_path / "bad" / RECORD_JSON).exists()

@@ -129,6 +129,10 @@ class Adapter:
                                   f"{', '.join(map(repr, self.options[key]))}")
         return {key: options.get(key, allowed[0]) for key, allowed in self.options.items()}
 
+    def changed_options(self, options: dict) -> dict:
+        """The options that differ from their defaults (what a run's record names)."""
+        return {key: value for key, value in options.items() if value != self.options[key][0]}
+
     def patch(self, model: nn.Module, reducer: TokenReducer, info: ModelInfo, options: dict) -> None:
         model._tokenreduce = Patch(adapter=self, original_class=type(model), info=info, options=options)
         model.token_reducer = reducer

@@ -152,12 +152,14 @@ def _ratio(a, b) -> float | None:
 
 
 def _changed_params(record: dict) -> dict:
-    """The reducer parameters that differ from the reducer's defaults (all of them if it is unknown)."""
+    """The reducer parameters that differ from the reducer's defaults (all of them if it is unknown),
+    and the model family's options that differ from theirs (e.g. merged_position=mean)."""
     params = record.get("reducer_params") or {}
     try:
-        return non_default_params(record.get("reducer"), params)
+        changed = non_default_params(record.get("reducer"), params)
     except ConfigError:  # a reducer not registered in this installation
-        return params
+        changed = params
+    return {**changed, **(record.get("adapter_options") or {})}
 
 
 def _method(record: dict) -> str:

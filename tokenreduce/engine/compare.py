@@ -174,13 +174,16 @@ def csv_text(settings: list[Setting]) -> str:
 
 
 def run_compare(cfg: DictConfig, settings_cfg: CompareSettings, output_dir: Path, model: nn.Module, datamodule,
-                weights: str, model_name: str) -> list[Setting]:
-    """Measure and write the comparison; `model` is unreduced and `datamodule` bound to it."""
+                weights: str, model_name: str, adapter_options: dict | None = None) -> list[Setting]:
+    """Measure and write the comparison; `model` is unreduced and `datamodule` bound to it;
+    `adapter_options` are the model family's options for every setting."""
     started = time.perf_counter()
     mcfg = plain(cfg.measure)
     dtype, _, device = check_measure(mcfg["batch_size"], mcfg["dtype"], mcfg["autocast"], mcfg["device"],
                                      mcfg["warmup"], mcfg["repeats"])
     model = model.to(device=device, dtype=dtype).eval()
+    tokenreduce.apply(model, "none", adapter_options=adapter_options)  # the options stay with every reducer
+    changed_options = model._tokenreduce.adapter.changed_options(model._tokenreduce.options)
     stage = "test" if cfg.eval_split == "test" else "validate"
     datamodule.setup(stage)
     loader = datamodule.test_dataloader() if stage == "test" else datamodule.val_dataloader()
@@ -199,15 +202,15 @@ def run_compare(cfg: DictConfig, settings_cfg: CompareSettings, output_dir: Path
     generator = torch.Generator().manual_seed(cfg.seed)
     timing_images = torch.randn(mcfg["batch_size"], *input_size, generator=generator).to(device=device, dtype=dtype)
     time_settings(model, settings, timing_images, warmup=mcfg["warmup"], rounds=mcfg["repeats"])
-    tokenreduce.remove(model)
 
     protocol = {
         "model": model_name, "weights": weights, "dataset": datamodule.describe(), "split": cfg.eval_split,
         "images": count, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
         "threads": torch.get_num_threads(), "timing_batch": mcfg["batch_size"], "timing_rounds": mcfg["repeats"],
-        "seed": cfg.seed,
+        "seed": cfg.seed, "adapter_options": changed_options,
     }
     _write_outputs(output_dir, settings, protocol, settings_cfg, model, loader)
+    tokenreduce.remove(model)
     elapsed = time.perf_counter() - started
     write_new(output_dir / COMPARISON_JSON, json.dumps({
         "protocol": protocol, "seconds": round(elapsed, 1),

@@ -29,6 +29,7 @@ class RunRecord:
     split: str
     reducer: str
     reducer_params: dict
+    adapter_options: dict = field(default_factory=dict)  # the model family's options not at their defaults
     status: str = "finished"  # or "interrupted" (resume with `resume_command`), "failed" (see `error`)
     top1: float | None = None
     top5: float | None = None

@@ -39,7 +39,8 @@ from tokenreduce.errors import ConfigError
 
 STAGES = {"evaluate": "validate", "finetune": "fit", "compare": "validate"}
 MEASURE_KEYS = ("enabled", "batch_size", "dtype", "autocast", "device", "warmup", "repeats")
-MODEL_KEYS = ("name", "pretrained", "checkpoint", "img_size", "num_classes", "drop_path_rate", "kwargs")
+MODEL_KEYS = ("name", "pretrained", "checkpoint", "img_size", "num_classes", "drop_path_rate", "kwargs",
+              "adapter_options")
 
 
 # --- building the pieces -----------------------------------------------------------------------
@@ -180,9 +181,9 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
     if task == "compare":
         datamodule.bind_model(model)
         run_compare(cfg, compare_settings, output_dir, model, datamodule, weights_label(model_cfg, model),
-                    model_cfg["name"])
+                    model_cfg["name"], model_cfg.get("adapter_options"))
         return None
-    tokenreduce.apply(model, reducer)
+    tokenreduce.apply(model, reducer, adapter_options=model_cfg.get("adapter_options"))
     datamodule.bind_model(model)
     module = ReductionModule(model, num_classes=model.num_classes, optim=optim, loss=loss)
 
@@ -269,6 +270,7 @@ def _finish(cfg, task, run_name, model, model_cfg, datamodule, reducer_name, red
         split=split,
         reducer=reducer_name,
         reducer_params=reducer_params,
+        adapter_options=model._tokenreduce.adapter.changed_options(model._tokenreduce.options),
         status=status,
         top1=_metric(results, f"{split}/top1"),
         top5=_metric(results, f"{split}/top5"),
