@@ -343,3 +343,22 @@ def test_describe_names_the_model():
     assert TimmEvaAdapter().claims(make_eva("no_rope")) and not TimmEvaAdapter().claims(torch.nn.Linear(2, 2))
     with pytest.raises(UnsupportedModelError, match="not a timm Eva"):
         describe(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_gives_the_same_output():
+    model = tokenreduce.apply(make_eva("eva02"), "tome", r=8, adapter_options={"merged_position": "mean"})
+    x = images(model)
+    with torch.no_grad():
+        want = model(x)
+        torch._dynamo.reset()
+        got = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_merge_maps_draw_an_eva_model():
+    from tokenreduce import viz
+
+    model = make_eva("eva02")
+    figure = viz.merge_maps(model, images(model), {"tome": ("tome", {"r": 8}), "evit": ("evit", SETTINGS["evit"])})
+    assert len(figure.axes) == 6 and not hasattr(model, "_tokenreduce")

@@ -178,3 +178,10 @@ def test_mstm_fusion_refuses_a_grid_that_is_not_square():
     batch, _ = batch_of(SIZES[:2])
     with pytest.raises(ConfigError, match="mstm: fusion needs a square patch grid"):
         model(batch)
+
+
+def test_merge_maps_refuse_naflexvit_with_the_reason():
+    from tokenreduce import viz
+
+    with pytest.raises(ConfigError, match="merge maps need a model that embeds a fixed patch grid"):
+        viz.merge_maps(make(), torch.randn(1, 3, 64, 64), {"tome": ("tome", {"r": 2})})

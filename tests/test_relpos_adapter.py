@@ -379,3 +379,26 @@ def test_intermediates_carry_the_reduced_tokens():
         final, taken = model.forward_intermediates(images(), indices=[0, 3], output_fmt="NLC")
     assert [t.shape[1] for t in taken] == [30, 12]  # patch tokens leaving blocks 0 and 3
     assert final.shape[1] == 13
+
+
+def test_interpolation_at_whole_offsets_is_the_entry_itself(monkeypatch):
+    """The four-read path (taken under torch.compile) gives the one-read path's bias bit for bit."""
+    table = OffsetTable(grid=torch.randn(11, 11, 2), prefix=torch.randn(3, 2))
+    positions = grid_positions((6, 6))[torch.randperm(36)[:20]][None]
+    one = Offsets.of(positions, (6, 6))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    four = Offsets.of(positions, (6, 6))
+    assert one.weight is None and four.weight is not None
+    assert torch.equal(one.read(table, 1), four.read(table, 1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["beit", "relpos"])
+def test_torch_compile_fullgraph_gives_the_same_output(name):
+    model = tokenreduce.apply(make(name), "tome", r=6, adapter_options={"merged_position": "mean"})
+    x = images()
+    with torch.no_grad():
+        want = model(x)
+        torch._dynamo.reset()
+        got = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

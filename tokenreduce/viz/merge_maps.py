@@ -158,7 +158,10 @@ def merge_maps(model: nn.Module, images: torch.Tensor, reducers: Mapping[str, tu
 
 
 def _check_images(model: nn.Module, images) -> tuple[int, int]:
-    embed = model.patch_embed
+    embed = getattr(model, "patch_embed", None)
+    if embed is None:
+        raise ConfigError(f"merge maps need a model that embeds a fixed patch grid (patch_embed), which "
+                          f"{type(model).__name__} has not; allowed: timm ViT/DeiT, Eva, BEiT and vit_relpos models")
     chans = embed.proj.in_channels
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0 or images.shape[1] != chans:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
