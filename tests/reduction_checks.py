@@ -142,3 +142,23 @@ def check_refused(model, words: list[str], **params) -> None:
         tokenreduce.apply(model, "tome", **params)
     assert all(w in str(err.value) for w in words), str(err.value)
     assert not hasattr(model, "_tokenreduce")
+
+
+def tome_groups(keys, r: int, num_prefix: int) -> list[list[int]]:
+    """One ToMe step of one image as a plain loop from methods.md: A = even positions, B = odd, each A
+    token's most similar B token by cosine of `keys` [N, d], the r best A tokens merge into theirs
+    (a first token that is a prefix token never does). Returns the tokens of every output token,
+    kept A tokens first then the B tokens; the first of each group is the one it merged into."""
+    n = keys.shape[0]
+    metric = keys / keys.norm(dim=-1, keepdim=True)
+    a_idx, b_idx = list(range(0, n, 2)), list(range(1, n, 2))
+    scores = metric[a_idx] @ metric[b_idx].T
+    if num_prefix:
+        scores[0] = -float("inf")
+    best, partner = scores.max(-1)
+    order = best.argsort(descending=True, stable=True)
+    sources, kept = order[:r].tolist(), sorted(order[r:].tolist())
+    groups = [[a_idx[i]] for i in kept] + [[j] for j in b_idx]
+    for i in sources:
+        groups[len(kept) + partner[i].item()].append(a_idx[i])
+    return groups

@@ -10,6 +10,7 @@ from reduction_checks import (
     check_grad_checkpointing,
     check_refused,
     check_zero_reduction_and_remove,
+    tome_groups,
 )
 from test_invariants import DROPS_TOKENS, NEEDS_CLASS_TOKEN
 from test_invariants import SETTINGS as INVARIANT_SETTINGS
@@ -167,16 +168,7 @@ def _reference_tome(model, x, r, rule):
             y = (logits.softmax(-1) @ v).transpose(1, 2).reshape(1, n, -1)
             t = t + attn.proj(attn.norm(y))
             # ToMe: A = even positions, B = odd; the class token (position 0) is never a source
-            metric = keys / keys.norm(dim=-1, keepdim=True)
-            a_idx, b_idx = list(range(0, n, 2)), list(range(1, n, 2))
-            scores = metric[a_idx] @ metric[b_idx].T
-            scores[0] = -float("inf")
-            best, partner = scores.max(-1)
-            order = best.argsort(descending=True, stable=True)
-            sources, kept = order[:r].tolist(), sorted(order[r:].tolist())
-            groups = [[a_idx[i]] for i in kept] + [[j] for j in b_idx]
-            for i in sources:
-                groups[len(kept) + partner[i].item()].append(a_idx[i])
+            groups = tome_groups(keys, r, num_prefix)
             new_t, new_sizes, new_pos = [], [], []
             for group in groups:
                 w = sizes[group]

@@ -13,6 +13,7 @@ from reduction_checks import (
     check_grad_checkpointing,
     check_refused,
     check_zero_reduction_and_remove,
+    tome_groups,
 )
 from test_invariants import DROPS_TOKENS, NEEDS_CLASS_TOKEN
 from test_invariants import SETTINGS as INVARIANT_SETTINGS
@@ -218,18 +219,7 @@ def _reference_tome(model, x, r, rule):
                 t = t + blk.norm1(y)
             else:
                 t = t + (blk.ls1(y) if hasattr(blk, "ls1") else blk.gamma_1 * y)
-            keys = k.mean(1)[0]
-            metric = keys / keys.norm(dim=-1, keepdim=True)
-            a_idx, b_idx = list(range(0, n, 2)), list(range(1, n, 2))
-            scores = metric[a_idx] @ metric[b_idx].T
-            if num_prefix:
-                scores[0] = -float("inf")
-            best, partner = scores.max(-1)
-            order = best.argsort(descending=True, stable=True)
-            sources, kept = order[:r].tolist(), sorted(order[r:].tolist())
-            groups = [[a_idx[i]] for i in kept] + [[j] for j in b_idx]
-            for i in sources:
-                groups[len(kept) + partner[i].item()].append(a_idx[i])
+            groups = tome_groups(k.mean(1)[0], r, num_prefix)
             new_t, new_sizes, new_pos = [], [], []
             for group in groups:
                 w = sizes[group]
