@@ -3,12 +3,18 @@
 import pytest
 import torch
 from conftest import images_for, make_model
+from test_invariants import SETTINGS as INVARIANT_SETTINGS
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce
+from tokenreduce.adapters.timm_vit import block_costs
 from tokenreduce.bench import demo
 from tokenreduce.bench.__main__ import main as bench_main
 from tokenreduce.bench.harness import Case, format_rows, peak_memory_mb, reducer_share, run
 from tokenreduce.engine.speed import throughput, time_forward
+from tokenreduce.errors import ConfigError
+from tokenreduce.reducers.limit import SpeedLimit
 
 
 class CountingModel(torch.nn.Module):
@@ -50,8 +56,11 @@ def test_run_compares_every_case_with_the_baseline():
     assert tome["tokens_out"] == 101 - 6 * 10 and tome["mac_ratio"] > 1
     assert tome["speedup"] == pytest.approx(tome["images_per_s"] / base["images_per_s"])
     assert tome["of_ideal"] == pytest.approx(tome["speedup"] / tome["mac_ratio"])
+    assert base["limit_speedup"] == 1 and base["of_limit"] == 1
+    assert tome["of_limit"] == pytest.approx(tome["speedup"] / tome["limit_speedup"]) and tome["limit_speedup"] > 0
     table = format_rows(rows)
     assert "tome r=10" in table and "baseline" in table and table.count("\n") == 3
+    assert "of limit" in table.splitlines()[0] and "MAC ratio" in table.splitlines()[0]
 
 
 @pytest.mark.slow
@@ -62,10 +71,11 @@ def test_peak_memory_is_measured_in_a_fresh_process():
 
 def test_bench_and_demo_entry_points(capsys, tmp_path):
     out = tmp_path / "rows.json"
-    bench_main(["--suite", "tome", "--model", "test_vit", "--batch", "1", "--img-size", "160",
+    bench_main(["--suite", "tome", "--model", "test_vit", "--batch", "1", "2", "--img-size", "160",
                 "--rounds", "1", "--no-memory", "--json", str(out)])
     printed = capsys.readouterr().out
     assert "tome r=13" in printed and out.exists()
+    assert "batch=1 " in printed and "batch=2 " in printed and printed.count("of limit") == 2
     demo.main(["--model", "test_vit", "--batch", "1", "--rounds", "1"])
     printed = capsys.readouterr().out
     assert "tome r=16" in printed and "[197, 181, 165, 149, 133, 117, 101]" in printed
@@ -75,3 +85,49 @@ def test_images_per_second_uses_the_median():
     from tokenreduce.engine.speed import images_per_second
 
     assert images_per_second(8, [0.5, 4.0, 1.0]) == 8.0 and images_per_second(2, [0.25]) == 8.0
+
+
+# --- the limit: the case's token counts, nothing paid to choose them -------------------------------
+@pytest.mark.parametrize("name", [n for n in INVARIANT_SETTINGS if n != "none"])
+def test_the_limit_has_the_case_token_counts_and_macs_without_the_reducers_own(name):
+    model = tokenreduce.apply(make_model("test_vit"), name, **INVARIANT_SETTINGS[name])
+    x = images_for(model)
+    with torch.no_grad():
+        model(x)
+    case = tokenreduce.stats(model)
+    state = model._tokenreduce.last_state
+    costs = block_costs(model)
+    # what the blocks cost at the case's counts, without its probes (MCTF) and its own matching
+    backbone = sum(c.macs(r.tokens_attn, r.tokens_mlp) for c, r in zip(costs, state.records, strict=True))
+    tokenreduce.apply(model, SpeedLimit.of(state))
+    with torch.no_grad():
+        model(x)
+    limit = tokenreduce.stats(model)
+    assert limit["tokens"] == case["tokens"]
+    assert [r.tokens_mlp for r in model._tokenreduce.last_state.records] == [r.tokens_mlp for r in state.records]
+    assert limit["macs_parts"]["blocks"] == backbone and limit["macs_parts"]["reducer"] == 0
+    assert limit["macs"] == case["macs"] - case["macs_parts"]["reducer"] - (case["macs_parts"]["blocks"] - backbone)
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        model(x)
+    assert limit["macs"] * 2 * len(x) == counter.get_total_flops()
+
+
+def test_the_limit_keeps_the_first_tokens_and_adds_no_bias():
+    model = make_model("test_vit")
+    x = images_for(model)
+    limit = SpeedLimit([(101, 81), (81, 81)] + [(81, 81)] * (len(model.blocks) - 2))
+    tokenreduce.apply(model, limit)
+    with torch.no_grad():
+        got = model.forward_features(x)
+        tokenreduce.remove(model)
+        h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        blk = model.blocks[0]
+        h = h + blk.ls1(blk.attn(blk.norm1(h)))
+        h = h[:, :81]
+        h = h + blk.ls2(blk.mlp(blk.norm2(h)))
+        for blk in model.blocks[1:]:
+            h = blk(h)
+    torch.testing.assert_close(got, model.norm(h), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="limit: counts for 3 blocks; the model has"):
+        tokenreduce.apply(make_model("test_vit"), SpeedLimit([(10, 10)] * 3))(x)

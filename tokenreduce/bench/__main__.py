@@ -15,7 +15,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--suite", action="append", choices=sorted(SUITES), help="default: all suites")
     parser.add_argument("--model", default="vit_small_patch16_224")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="one table per batch size")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -24,11 +24,13 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     cases = [case for name in (args.suite or sorted(SUITES)) for case in SUITES[name]]
-    print(f"model={args.model} batch={args.batch} img={args.img_size} dtype={args.dtype} device={args.device} "
-          f"threads={torch.get_num_threads()} rounds={args.rounds} (random weights)")
-    rows = run(args.model, cases, args.batch, args.img_size, args.dtype, args.device, args.rounds,
-               memory=not args.no_memory)
-    print(format_rows(rows))
+    rows = []
+    for batch in args.batch:
+        print(f"model={args.model} batch={batch} img={args.img_size} dtype={args.dtype} device={args.device} "
+              f"threads={torch.get_num_threads()} rounds={args.rounds} (random weights)")
+        rows += (batch_rows := run(args.model, cases, batch, args.img_size, args.dtype, args.device, args.rounds,
+                                   memory=not args.no_memory))
+        print(format_rows(batch_rows) + "\n", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

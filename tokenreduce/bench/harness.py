@@ -1,7 +1,9 @@
 """Side-by-side measurement of reducers against the unreduced model in one process.
 
-Every case is timed in the same interleaved rounds as the baseline, so machine noise hits all of
-them alike; the speedup is the ratio of median images/s, the MAC ratio the ideal speedup.
+Every case and its limit (the same token counts per layer taken by slicing, `SpeedLimit`) are timed
+in the same interleaved rounds as the baseline, so machine noise hits all of them alike; the speedup
+is the ratio of median images/s, `of limit` the case's speedup over its limit's, and the MAC ratio
+what runtime proportional to MACs would give.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tokenreduce
-from tokenreduce.engine.speed import images_per_second, time_forward
-from tokenreduce.reducers.base import REDUCE_SCOPE
+from tokenreduce.engine.speed import images_per_second, interleaved_times
+from tokenreduce.reducers.base import REDUCE_SCOPE, create_reducer
+from tokenreduce.reducers.limit import SpeedLimit
 
 
 @dataclass(frozen=True)
@@ -113,44 +116,53 @@ def _status_mb(field: str) -> float:
 
 def run(model_name: str, cases: list[Case], batch: int = 16, img_size: int = 224, dtype: str = "float32",
         device: str = "cpu", rounds: int = 5, memory: bool = True) -> list[dict]:
-    """Measure the baseline and every case; one row per case with ratios against the baseline."""
+    """Measure the baseline, every case and every case's limit (`SpeedLimit`) in the same
+    interleaved rounds, on one model whose reducer is swapped; one row per case with ratios
+    against the baseline."""
     torch_dtype = getattr(torch, dtype)
     all_cases = [BASELINE] + [c for c in cases if c != BASELINE]
-    models = {c.label: build(model_name, c, torch_dtype, device) for c in all_cases}
+    model = build(model_name, BASELINE, torch_dtype, device)
     images = images_for(batch, img_size, torch_dtype, device)
-    times = {c.label: [] for c in all_cases}
-    for model in models.values():
-        time_forward(model, images, repeats=0, warmup=1)
-    for _ in range(rounds):
-        for label, model in models.items():
-            times[label] += time_forward(model, images, repeats=1, warmup=0)
-    rows = []
-    for case in all_cases:
-        model = models[case.label]
+    reducers = [create_reducer(c.reducer, **c.params) for c in all_cases]
+    rows, limits = [], []
+    for case, reducer in zip(all_cases, reducers, strict=True):
+        tokenreduce.apply(model, reducer)
+        with torch.inference_mode():
+            model(images)
         st = tokenreduce.stats(model)
+        limits.append(SpeedLimit.of(model._tokenreduce.last_state))
         rows.append({
-            "case": case.label, "reducer": case.reducer, "params": case.params,
-            "images_per_s": images_per_second(batch, times[case.label]), "gmacs": st["macs"] / 1e9, "tokens_out": st["tokens"][-1],
+            "case": case.label, "reducer": case.reducer, "params": case.params, "batch": batch,
+            "gmacs": st["macs"] / 1e9, "tokens_out": st["tokens"][-1],
             "reducer_share": reducer_share(model, images) if case.reducer != "none" else 0.0,
             "peak_mb": peak_memory_mb(model_name, case, batch, img_size, dtype, device) if memory else None,
         })
+    with torch.inference_mode():
+        times = interleaved_times(model, reducers + limits[1:], images, warmup=1, rounds=rounds)
+    tokenreduce.remove(model)
+    limit_times = times[:1] + times[len(reducers):]  # the baseline is its own limit
     base = rows[0]
+    for row, spent, limit_spent in zip(rows, times[: len(reducers)], limit_times, strict=True):
+        row["images_per_s"] = images_per_second(batch, spent)
+        row["limit_images_per_s"] = images_per_second(batch, limit_spent)
     for row in rows:
         row["speedup"] = row["images_per_s"] / base["images_per_s"]
+        row["limit_speedup"] = row["limit_images_per_s"] / base["images_per_s"]
+        row["of_limit"] = row["speedup"] / row["limit_speedup"]
         row["mac_ratio"] = base["gmacs"] / row["gmacs"]
         row["of_ideal"] = row["speedup"] / row["mac_ratio"]
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = f"{'case':<22}{'img/s':>8}{'speedup':>9}{'MAC ratio':>11}{'of ideal':>10}{'GMACs':>8}" \
+    head = f"{'case':<22}{'img/s':>8}{'speedup':>9}{'limit':>7}{'of limit':>10}{'MAC ratio':>11}{'GMACs':>8}" \
            f"{'tokens':>8}{'reducer %':>11}{'peak MB':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
         lines.append(
-            f"{r['case']:<22}{r['images_per_s']:>8.2f}{r['speedup']:>9.2f}{r['mac_ratio']:>11.2f}"
-            f"{r['of_ideal']:>10.2f}{r['gmacs']:>8.2f}{r['tokens_out']:>8}{100 * r['reducer_share']:>10.1f}%"
-            f"{peak:>9}"
+            f"{r['case']:<22}{r['images_per_s']:>8.2f}{r['speedup']:>9.2f}{r['limit_speedup']:>7.2f}"
+            f"{r['of_limit']:>10.2f}{r['mac_ratio']:>11.2f}{r['gmacs']:>8.2f}{r['tokens_out']:>8}"
+            f"{100 * r['reducer_share']:>10.1f}%{peak:>9}"
         )
     return "\n".join(lines)

@@ -28,7 +28,7 @@ from tokenreduce.engine.config import plain
 from tokenreduce.engine.record import COMPARISON_CSV as TABLE_CSV
 from tokenreduce.engine.record import COMPARISON_JSON, write_new
 from tokenreduce.engine.record import COMPARISON_TABLE as TABLE_MD
-from tokenreduce.engine.speed import check_measure, images_per_second, time_forward
+from tokenreduce.engine.speed import check_measure, images_per_second, interleaved_times
 from tokenreduce.errors import ConfigError, check_number
 from tokenreduce.reducers.base import create_reducer, reducer_class
 
@@ -126,13 +126,8 @@ def top1_accuracy(model: nn.Module, loader, limit: int | None = None) -> tuple[f
 def time_settings(model: nn.Module, settings: list[Setting], images: torch.Tensor, warmup: int, rounds: int) -> None:
     """Images/s of every setting, timed in `rounds` interleaved rounds on the same images."""
     reducers = [create_reducer(s.reducer, **s.params) for s in settings]
-    for reducer in reducers:
-        tokenreduce.apply(model, reducer)
-        time_forward(model, images, repeats=0, warmup=warmup)
-    for _ in range(rounds):
-        for setting, reducer in zip(settings, reducers, strict=True):
-            tokenreduce.apply(model, reducer)
-            setting.times += time_forward(model, images, repeats=1, warmup=0)
+    for setting, times in zip(settings, interleaved_times(model, reducers, images, warmup, rounds), strict=True):
+        setting.times += times
     for setting in settings:  # the baseline comes first, so its images/s is there for the others
         setting.images_per_s = images_per_second(len(images), setting.times)
         setting.speedup = setting.images_per_s / settings[0].images_per_s

@@ -59,6 +59,23 @@ def time_forward(model: nn.Module, images: torch.Tensor, repeats: int = 5, warmu
     return times
 
 
+def interleaved_times(model: nn.Module, reducers: list, images: torch.Tensor, warmup: int, rounds: int
+                      ) -> list[list[float]]:
+    """Seconds of one pass of `model` with each reducer (placed in turn by `tokenreduce.apply`), in
+    `rounds` interleaved rounds after `warmup` passes each, so that machine noise hits all alike."""
+    from tokenreduce.api import apply
+
+    for reducer in reducers:
+        apply(model, reducer)
+        time_forward(model, images, repeats=0, warmup=warmup)
+    times = [[] for _ in reducers]
+    for _ in range(rounds):
+        for reducer, spent in zip(reducers, times, strict=True):
+            apply(model, reducer)
+            spent += time_forward(model, images, repeats=1, warmup=0)
+    return times
+
+
 def images_per_second(batch_size: int, seconds_per_batch: list[float]) -> float:
     """Batch size over the median time: robust to the odd pass slowed by the machine."""
     return batch_size / sorted(seconds_per_batch)[len(seconds_per_batch) // 2]
