@@ -94,3 +94,29 @@ def test_unknown_merge_mode_is_refused():
     assignment = Assignment(dest=torch.zeros(1, 2, dtype=torch.long), n_out=1)
     with pytest.raises(ConfigError, match="mode='lerp'.*mlerp"):
         combine(torch.randn(1, 2, 3), None, assignment, mode="lerp")
+
+
+@pytest.mark.parametrize("with_sizes", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_matching_merges_as_its_assignment_does(with_sizes, dtype):
+    """`Matching` (representatives and sources) against the scatter over every token of the same
+    assignment, and its `dest`/`merged` against a plain loop."""
+    from tokenreduce.core.merge import Matching
+
+    g = torch.Generator().manual_seed(0)
+    batch, n, n_out = 3, 11, 6
+    perm = torch.stack([torch.randperm(n, generator=g) for _ in range(batch)])
+    reps, sources = perm[:, :n_out], perm[:, n_out:]
+    slots = torch.randint(0, n_out, (batch, n - n_out), generator=g)
+    matching = Matching(reps, sources, slots, n)
+    for b in range(batch):
+        for s in range(n_out):
+            assert matching.dest[b, reps[b, s]] == s and not matching.merged[b, reps[b, s]]
+        for j in range(n - n_out):
+            assert matching.dest[b, sources[b, j]] == slots[b, j] and matching.merged[b, sources[b, j]]
+    x = torch.randn(batch, n, 7, generator=g).to(dtype)
+    sizes = torch.randint(1, 4, (batch, n, 1), generator=g).float() if with_sizes else None
+    got, got_sizes = combine(x, sizes, matching)
+    want, want_sizes = combine(x, sizes, Assignment(dest=matching.dest, n_out=n_out, merged=matching.merged))
+    assert got.dtype == dtype and torch.equal(got_sizes, want_sizes)
+    torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)

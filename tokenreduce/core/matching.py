@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenreduce.core.merge import Assignment
+from tokenreduce.core.merge import Matching
 from tokenreduce.errors import ConfigError
 
 SPLITS = ("alternate", "halves")
@@ -33,25 +33,21 @@ def matching_macs(num_prefix: int, num_tokens: int, dim: int) -> int:
     return len(range(n)[a]) * len(range(n)[b]) * dim
 
 
-def _match(a: Tensor, b: Tensor, r: int) -> tuple[Tensor, Tensor]:
+def _best_edges(a: Tensor, b: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
     """The core of ToMe's matching between normalised sets A [B, Na, d] and B [B, Nb, d].
 
     Every A token finds its most similar B token; the `r` A tokens with the best such edges merge.
-    Returns `merged_a` [B, Na] and each A token's slot counted from the first unmerged A token: the
-    unmerged ones keep their order in A, a merged one goes to `Na - r + partner`.
+    Returns the merged A tokens [B, r] (best edge first), the unmerged ones [B, Na - r] in their
+    order in A, and each merged token's B partner [B, r].
     """
     node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
-    if r >= a.shape[1]:
-        merged_a = torch.ones_like(node_max, dtype=torch.bool)
-    else:
-        src = node_max.argsort(dim=-1, descending=True, stable=True)[:, :r]
-        merged_a = torch.zeros_like(node_max, dtype=torch.bool).scatter_(1, src, True)
-    slot = torch.where(merged_a, a.shape[1] - r + node_idx, (~merged_a).cumsum(1) - 1)
-    return merged_a, slot
+    edges = node_max.argsort(dim=-1, descending=True, stable=True)
+    merged = edges[:, :r]
+    return merged, edges[:, r:].sort(dim=-1).values, node_idx.gather(1, merged)
 
 
 @torch.no_grad()
-def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Assignment | None:
+def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Matching | None:
     """Merge the `r` A tokens most similar to a B token into it.
 
     metric: [B, N, d], normalised here so dot products are cosine similarities.
@@ -65,17 +61,11 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Assignme
     r = min(r, a.shape[1])
     if r <= 0 or b.shape[1] == 0:
         return None
-    merged_a, slot_a = _match(a, b, r)
-    first_unmerged = num_prefix
-    dest_b = first_unmerged + a.shape[1] - r + torch.arange(b.shape[1], device=metric.device).expand(batch, -1)
-
-    dest = torch.empty(batch, n, dtype=torch.long, device=metric.device)
-    dest[:, :num_prefix] = torch.arange(num_prefix, device=metric.device)
-    dest[:, num_prefix:][:, sa] = first_unmerged + slot_a
-    dest[:, num_prefix:][:, sb] = dest_b
-    merged = torch.zeros(batch, n, dtype=torch.bool, device=metric.device)
-    merged[:, num_prefix:][:, sa] = merged_a
-    return Assignment(dest=dest, n_out=n - r, merged=merged)
+    merged, unmerged, partner = _best_edges(a, b, r)
+    position = torch.arange(n, device=metric.device)
+    a_pos, b_pos = position[num_prefix:][sa], position[num_prefix:][sb]
+    reps = torch.cat([position[:num_prefix].expand(batch, -1), a_pos[unmerged], b_pos.expand(batch, -1)], dim=1)
+    return Matching(reps, a_pos[merged], num_prefix + a.shape[1] - r + partner, n)
 
 
 def ordered_split_sizes(num_candidates: int) -> tuple[int, int]:
@@ -91,7 +81,7 @@ def ordered_bipartite_matching(
     order: Tensor,
     num_candidates: int | None = None,
     split: str = "alternate",
-) -> Assignment | None:
+) -> Matching | None:
     """ToMe's matching on the non-prefix tokens taken in `order` instead of by position.
 
     metric:         [B, N, d], normalised here.
@@ -123,19 +113,11 @@ def ordered_bipartite_matching(
     m = F.normalize(metric[:, num_prefix:].float(), dim=-1)
     a = m.gather(1, a_idx.unsqueeze(-1).expand(-1, -1, dim))
     b = m.gather(1, b_idx.unsqueeze(-1).expand(-1, -1, dim))
-    merged_a, slot_a = _match(a, b, r)
-
-    device = metric.device
-    num_kept = tokens - cands
-    first_a = num_prefix + num_kept
-    dest_rest = torch.empty(batch, tokens, dtype=torch.long, device=device)
-    dest_rest.scatter_(1, kept_idx, num_prefix + torch.arange(num_kept, device=device).expand(batch, -1))
-    dest_rest.scatter_(1, a_idx, first_a + slot_a)
-    dest_rest.scatter_(1, b_idx, first_a + num_a - r + torch.arange(num_b, device=device).expand(batch, -1))
-    prefix = torch.arange(num_prefix, device=device).expand(batch, -1)
-    merged = torch.zeros(batch, n, dtype=torch.bool, device=device)
-    merged[:, num_prefix:].scatter_(1, a_idx, merged_a)
-    return Assignment(dest=torch.cat([prefix, dest_rest], dim=1), n_out=n - r, merged=merged)
+    merged, unmerged, partner = _best_edges(a, b, r)
+    first_a = num_prefix + tokens - cands
+    prefix = torch.arange(num_prefix, device=metric.device).expand(batch, -1)
+    reps = torch.cat([prefix, num_prefix + kept_idx, num_prefix + a_idx.gather(1, unmerged), num_prefix + b_idx], dim=1)
+    return Matching(reps, num_prefix + a_idx.gather(1, merged), first_a + num_a - r + partner, n)
 
 
 def ordered_matching_macs(num_candidates: int, dim: int) -> int:

@@ -8,6 +8,7 @@ weighted merge exists once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -33,6 +34,54 @@ class Assignment:
     n_out: int
     merged: Tensor | None = None
     represented: bool = False
+
+
+class Matching:
+    """A matching in the form that is cheapest to apply: which token represents each output slot,
+    and which tokens merge into which slots (every token is one or the other; none is dropped).
+
+    reps:    [B, n_out] long, the token kept as each slot, in output order.
+    sources: [B, k] long, the tokens merged into other slots; slots: [B, k] their slots.
+
+    It is an `Assignment` for everything that reads one (`dest` and `merged` are built on first
+    use, e.g. to trace sources or carry positions); `combine` merges from it directly, with one
+    gather and one scatter over the slots and sources instead of a scatter over every token.
+    """
+
+    represented = True
+
+    def __init__(self, reps: Tensor, sources: Tensor, slots: Tensor, num_tokens: int):
+        self.reps, self.sources, self.slots = reps, sources, slots
+        self.n_out, self.num_tokens = reps.shape[1], num_tokens
+
+    @cached_property
+    def dest(self) -> Tensor:
+        out = torch.empty(self.reps.shape[0], self.num_tokens, dtype=torch.long, device=self.reps.device)
+        out.scatter_(1, self.reps, torch.arange(self.n_out, device=self.reps.device).expand_as(self.reps))
+        return out.scatter_(1, self.sources, self.slots)
+
+    @cached_property
+    def merged(self) -> Tensor:
+        out = torch.zeros(self.reps.shape[0], self.num_tokens, dtype=torch.bool, device=self.reps.device)
+        return out.scatter_(1, self.sources, True)
+
+
+def _combine_matching(x: Tensor, sizes: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:
+    """The size-weighted merge of `combine` from a `Matching`: tokens and sizes travel together as
+    rows [x * size, size] (float32), copied whole once per slot and added once per source (row
+    copies, where a gather with an index per element is several times slower)."""
+    b, n, c = x.shape
+    xf = x.float()
+    both = torch.nn.functional.pad(xf, (0, 1), value=1.0) if sizes is None else torch.cat([xf * sizes, sizes], -1)
+    rows = both.view(b * n, c + 1)
+    first = torch.arange(b, device=x.device).unsqueeze(1)  # each sample's first row, in units of its tokens
+    out = rows.index_select(0, (matching.reps + first * n).flatten())
+    if matching.sources.shape[1]:
+        added = rows.index_select(0, (matching.sources + first * n).flatten())
+        out.index_add_(0, (matching.slots + first * matching.n_out).flatten(), added)
+    out = out.view(b, matching.n_out, c + 1)
+    new_sizes = out[..., c:]
+    return (out[..., :c] / new_sizes).to(x.dtype), new_sizes
 
 
 def scatter_sum(values: Tensor, dest: Tensor, n_out: int) -> Tensor:
@@ -89,6 +138,8 @@ def combine(
     """
     if mode not in MERGE_MODES:
         raise ConfigError(f"merge mode={mode!r} is invalid; allowed: {', '.join(MERGE_MODES)}")
+    if isinstance(assignment, Matching) and mode == "wavg" and weights is None:
+        return _combine_matching(x, sizes, assignment)
     dest, n_out = assignment.dest, assignment.n_out
     w_size, w = _merge_weights(sizes, x, mode, weights)
     new_sizes = scatter_sum(w_size, dest, n_out)
