@@ -42,3 +42,12 @@ def test_the_table_prints_every_row(capsys):
     table.main()
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and "MCTF r=16" in lines[2] and "0.71" in lines[2]
+
+
+def test_the_attention_kernel_comparison_times_each_kernel_and_checks_its_output():
+    spec = importlib.util.spec_from_file_location("attention_kernels", ROOT / "experiments" / "attention_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.measure("test_vit", r=4, batch=1, rounds=1, device="cpu", dtype="float32", compile_=False)
+    assert [row["kernel"] for row in rows] == ["mask", "channel", "flex"] and rows[0]["vs_mask"] == 1
+    assert all(row["images_per_s"] > 0 and row["max_diff"] < 1e-4 for row in rows)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from tokenreduce.adapters.base import Adapter, ModelInfo, register_adapter
+from tokenreduce.core.attention import attention
 from tokenreduce.core.macs import BlockCost, blocks_macs, linear_macs
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, UnsupportedModelError
@@ -129,7 +130,7 @@ def attend(attn: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Te
         out = attn.attn_drop(probs) @ v
     else:
         drop = attn.attn_drop.p if attn.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
+        out = attention(q, k, v, bias, drop)  # the per-key log-size bias by the device's kernel
     if KEYS in needs:
         signals.keys = (k if keys is None else keys).mean(dim=1)
     return _attn_out(attn, out, x), signals
