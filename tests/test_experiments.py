@@ -1,6 +1,7 @@
 """The scripts in experiments/ that reproduce published tables."""
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -51,3 +52,17 @@ def test_the_attention_kernel_comparison_times_each_kernel_and_checks_its_output
     rows = module.measure("test_vit", r=4, batch=1, rounds=1, device="cpu", dtype="float32", compile_=False)
     assert [row["kernel"] for row in rows] == ["mask", "channel", "flex"] and rows[0]["vs_mask"] == 1
     assert all(row["images_per_s"] > 0 and row["max_diff"] < 1e-4 for row in rows)
+
+
+def test_the_gpu_script_runs_its_smoke_mode_and_writes_its_table(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_speed", ROOT / "experiments" / "gpu_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--out", str(tmp_path), "--smoke", "--no-tests", "--batches", "1", "2", "--rounds", "1",
+                        "--r", "4", "--compile-batches"]) == 0
+    rows = json.loads((tmp_path / "gpu_speed.json").read_text())["rows"]
+    assert [(row["batch"], row["compiled"]) for row in rows] == [(1, False), (2, False)]
+    for row in rows:
+        assert set(row["speedup"]) == {"unreduced", "ours", "blocks", "limit"} and row["speedup"]["unreduced"] == 1
+        assert row["blocks_max_diff"] < 1e-4  # the blocks-patching ToMe computes what ours does
+    assert "| test_vit | 2 | False |" in (tmp_path / "gpu_speed.md").read_text()
