@@ -27,12 +27,12 @@ def fraction_of(model, reducer: str, **params) -> float:
 
 
 def test_every_reducer_with_a_strength_is_searchable():
-    assert set(searchable()) == {"tome", "pitome", "tofu", "mctf", "mstm", "evit", "topk", "norm", "random"}
+    assert set(searchable()) == {"tome", "pitome", "tofu", "mctf", "mstm", "evit", "topk", "norm", "random", "atc"}
     assert reducer_class("tome").strength[0].param == "ratio"  # finer steps than r on small models
     assert [s.param for s in reducer_class("mctf").strength] == ["r", "r"]
 
 
-@pytest.mark.parametrize("name", ["tome", "pitome", "tofu", "mctf", "mstm", "evit", "topk", "norm", "random"])
+@pytest.mark.parametrize("name", ["tome", "pitome", "tofu", "mctf", "mstm", "evit", "topk", "norm", "random", "atc"])
 @pytest.mark.parametrize("target", [0.75, 0.5])
 def test_matched_setting_is_within_two_percent_and_the_closest_on_its_grid(model, name, target):
     fixed = STAGED.get(name, {})

@@ -27,6 +27,7 @@ SETTINGS = {  # a setting that removes tokens on the tiny models (100 patches)
     "norm": {"ratio": 0.7, "layers": STAGES},
     "random": {"ratio": 0.7, "layers": STAGES},
     "dynamicvit": {"ratios": [0.7, 0.5], "layers": STAGES},
+    "atc": {"ratio": 0.7, "layers": STAGES},
 }
 REMOVE_NOTHING = {  # settings that remove nothing: the model must be exactly the unpatched one
     "none": [{}],
@@ -40,6 +41,7 @@ REMOVE_NOTHING = {  # settings that remove nothing: the model must be exactly th
     "norm": [{"ratio": 1.0, "layers": STAGES}],
     "random": [{"ratio": 1.0, "layers": STAGES}],
     "dynamicvit": [{"ratios": [1.0], "layers": [2]}],
+    "atc": [{"r": 0}, {"ratio": 1.0}],
 }
 NEEDS_CLASS_TOKEN = {"mstm", "evit", "topk"}  # they rank tokens by the class token's attention
 DROPS_TOKENS = {"topk", "norm", "random", "dynamicvit"}  # pruning: the dropped patches are gone
@@ -147,12 +149,17 @@ def test_analytic_macs_equal_flop_counter(name, model_name):
     assert tokenreduce.stats(model)["macs"] * 2 * 2 == counter.get_total_flops()
 
 
+# torch.compile(fullgraph=True) cannot trace these, and why (docs/benchmarks.md)
+NOT_ONE_GRAPH = {"random": "it draws with a torch.Generator of its own, an object torch.compile cannot trace"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in SETTINGS if n != "none"])
-def test_torch_compile_gives_the_same_output(name):
+def test_torch_compile_gives_the_same_output_in_one_graph(name):
     model = reduced(name, "test_vit")
     x = images_for(model)
+    torch._dynamo.reset()
     with torch.no_grad():
         want = model(x)
-        got = torch.compile(model)(x)
+        got = torch.compile(model, fullgraph=name not in NOT_ONE_GRAPH)(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

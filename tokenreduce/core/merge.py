@@ -8,7 +8,6 @@ weighted merge exists once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -53,17 +52,23 @@ class Matching:
     def __init__(self, reps: Tensor, sources: Tensor, slots: Tensor, num_tokens: int):
         self.reps, self.sources, self.slots = reps, sources, slots
         self.n_out, self.num_tokens = reps.shape[1], num_tokens
+        self._dest = self._merged = None
 
-    @cached_property
+    # built on first use and kept (not functools.cached_property: its lock stops torch.compile)
+    @property
     def dest(self) -> Tensor:
-        out = torch.empty(self.reps.shape[0], self.num_tokens, dtype=torch.long, device=self.reps.device)
-        out.scatter_(1, self.reps, torch.arange(self.n_out, device=self.reps.device).expand_as(self.reps))
-        return out.scatter_(1, self.sources, self.slots)
+        if self._dest is None:
+            out = torch.empty(self.reps.shape[0], self.num_tokens, dtype=torch.long, device=self.reps.device)
+            out.scatter_(1, self.reps, torch.arange(self.n_out, device=self.reps.device).expand_as(self.reps))
+            self._dest = out.scatter_(1, self.sources, self.slots)
+        return self._dest
 
-    @cached_property
+    @property
     def merged(self) -> Tensor:
-        out = torch.zeros(self.reps.shape[0], self.num_tokens, dtype=torch.bool, device=self.reps.device)
-        return out.scatter_(1, self.sources, True)
+        if self._merged is None:
+            out = torch.zeros(self.reps.shape[0], self.num_tokens, dtype=torch.bool, device=self.reps.device)
+            self._merged = out.scatter_(1, self.sources, True)
+        return self._merged
 
 
 def _combine_matching(x: Tensor, sizes: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:
@@ -236,13 +241,16 @@ def carry_positions(positions: Tensor, sizes: Tensor | None, assignment: Assignm
     return torch.where(count == 1, scatter_sum(positions, held_by, n_out), mean)
 
 
-def keep_assignment(keep: Tensor, fuse: bool = False) -> Assignment:
+def keep_assignment(keep: Tensor, fuse: bool = False, n_keep: int | None = None) -> Assignment:
     """The assignment of a pruning step: `keep` [B, N] bool, the same number of True per row.
 
     Kept tokens take the first slots in their original order; the others are dropped, or with
-    `fuse` all go to one extra last slot (EViT's fused token).
+    `fuse` all go to one extra last slot (EViT's fused token). `n_keep`, the True per row, is
+    counted when not given (give it where it is known: counting reads the tensor, which
+    torch.compile cannot trace).
     """
-    n_keep = int(keep[0].sum()) if keep.shape[0] else 0
+    if n_keep is None:
+        n_keep = int(keep[0].sum()) if keep.shape[0] else 0
     fuse = fuse and n_keep < keep.shape[1]  # an empty fused slot would have size 0
     slot = keep.long().cumsum(dim=1) - 1
     dest = torch.where(keep, slot, torch.full_like(slot, n_keep))

@@ -137,7 +137,7 @@ class DynamicViT(TokenReducer):
             scores = self.predictors[stage](patches)[..., 0]
             state.add_macs(patches.shape[1] * linear_macs(self.predictors[stage]))
             keep = top_tokens(scores, patches.shape[1] - removal, num_prefix)
-            x = state.merge(x, keep_assignment(keep), "prune")
+            x = state.merge(x, keep_assignment(keep, n_keep=x.shape[1] - removal), "prune")
         state.records[-1].tokens_attn = x.shape[1]
         return ops.plain(x, state.attn_bias(x.dtype))
 

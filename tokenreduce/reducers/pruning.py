@@ -63,7 +63,7 @@ class KeepRatioPruner(TokenReducer):
         num_prefix = state.num_prefix
         scores = self.scores(x, signals, state, layer)
         keep = top_tokens(scores, scores.shape[1] - removal, num_prefix)
-        return state.merge(x, keep_assignment(keep), "prune")
+        return state.merge(x, keep_assignment(keep, n_keep=x.shape[1] - removal), "prune")
 
 
 @register_reducer("random")
@@ -122,7 +122,8 @@ class EViT(TopKPruning):
         prefix_attn = scores.new_ones(scores.shape[0], state.num_prefix)
         # kept tokens sit alone in their slot: weight 1 keeps them bit-exact
         weights = torch.where(keep, 1.0, torch.cat([prefix_attn, scores], dim=1))
-        return state.merge(x, keep_assignment(keep, fuse=True), "mean", weights=weights.unsqueeze(-1))
+        return state.merge(x, keep_assignment(keep, fuse=True, n_keep=x.shape[1] - removal), "mean",
+                           weights=weights.unsqueeze(-1))
 
 
 @register_reducer("norm")
