@@ -28,6 +28,7 @@ SETTINGS = {  # a setting that removes tokens on the tiny models (100 patches)
     "random": {"ratio": 0.7, "layers": STAGES},
     "dynamicvit": {"ratios": [0.7, 0.5], "layers": STAGES},
     "atc": {"ratio": 0.7, "layers": STAGES},
+    "compose": {"parts": [{"name": "atc", "layers": [1], "ratio": 0.8}, {"name": "tome", "layers": [2, 3], "r": 8}]},
 }
 REMOVE_NOTHING = {  # settings that remove nothing: the model must be exactly the unpatched one
     "none": [{}],
@@ -42,6 +43,7 @@ REMOVE_NOTHING = {  # settings that remove nothing: the model must be exactly th
     "random": [{"ratio": 1.0, "layers": STAGES}],
     "dynamicvit": [{"ratios": [1.0], "layers": [2]}],
     "atc": [{"r": 0}, {"ratio": 1.0}],
+    "compose": [{"parts": [{"name": "tome", "layers": [0, 1], "r": 0}, {"name": "atc", "layers": [2], "r": 0}]}],
 }
 NEEDS_CLASS_TOKEN = {"mstm", "evit", "topk"}  # they rank tokens by the class token's attention
 DROPS_TOKENS = {"topk", "norm", "random", "dynamicvit"}  # pruning: the dropped patches are gone

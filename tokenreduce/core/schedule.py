@@ -131,6 +131,10 @@ class Schedule:
         hi = 2 * r - lo
         return int(lo + (hi - lo) * layer / max(num_layers - 1, 1))
 
+    def removal_at(self, layer: int, num_layers: int, tokens: int, cap: Cap = half_cap) -> int:
+        """Tokens `layer` removes when `tokens` non-prefix tokens enter it."""
+        return max(0, min(self._wanted(layer, num_layers, tokens), cap(tokens)))
+
     def removal_counts(self, num_layers: int, num_tokens: int, cap: Cap = half_cap, refill: int = 0) -> list[int]:
         """Per-layer removal counts for `num_tokens` non-prefix tokens entering layer 0.
 
@@ -141,7 +145,7 @@ class Schedule:
         counts = []
         tokens = num_tokens
         for layer in range(num_layers):
-            r = max(0, min(self._wanted(layer, num_layers, tokens), cap(tokens)))
+            r = self.removal_at(layer, num_layers, tokens, cap)
             counts.append(r)
             tokens -= r
             if r > 0:

@@ -73,6 +73,7 @@ class TokenReducer(nn.Module):
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
     cap: ClassVar[Cap] = staticmethod(half_cap)
+    refill: ClassVar[int] = 0  # tokens a reducing layer adds back after removing (EViT's fused token)
     # the parameters that set its strength, for matched-cost comparisons; the first is searched by
     # default (the finest-grained); empty for methods without one
     strength: ClassVar[tuple[Strength, ...]] = ()
@@ -92,7 +93,12 @@ class TokenReducer(nn.Module):
 
     def removal_counts(self, num_layers: int, num_tokens: int) -> list[int]:
         """Tokens removed by each layer, given `num_tokens` non-prefix tokens entering layer 0."""
-        return self.schedule.removal_counts(num_layers, num_tokens, self.cap)
+        return self.schedule.removal_counts(num_layers, num_tokens, self.cap, refill=self.refill)
+
+    def removal_at(self, layer: int, num_layers: int, tokens: int) -> int:
+        """Tokens `layer` removes when `tokens` non-prefix tokens enter it (one step of
+        `removal_counts`; what `compose` asks each part)."""
+        return self.schedule.removal_at(layer, num_layers, tokens, self.cap)
 
     def acts_at(self, layer: int, removal: int) -> bool:
         """Whether the block at `layer` runs `block_forward`; the others run unchanged."""

@@ -112,9 +112,7 @@ class EViT(TopKPruning):
     """
 
     fuse = True
-
-    def removal_counts(self, num_layers: int, num_tokens: int) -> list[int]:
-        return self.schedule.removal_counts(num_layers, num_tokens, self.cap, refill=1)
+    refill = 1
 
     def reduce(self, x: Tensor, signals: Signals, state: ReductionState, layer: int, removal: int) -> Tensor:
         scores = self.scores(x, signals, state, layer)
