@@ -24,4 +24,9 @@ SUITES: dict[str, list[Case]] = {
     ],
     "mstm": [Case("mstm-like 0.7@3,6,9", "mstm", EVIT_SETTING)],
     "dynamicvit": [Case("dynamicvit inference", "dynamicvit", {})],
+    "atc": [
+        Case("atc 0.7@3,6,9", "atc", EVIT_SETTING),
+        Case("atc r=13", "atc", {"r": 13}),
+    ],
+    "compose": [Case("topk 0.8@3 + tome r=8", "compose", {})],  # conf/reducer/compose.yaml's parts
 }

@@ -23,8 +23,10 @@ X_AXES = {
 # MAC fraction, absolute ones GMACs (both fall as a reducer removes more)
 COST = {"mac_fraction": "mac_fraction", "speedup": "mac_fraction", "gmacs": "gmacs", "images_per_s": "gmacs"}
 BASELINE = "none"
-# tab10 without its grey, so that no method shares the baseline's neutral colour
-COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+# tab10 without its grey, so that no method shares the baseline's neutral colour, then darker
+# tones of tab20b, so that every registered method gets its own colour
+COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
+           "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 LABEL_SIZE = 7  # points
 # label offsets from their point (points), nearest first: right or left, above or below
