@@ -162,3 +162,17 @@ def tome_groups(keys, r: int, num_prefix: int) -> list[list[int]]:
     for i in sources:
         groups[len(kept) + partner[i].item()].append(a_idx[i])
     return groups
+
+
+def check_batch_independence(model, x):
+    """Each sample's output is the one it gets alone (methods.md)."""
+    with torch.no_grad():
+        together = model(x)
+        alone = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+
+
+def parameters_without_gradient(model, x) -> list[str]:
+    """Names of the trainable parameters that get no (or an all-zero) gradient from one step."""
+    model(x).logsumexp(-1).sum().backward()
+    return [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]

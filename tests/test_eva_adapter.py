@@ -6,10 +6,12 @@ import timm
 import torch
 from merge_checks import check_every_merge
 from reduction_checks import (
+    check_batch_independence,
     check_bfloat16,
     check_grad_checkpointing,
     check_refused,
     check_zero_reduction_and_remove,
+    parameters_without_gradient,
     tome_groups,
 )
 from test_invariants import DROPS_TOKENS, NEEDS_CLASS_TOKEN
@@ -260,20 +262,14 @@ def test_every_reducer_runs_or_is_refused_before_any_compute(reducer, name):
 @pytest.mark.parametrize("reducer", [n for n in SETTINGS if n not in NEEDS_CLASS_TOKEN | {"random"}])
 def test_sample_output_does_not_depend_on_the_batch(reducer):
     model = tokenreduce.apply(make_eva("rope_reg"), reducer, **SETTINGS[reducer])
-    x = images(model, batch=4)
-    with torch.no_grad():
-        together = model(x)
-        alone = torch.cat([model(x[i : i + 1]) for i in range(4)])
-    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+    check_batch_independence(model, images(model, batch=4))
 
 
 @pytest.mark.parametrize("name", ["eva02", "eva02_clip", "pe"])
 @pytest.mark.parametrize("reducer", ["tome", "mctf", "evit"])
 def test_gradients_reach_every_parameter(name, reducer):
     model = tokenreduce.apply(make_eva(name, drop_path_rate=0.1), reducer, **SETTINGS[reducer]).train()
-    model(images(model)).logsumexp(-1).sum().backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
-    assert not missing
+    assert not parameters_without_gradient(model, images(model))
 
 
 @pytest.mark.parametrize("reducer", ["tome", "mctf"])
