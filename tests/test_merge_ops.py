@@ -96,9 +96,10 @@ def test_unknown_merge_mode_is_refused():
         combine(torch.randn(1, 2, 3), None, assignment, mode="lerp")
 
 
+@pytest.mark.parametrize("mode", ["wavg", "mlerp"])
 @pytest.mark.parametrize("with_sizes", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_matching_merges_as_its_assignment_does(with_sizes, dtype):
+def test_a_matching_merges_as_its_assignment_does(with_sizes, dtype, mode):
     """`Matching` (representatives and sources) against the scatter over every token of the same
     assignment, and its `dest`/`merged` against a plain loop."""
     from tokenreduce.core.merge import Matching
@@ -116,7 +117,7 @@ def test_a_matching_merges_as_its_assignment_does(with_sizes, dtype):
             assert matching.dest[b, sources[b, j]] == slots[b, j] and matching.merged[b, sources[b, j]]
     x = torch.randn(batch, n, 7, generator=g).to(dtype)
     sizes = torch.randint(1, 4, (batch, n, 1), generator=g).float() if with_sizes else None
-    got, got_sizes = combine(x, sizes, matching)
-    want, want_sizes = combine(x, sizes, Assignment(dest=matching.dest, n_out=n_out, merged=matching.merged))
+    got, got_sizes = combine(x, sizes, matching, mode)
+    want, want_sizes = combine(x, sizes, Assignment(dest=matching.dest, n_out=n_out, merged=matching.merged), mode)
     assert got.dtype == dtype and torch.equal(got_sizes, want_sizes)
     torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)

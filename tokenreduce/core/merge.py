@@ -71,22 +71,32 @@ class Matching:
         return self._merged
 
 
-def _combine_matching(x: Tensor, sizes: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:
-    """The size-weighted merge of `combine` from a `Matching`: tokens and sizes travel together as
-    rows [x * size, size] (float32), copied whole once per slot and added once per source (row
-    copies, where a gather with an index per element is several times slower)."""
+def _combine_matching(x: Tensor, sizes: Tensor | None, matching: Matching, mode: str,
+                      mlerp_eps: float) -> tuple[Tensor, Tensor]:
+    """The size-weighted merge ("wavg", or "mlerp") of `combine` from a `Matching`: tokens and sizes
+    travel together as rows [x * size, size] (float32), copied whole once per slot and added once
+    per source (row copies, where a gather with an index per element is several times slower)."""
     b, n, c = x.shape
     xf = x.float()
     both = torch.nn.functional.pad(xf, (0, 1), value=1.0) if sizes is None else torch.cat([xf * sizes, sizes], -1)
-    rows = both.view(b * n, c + 1)
     first = torch.arange(b, device=x.device).unsqueeze(1)  # each sample's first row, in units of its tokens
-    out = rows.index_select(0, (matching.reps + first * n).flatten())
-    if matching.sources.shape[1]:
-        added = rows.index_select(0, (matching.sources + first * n).flatten())
-        out.index_add_(0, (matching.slots + first * matching.n_out).flatten(), added)
+    reps = (matching.reps + first * n).flatten()
+    sources = (matching.sources + first * n).flatten()
+    slots = (matching.slots + first * matching.n_out).flatten()
+    rows = both.view(b * n, c + 1)
+    out = rows.index_select(0, reps)
+    if len(sources):
+        out.index_add_(0, slots, rows.index_select(0, sources))
     out = out.view(b, matching.n_out, c + 1)
     new_sizes = out[..., c:]
-    return (out[..., :c] / new_sizes).to(x.dtype), new_sizes
+    total = out[..., :c] / new_sizes
+    if mode == "mlerp":  # the largest member norm, taken over the same rows
+        norms = xf.norm(dim=-1, keepdim=True).view(b * n, 1)
+        largest = norms.index_select(0, reps)
+        if len(sources):
+            largest.scatter_reduce_(0, slots.unsqueeze(1), norms.index_select(0, sources), "amax")
+        total = total / total.norm(dim=-1, keepdim=True).clamp_min(mlerp_eps) * largest.view(b, matching.n_out, 1)
+    return total.to(x.dtype), new_sizes
 
 
 def scatter_sum(values: Tensor, dest: Tensor, n_out: int) -> Tensor:
@@ -143,8 +153,8 @@ def combine(
     """
     if mode not in MERGE_MODES:
         raise ConfigError(f"merge mode={mode!r} is invalid; allowed: {', '.join(MERGE_MODES)}")
-    if isinstance(assignment, Matching) and mode == "wavg" and weights is None:
-        return _combine_matching(x, sizes, assignment)
+    if isinstance(assignment, Matching) and mode in ("wavg", "mlerp") and weights is None:
+        return _combine_matching(x, sizes, assignment, mode, mlerp_eps)
     dest, n_out = assignment.dest, assignment.n_out
     w_size, w = _merge_weights(sizes, x, mode, weights)
     new_sizes = scatter_sum(w_size, dest, n_out)
