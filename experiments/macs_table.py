@@ -33,6 +33,7 @@ ROWS = [
     ("deit_small_patch16_224", "Top-K 0.7", "topk", STAGES, None),
     ("deit_small_patch16_224", "MSTM-like 0.7", "mstm", STAGES, None),
     ("deit_small_patch16_224", "DynamicViT 0.7", "dynamicvit", {}, "2.9"),
+    ("deit_small_patch16_224", "PPT r=50", "ppt", {"r": 50, "layers": [3, 6, 9]}, "2.94"),
     ("vit_base_patch16_224", "baseline", "none", {}, None),
     ("vit_base_patch16_224", "ToMe r=13", "tome", {"r": 13}, None),
     ("vit_base_patch16_224", "PiToMe 0.925", "pitome", {"ratio": 0.925}, None),

@@ -29,6 +29,8 @@ SETTINGS = {  # a setting that removes tokens on the tiny models (100 patches)
     "dynamicvit": {"ratios": [0.7, 0.5], "layers": STAGES},
     "atc": {"ratio": 0.7, "layers": STAGES},
     "compose": {"parts": [{"name": "atc", "layers": [1], "ratio": 0.8}, {"name": "tome", "layers": [2, 3], "r": 8}]},
+    # every image pools here (its pruning, the other branch, is Top-K's: tests/test_ppt.py)
+    "ppt": {"r": 9, "layers": STAGES, "threshold": 1.0},
 }
 REMOVE_NOTHING = {  # settings that remove nothing: the model must be exactly the unpatched one
     "none": [{}],
@@ -44,8 +46,9 @@ REMOVE_NOTHING = {  # settings that remove nothing: the model must be exactly th
     "dynamicvit": [{"ratios": [1.0], "layers": [2]}],
     "atc": [{"r": 0}, {"ratio": 1.0}],
     "compose": [{"parts": [{"name": "tome", "layers": [0, 1], "r": 0}, {"name": "atc", "layers": [2], "r": 0}]}],
+    "ppt": [{"r": 0, "layers": STAGES}],
 }
-NEEDS_CLASS_TOKEN = {"mstm", "evit", "topk"}  # they rank tokens by the class token's attention
+NEEDS_CLASS_TOKEN = {"mstm", "evit", "topk", "ppt"}  # they rank tokens by the class token's attention
 DROPS_TOKENS = {"topk", "norm", "random", "dynamicvit"}  # pruning: the dropped patches are gone
 PER_SAMPLE_DRAW = {"random"}  # each batch position draws its own subset
 # Parameters feeding a zero-initialised projection (identity at start) get a zero gradient at first.
