@@ -29,4 +29,5 @@ SUITES: dict[str, list[Case]] = {
         Case("atc r=13", "atc", {"r": 13}),
     ],
     "compose": [Case("topk 0.8@3 + tome r=8", "compose", {})],  # conf/reducer/compose.yaml's parts
+    "ppt": [Case("ppt r=50@3,6,9", "ppt", {})],  # the reference setting
 }
