@@ -188,3 +188,13 @@ def test_merge_maps_refuse_naflexvit_with_the_reason():
 
     with pytest.raises(ConfigError, match="merge maps need a model that embeds a fixed patch grid"):
         viz.merge_maps(make(), torch.randn(1, 3, 64, 64), {"tome": ("tome", {"r": 2})})
+
+
+@pytest.mark.parametrize("pool", ["avgmax", "max", "token"])
+def test_every_pooling_gives_each_image_its_output_alone(pool):
+    model = tokenreduce.apply(make(global_pool=pool, class_token=True), "tome", r=6)
+    batch, alone = batch_of(SIZES)
+    with torch.no_grad():
+        each = torch.cat([model(x) for x in alone])
+        together = model(batch)
+    torch.testing.assert_close(together, each, rtol=1e-4, atol=1e-5)
