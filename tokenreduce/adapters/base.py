@@ -74,6 +74,10 @@ class Patch:
     options: dict = field(default_factory=dict)
     last_state: ReductionState | None = field(default=None, repr=False)
 
+    def changed_options(self) -> dict:
+        """The adapter's options that differ from their defaults (what records and reports name)."""
+        return {key: value for key, value in self.options.items() if value != self.adapter.options[key][0]}
+
     def sizes_for(self, x: Tensor) -> Tensor | None:
         """The last pass's token sizes, if `x` has its batch and token count."""
         state = self.last_state
@@ -128,10 +132,6 @@ class Adapter:
                 raise ConfigError(f"adapter_options: {key}={value!r} is invalid; allowed: "
                                   f"{', '.join(map(repr, self.options[key]))}")
         return {key: options.get(key, allowed[0]) for key, allowed in self.options.items()}
-
-    def changed_options(self, options: dict) -> dict:
-        """The options that differ from their defaults (what a run's record names)."""
-        return {key: value for key, value in options.items() if value != self.options[key][0]}
 
     def patch(self, model: nn.Module, reducer: TokenReducer, info: ModelInfo, options: dict) -> None:
         model._tokenreduce = Patch(adapter=self, original_class=type(model), info=info, options=options)

@@ -28,14 +28,14 @@ from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, _build_grid, _rope_
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch import Tensor, nn
 
-from tokenreduce.adapters.base import Adapter, ModelInfo, register_adapter
+from tokenreduce.adapters.base import ModelInfo, register_adapter
 from tokenreduce.adapters.timm_vit import (
     POOLS,
     TimmBlockOps,
+    TimmViTAdapter,
     _model_name,
     _ReducedViT,
     attend,
-    pass_macs,
     project,
 )
 from tokenreduce.core.merge import POSITION_RULES
@@ -194,7 +194,7 @@ class _ReducedEva(_ReducedViT):
 
 
 @register_adapter("timm_eva")
-class TimmEvaAdapter(Adapter):
+class TimmEvaAdapter(TimmViTAdapter):  # ViT's cost model
     family = "timm Eva (EVA, EVA-02, RoPE ViTs, Perception Encoder)"
     reduced_methods = _ReducedEva
     options = {"merged_position": POSITION_RULES}  # see ReductionState.place and carry_positions
@@ -204,6 +204,3 @@ class TimmEvaAdapter(Adapter):
 
     def describe(self, model: nn.Module) -> ModelInfo:
         return describe(model)
-
-    def pass_macs(self, model: nn.Module, state: ReductionState) -> dict[str, int]:
-        return pass_macs(model, state)

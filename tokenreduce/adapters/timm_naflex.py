@@ -22,14 +22,14 @@ from timm.models.naflexvit import NaFlexVit
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from tokenreduce.adapters.base import Adapter, ModelInfo, register_adapter
+from tokenreduce.adapters.base import ModelInfo, register_adapter
 from tokenreduce.adapters.timm_vit import (
     POOLS,
+    TimmViTAdapter,
     _model_name,
     _ReducedViT,
-    pass_macs,
     run_blocks,
-    size_weighted_mean,
+    weighted_pool,
 )
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, UnsupportedModelError
@@ -121,7 +121,7 @@ class _ReducedNaFlex(_ReducedViT):
         sizes = self._tokenreduce.sizes_for(patches)
         if sizes is None or (self.attn_pool is None and self.global_pool not in ("avg", "avgmax")):
             return self._tokenreduce.original_class.forward_head(self, patches, pre_logits, patch_valid)
-        x = _pool(self, patches, sizes)
+        x = weighted_pool(self, patches, sizes, None, padded=True)
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
@@ -145,22 +145,8 @@ def _has_losses(reducer) -> bool:
     return type(reducer).training_losses is not TokenReducer.training_losses
 
 
-def _pool(model: nn.Module, x: Tensor, sizes: Tensor) -> Tensor:
-    """Size-weighted pooling; padding (size 0) takes no part."""
-    if not model.pool_include_prefix:
-        x, sizes = x[:, model.num_prefix_tokens :], sizes[:, model.num_prefix_tokens :]
-    if model.attn_pool is not None:
-        keys = sizes.log() if model.token_reducer.prop_attn else torch.where(sizes > 0, 0.0, -float("inf"))
-        bias = keys.clamp_min(torch.finfo(x.dtype).min).to(x.dtype).transpose(1, 2).unsqueeze(1)
-        return model.attn_pool(x, attn_mask=bias)
-    avg = size_weighted_mean(x, sizes)
-    if model.global_pool == "avg":
-        return avg
-    return 0.5 * (x.masked_fill(sizes == 0, torch.finfo(x.dtype).min).amax(dim=1) + avg)
-
-
 @register_adapter("timm_naflex")
-class TimmNaFlexAdapter(Adapter):
+class TimmNaFlexAdapter(TimmViTAdapter):  # ViT's cost model
     family = "timm NaFlexViT (variable-resolution batches with padding)"
     reduced_methods = _ReducedNaFlex
 
@@ -169,6 +155,3 @@ class TimmNaFlexAdapter(Adapter):
 
     def describe(self, model: nn.Module) -> ModelInfo:
         return describe(model)
-
-    def pass_macs(self, model: nn.Module, state: ReductionState) -> dict[str, int]:
-        return pass_macs(model, state)

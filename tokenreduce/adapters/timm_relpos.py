@@ -34,13 +34,13 @@ from timm.models.vision_transformer_relpos import (
 )
 from torch import Tensor, nn
 
-from tokenreduce.adapters.base import Adapter, ModelInfo, register_adapter
+from tokenreduce.adapters.base import ModelInfo, register_adapter
 from tokenreduce.adapters.timm_vit import (
     TimmBlockOps,
+    TimmViTAdapter,
     _model_name,
     _ReducedViT,
     attention_forward,
-    pass_macs,
     size_weighted_mean,
 )
 from tokenreduce.core.macs import linear_macs
@@ -218,9 +218,9 @@ class _RelPosPass:
 class RelPosBlockOps(TimmBlockOps):
     """The steps of a BEiT or relative-position ViT block, with the bias of the tokens' positions."""
 
-    def __init__(self, block: nn.Module, model: nn.Module, extra: _RelPosPass, checkpointing: bool = False):
+    def __init__(self, block: nn.Module, extra: _RelPosPass, checkpointing: bool = False):
         super().__init__(block, checkpointing, pre_norm=not isinstance(block, ResPostRelPosBlock))
-        self.model, self.extra = model, extra
+        self.extra, self.model = extra, extra.model
         self._bias: tuple[Tensor, Tensor | None] | None = None
 
     def rel_bias(self) -> Tensor | None:
@@ -279,7 +279,7 @@ class _ReducedRelPos(_ReducedViT):
         state.place(positions, extra.batch, self._tokenreduce.options["merged_position"])
 
     def _tr_block_ops(self, block: nn.Module, state: ReductionState, extra: _RelPosPass, checkpointing: bool):
-        return RelPosBlockOps(block, self, extra, checkpointing)
+        return RelPosBlockOps(block, extra, checkpointing)
 
     def _tr_pool_includes_prefix(self) -> bool:
         return False
@@ -302,7 +302,7 @@ def relpos_mlp_macs(model: nn.Module, blocks: int) -> int:
 
 
 @register_adapter("timm_relpos")
-class TimmRelPosAdapter(Adapter):
+class TimmRelPosAdapter(TimmViTAdapter):  # ViT's cost model, and the bias MLPs
     family = "timm relative-position-bias ViTs (BEiT, BEiT v2, vit_relpos, vit_srelpos)"
     reduced_methods = _ReducedRelPos
     options = {"merged_position": POSITION_RULES}  # see ReductionState.place and carry_positions
@@ -314,6 +314,6 @@ class TimmRelPosAdapter(Adapter):
         return describe(model)
 
     def pass_macs(self, model: nn.Module, state: ReductionState) -> dict[str, int]:
-        macs = pass_macs(model, state)
+        macs = super().pass_macs(model, state)
         mlp = relpos_mlp_macs(model, len(state.records))
         return {**macs, "blocks": macs["blocks"] + mlp, "total": macs["total"] + mlp}

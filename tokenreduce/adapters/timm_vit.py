@@ -297,15 +297,22 @@ def size_weighted_mean(x: Tensor, sizes: Tensor) -> Tensor:
     return ((x.float() * sizes).sum(dim=1) / sizes.sum(dim=1)).to(x.dtype)
 
 
-def _weighted_pool(model: nn.Module, x: Tensor, sizes: Tensor, pool_type: str | None) -> Tensor:
+def weighted_pool(model: nn.Module, x: Tensor, sizes: Tensor, pool_type: str | None, padded: bool = False) -> Tensor:
+    """Pooling by token size: the size-weighted mean (avg, avgmax), or attention pooling with the
+    proportional-attention bias. With `padded`, tokens of size 0 are padding and take no part."""
     pool_type = model.global_pool if pool_type is None else pool_type
     if not model._tr_pool_includes_prefix():
         x, sizes = x[:, model.num_prefix_tokens :], sizes[:, model.num_prefix_tokens :]
     if model.attn_pool is not None:
-        bias = sizes.log().to(x.dtype).transpose(1, 2).unsqueeze(1) if model.token_reducer.prop_attn else None
-        return model.attn_pool(x, attn_mask=bias)
+        if model.token_reducer.prop_attn:
+            keys = sizes.log().clamp_min(torch.finfo(x.dtype).min)  # log 0 (padding) as the dtype's floor
+        else:
+            keys = torch.where(sizes > 0, 0.0, torch.finfo(x.dtype).min) if padded else None
+        return model.attn_pool(x, attn_mask=None if keys is None else keys.to(x.dtype).transpose(1, 2).unsqueeze(1))
     avg = size_weighted_mean(x, sizes)
-    return avg if pool_type == "avg" else 0.5 * (x.amax(dim=1) + avg)
+    if pool_type == "avg":
+        return avg
+    return 0.5 * ((x.masked_fill(sizes == 0, torch.finfo(x.dtype).min) if padded else x).amax(dim=1) + avg)
 
 
 class _ReducedViT:
@@ -340,7 +347,7 @@ class _ReducedViT:
         pool_type = self.global_pool if pool_type is None else pool_type
         if sizes is None or (self.attn_pool is None and pool_type in ("", "token", "max")):
             return self._tokenreduce.original_class.pool(self, x, pool_type)
-        return _weighted_pool(self, x, sizes, pool_type)
+        return weighted_pool(self, x, sizes, pool_type)
 
     def forward_intermediates(
         self,

@@ -178,7 +178,7 @@ def run_compare(cfg: DictConfig, settings_cfg: CompareSettings, output_dir: Path
                                      mcfg["warmup"], mcfg["repeats"])
     model = model.to(device=device, dtype=dtype).eval()
     tokenreduce.apply(model, "none", adapter_options=adapter_options)  # the options stay with every reducer
-    changed_options = model._tokenreduce.adapter.changed_options(model._tokenreduce.options)
+    changed_options = model._tokenreduce.changed_options()
     stage = "test" if cfg.eval_split == "test" else "validate"
     datamodule.setup(stage)
     loader = datamodule.test_dataloader() if stage == "test" else datamodule.val_dataloader()

@@ -270,7 +270,7 @@ def _finish(cfg, task, run_name, model, model_cfg, datamodule, reducer_name, red
         split=split,
         reducer=reducer_name,
         reducer_params=reducer_params,
-        adapter_options=model._tokenreduce.adapter.changed_options(model._tokenreduce.options),
+        adapter_options=model._tokenreduce.changed_options(),
         status=status,
         top1=_metric(results, f"{split}/top1"),
         top5=_metric(results, f"{split}/top5"),
