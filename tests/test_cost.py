@@ -12,7 +12,8 @@ from tokenreduce.errors import ConfigError
 from tokenreduce.reducers.base import reducer_class
 
 STAGED = {"mstm": {"fusion": False},  # the rest take their defaults (layers 3, 6, 9 of 12)
-          "ppt": {"layers": [1, 3, 5]}}  # at 3, 6, 9 its at-most-half steps cannot reach 0.5 of the MACs
+          "ppt": {"layers": [1, 3, 5]},  # at 3, 6, 9 its at-most-half steps cannot reach 0.5 of the MACs
+          "zerotprune": {"layers": [1, 3, 5]}}  # in every layer, r's steps are too coarse on 49 patches
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +29,14 @@ def fraction_of(model, reducer: str, **params) -> float:
 
 
 def test_every_reducer_with_a_strength_is_searchable():
-    assert set(searchable()) == {"tome", "pitome", "tofu", "mctf", "mstm", "evit", "topk", "norm", "random", "atc", "ppt"}
+    assert set(searchable()) == {"tome", "pitome", "tofu", "mctf", "mstm", "evit", "topk", "norm", "random", "atc", "ppt",
+                                  "zerotprune"}
     assert reducer_class("tome").strength[0].param == "ratio"  # finer steps than r on small models
     assert [s.param for s in reducer_class("mctf").strength] == ["r", "r"]
 
 
 @pytest.mark.parametrize("name", ["tome", "pitome", "tofu", "mctf", "mstm", "evit", "topk", "norm", "random", "atc",
-                                  "ppt"])
+                                  "ppt", "zerotprune"])
 @pytest.mark.parametrize("target", [0.75, 0.5])
 def test_matched_setting_is_within_two_percent_and_the_closest_on_its_grid(model, name, target):
     fixed = STAGED.get(name, {})

@@ -31,6 +31,9 @@ SETTINGS = {  # a setting that removes tokens on the tiny models (100 patches)
     "compose": {"parts": [{"name": "atc", "layers": [1], "ratio": 0.8}, {"name": "tome", "layers": [2, 3], "r": 8}]},
     # every image pools here (its pruning, the other branch, is Top-K's: tests/test_ppt.py)
     "ppt": {"r": 9, "layers": STAGES, "threshold": 1.0},
+    # merging only here, so every merge check applies (pruning too: tests/test_diffrate.py)
+    "diffrate": {"prune": 0, "merge": [0, 8, 6, 4]},
+    "zerotprune": {"r": 9},
 }
 REMOVE_NOTHING = {  # settings that remove nothing: the model must be exactly the unpatched one
     "none": [{}],
@@ -47,9 +50,11 @@ REMOVE_NOTHING = {  # settings that remove nothing: the model must be exactly th
     "atc": [{"r": 0}, {"ratio": 1.0}],
     "compose": [{"parts": [{"name": "tome", "layers": [0, 1], "r": 0}, {"name": "atc", "layers": [2], "r": 0}]}],
     "ppt": [{"r": 0, "layers": STAGES}],
+    "diffrate": [{"prune": 0, "merge": 0}, {"prune": [0, 0], "merge": [0]}],
+    "zerotprune": [{"r": 0}, {"r": 9, "layers": []}],
 }
-NEEDS_CLASS_TOKEN = {"mstm", "evit", "topk", "ppt"}  # they rank tokens by the class token's attention
-DROPS_TOKENS = {"topk", "norm", "random", "dynamicvit"}  # pruning: the dropped patches are gone
+NEEDS_CLASS_TOKEN = {"diffrate", "mstm", "evit", "topk", "ppt"}  # rank tokens by the class token's attention
+DROPS_TOKENS = {"topk", "norm", "random", "dynamicvit", "zerotprune"}  # pruning: the dropped patches are gone
 PER_SAMPLE_DRAW = {"random"}  # each batch position draws its own subset
 # Parameters feeding a zero-initialised projection (identity at start) get a zero gradient at first.
 BEHIND_ZERO_INIT = {"mstm": "token_reducer.fusion.norm."}

@@ -1,6 +1,20 @@
 """Reducers, one file per method family; importing this package registers them all."""
 
-from tokenreduce.reducers import atc, compose, dynamicvit, mctf, mstm, none, pitome, ppt, pruning, tofu, tome  # noqa: F401
+from tokenreduce.reducers import (  # noqa: F401
+    atc,
+    compose,
+    diffrate,
+    dynamicvit,
+    mctf,
+    mstm,
+    none,
+    pitome,
+    ppt,
+    pruning,
+    tofu,
+    tome,
+    zerotprune,
+)
 from tokenreduce.reducers.base import (
     TokenReducer,
     available,
