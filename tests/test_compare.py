@@ -34,7 +34,7 @@ def test_no_arguments_run_the_quickstart():
     assert cfg.data.name == "fashion_mnist" and cfg.eval_split == "test" and cfg.compare.images >= 2000
     settings = settings_from(cfg)
     assert set(settings.reducers) == {"tome", "pitome", "tofu", "mctf", "mstm", "evit", "topk", "norm", "random", "atc",
-                                      "ppt"}
+                                      "ppt", "zerotprune"}
     assert settings.mac_fractions == [0.75, 0.5]
     assert settings.reducers["mstm"] == {"fusion": False, "layers": [2, 4, 6]}
 

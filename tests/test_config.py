@@ -30,6 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 import tokenreduce
 from tokenreduce.adapters import adapter_for
 from tokenreduce.engine.config import (
+    TASKS,
     build_reducer,
     check_task,
     compose,
@@ -78,7 +79,7 @@ def test_required_experiments_exist():
 @pytest.mark.parametrize("name", options("experiment"))
 def test_every_experiment_composes(name):
     cfg = compose([f"experiment={name}"])
-    assert cfg.task in ("evaluate", "finetune", "compare")
+    assert cfg.task in TASKS
     reducer, params = reducer_spec(cfg.reducer)
     assert (CONF / "reducer" / f"{reducer}.yaml").is_file()
     assert cfg.model.name and cfg.data.batch_size >= 1

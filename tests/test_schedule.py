@@ -54,6 +54,10 @@ def test_layers_restrict_constant_r():
     assert Schedule(r=4, layers=[1, 2]).removal_counts(4, 20) == [0, 4, 4, 0]
 
 
+def test_layers_restrict_a_per_layer_list():
+    assert Schedule(r=[1, 2, 3, 4], layers=[1, 3]).removal_counts(4, 20) == [0, 2, 0, 4]
+
+
 def test_cap_is_half_of_the_tokens_entering_each_layer():
     assert Schedule(r=100).removal_counts(3, 10) == [5, 2, 1]
     assert half_cap(7) == 3 and keep_ratio_removal(196, 0.925) == 14

@@ -4,6 +4,7 @@
     python -m tokenreduce experiment=finetune_tome_deit_s trainer=ddp
     python -m tokenreduce -m experiment=tome_vit_b reducer.r=4,8,12,16
     python -m tokenreduce --cfg job experiment=pitome_vit_b      # print the composed config
+    python -m tokenreduce reducer=outputs/runs/.../reducer.yaml   # a reducer config file (task=search writes one)
 
 The configuration ships inside the package (`tokenreduce.conf`), so this works from any directory.
 """
@@ -54,4 +55,11 @@ def _one_console_handler() -> None:
 
 
 if __name__ == "__main__":
+    from tokenreduce.engine.config import reducer_file_arguments
+
+    try:
+        sys.argv[1:] = reducer_file_arguments(sys.argv[1:])
+    except ConfigError as err:
+        print(f"tokenreduce: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     main()

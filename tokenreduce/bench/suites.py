@@ -30,4 +30,6 @@ SUITES: dict[str, list[Case]] = {
     ],
     "compose": [Case("topk 0.8@3 + tome r=8", "compose", {})],  # conf/reducer/compose.yaml's parts
     "ppt": [Case("ppt r=50@3,6,9", "ppt", {})],  # the reference setting
+    "zerotprune": [Case("zerotprune r=11", "zerotprune", {})],  # about the paper's -34.7% MACs on DeiT-S
+    "diffrate": [Case("diffrate DeiT-S 2.9G", "diffrate", {})],  # the published searched schedule
 }

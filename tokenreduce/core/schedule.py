@@ -43,7 +43,8 @@ class Schedule:
       - ``ratio=0.7, layers=[3, 6, 9]``: staged keep rate at chosen layers;
       - ``r=0.35`` with ``fractional=True``: remove ``int(T * 0.35)`` of the T non-prefix tokens
         entering each reducing layer (MCTF's convention for r < 1).
-    `layers` restricts any form to the listed layers (0-based); the others remove nothing.
+    `layers` restricts any form to the listed layers (0-based); the others remove nothing (with a
+    per-layer list, its entries at the other layers are ignored).
     """
 
     r: int | list[int] | tuple[int, float] | None = None
@@ -88,8 +89,6 @@ class Schedule:
         layers = self.layers
         if layers is not None:
             layers = tuple(check_numbers(who, "layers", layers, low=0, integer=True))
-            if isinstance(r, list):
-                raise ConfigError(f"{who}: layers={list(layers)} cannot be combined with a per-layer r list")
         object.__setattr__(self, "r", r)
         object.__setattr__(self, "inflect", inflect)
         object.__setattr__(self, "layers", layers)

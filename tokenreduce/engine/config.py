@@ -13,7 +13,8 @@ from tokenreduce.reducers import create_reducer, reducer_defaults
 from tokenreduce.reducers.base import TokenReducer
 
 CONFIG_PACKAGE = "tokenreduce.conf"
-TASKS = ("evaluate", "finetune", "compare")
+TASKS = ("evaluate", "finetune", "compare", "search")
+FILE_REDUCER = "from_file.yaml"  # the name a reducer=<file> config takes in its temporary config group
 
 
 def config_source() -> str:
@@ -34,6 +35,36 @@ def config_files_dir() -> Path:
     if source.startswith("pkg://"):
         return Path(importlib.util.find_spec(CONFIG_PACKAGE).submodule_search_locations[0])
     return Path(source)
+
+
+def reducer_file_arguments(args: list[str]) -> list[str]:
+    """The command line with `reducer=<file>.yaml` (a reducer config outside conf/reducer/, e.g. the
+    reducer.yaml a search wrote) turned into a config Hydra can find: the file is copied into a
+    temporary config group folder added to `hydra.searchpath`."""
+    import atexit
+    import shutil
+    import tempfile
+
+    out, folder = [], None
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") != "reducer" or not value.endswith((".yaml", ".yml")):
+            out.append(arg)
+            continue
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"reducer={value}: no such file; allowed: a reducer config file, or a name from "
+                              f"{config_files_dir() / 'reducer'}")
+        if folder is not None:
+            raise ConfigError(f"reducer={value}: a second reducer file; allowed: one")
+        if any(a.startswith("hydra.searchpath=") for a in args):
+            raise ConfigError(f"reducer={value} adds its own hydra.searchpath; allowed: not both")
+        folder = Path(tempfile.mkdtemp(prefix="tokenreduce-conf-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        (folder / "reducer").mkdir()
+        shutil.copyfile(path, folder / "reducer" / FILE_REDUCER)
+        out += [f"{key}={Path(FILE_REDUCER).stem}", f"hydra.searchpath=[file://{folder}]"]
+    return out
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:

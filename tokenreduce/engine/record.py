@@ -14,8 +14,12 @@ RECORD_JSON = "result.json"
 RECORD_CSV = "result.csv"
 CHECKPOINT_DIR = "checkpoints"
 COMPARISON_JSON, COMPARISON_TABLE, COMPARISON_CSV = "comparison.json", "table.md", "table.csv"  # task=compare
+SEARCH_STATE, SEARCH_JSON, SEARCH_TABLE, SEARCHED_REDUCER = (  # task=search
+    "search_state.json", "search.json", "search.md", "reducer.yaml")
+DIFFRATE_STATE = "search_state.pt"  # task=search with DiffRate's search (tensors: torch.save)
 # what an earlier run leaves in its directory; a run never starts where one of these exists
-RESULT_PATHS = (RECORD_JSON, RECORD_CSV, CHECKPOINT_DIR, COMPARISON_JSON, COMPARISON_TABLE, COMPARISON_CSV)
+RESULT_PATHS = (RECORD_JSON, RECORD_CSV, CHECKPOINT_DIR, COMPARISON_JSON, COMPARISON_TABLE, COMPARISON_CSV,
+                SEARCH_STATE, SEARCH_JSON, SEARCH_TABLE, SEARCHED_REDUCER, DIFFRATE_STATE)
 
 
 @dataclass

@@ -28,6 +28,7 @@ import tokenreduce
 from tokenreduce import models
 from tokenreduce.cost import probe_pass
 from tokenreduce.data.transforms import model_data_config
+from tokenreduce.engine import search as search_task
 from tokenreduce.engine.callbacks import LatestCheckpoint, RunInterrupted, build_callbacks
 from tokenreduce.engine.compare import run_compare, settings_from
 from tokenreduce.engine.config import build_reducer, check_task, default_run_name, plain, reducer_spec
@@ -37,7 +38,7 @@ from tokenreduce.engine.record import RunRecord, ensure_fresh
 from tokenreduce.engine.speed import check_measure, measure
 from tokenreduce.errors import ConfigError
 
-STAGES = {"evaluate": "validate", "finetune": "fit", "compare": "validate"}
+STAGES = {"evaluate": "validate", "finetune": "fit", "compare": "validate", "search": "validate"}
 MEASURE_KEYS = ("enabled", "batch_size", "dtype", "autocast", "device", "warmup", "repeats")
 MODEL_KEYS = ("name", "pretrained", "checkpoint", "img_size", "num_classes", "drop_path_rate", "kwargs",
               "adapter_options")
@@ -165,9 +166,10 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
                   mcfg["repeats"], probe=bool(mcfg["enabled"]) or task == "compare")
     check_loggers(plain(cfg.logger))
     compare_settings = settings_from(cfg) if task == "compare" else None
+    search_settings = search_task.settings_from(cfg) if task == "search" else None
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.shuffle_seed = cfg.seed
-    if task != "compare" or cfg.eval_split == "val":
+    if task not in ("compare", "search") or cfg.eval_split == "val":
         datamodule.check(STAGES[task])
     if cfg.eval_split == "test":
         datamodule.check("test")
@@ -182,6 +184,11 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
         datamodule.bind_model(model)
         run_compare(cfg, compare_settings, output_dir, model, datamodule, weights_label(model_cfg, model),
                     model_cfg["name"], model_cfg.get("adapter_options"))
+        return None
+    if task == "search":
+        datamodule.bind_model(model)
+        search_task.run_search(cfg, *search_settings, output_dir, model, datamodule, weights_label(model_cfg, model),
+                               model_cfg["name"], model_cfg.get("adapter_options"))
         return None
     tokenreduce.apply(model, reducer, adapter_options=model_cfg.get("adapter_options"))
     datamodule.bind_model(model)
