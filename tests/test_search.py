@@ -291,3 +291,34 @@ def test_reducer_file_arguments_refuse_a_missing_file_and_leave_other_arguments(
     with pytest.raises(ConfigError, match="not both"):
         reducer_file_arguments([f"reducer={path}", "hydra.searchpath=[file:///x]"])
     assert asdict(Candidate(("tome",), (1,)))  # a plain dataclass, serialisable
+
+
+def test_sigterm_stops_the_search_after_saving_its_step_and_says_how_to_resume(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [a for a in TASK if not a.startswith("search.steps")] + [
+        "search.steps=100000", "search.objective=embedding", "search.test_images=0"]
+    run_dir = tmp_path / "a"
+    process = subprocess.Popen([sys.executable, "-m", "tokenreduce", *args, f"hydra.run.dir={run_dir}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    state_file = run_dir / SEARCH_STATE
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if state_file.is_file() and json.loads(state_file.read_text() or "{}").get("step", 0) >= 2:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, out
+    assert f"search.resume={run_dir}" in out
+    saved = SearchState.from_json(state_file.read_text())
+    assert saved.step >= 2 and not (run_dir / SEARCHED_REDUCER).exists()
+
+
+def test_a_search_whose_neighbourhood_is_all_scored_stops_as_converged(calibration):
+    state = searcher(calibration, budget=0.9, layers=[4, 5]).run(500)
+    assert state.converged and state.step < 500 and state.history[-1]["key"] is None
+    assert searcher(calibration, budget=0.9, layers=[4, 5]).run(600, state).step == state.step

@@ -39,7 +39,7 @@ def main(cfg: DictConfig) -> float | None:
         discard_refused_run(output_dir)
         print(f"tokenreduce: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except RunInterrupted as stop:  # the record and the resume command are written and printed
+    except RunInterrupted as stop:  # the record (or the search state) and how to resume are written and printed
         raise SystemExit(stop.exit_code) from None
     return record.top1 if record is not None else None
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from torch import nn
 import tokenreduce
 from tokenreduce.cost import probe_pass
 from tokenreduce.data.transforms import model_data_config
+from tokenreduce.engine.callbacks import STOP_SIGNALS, RunInterrupted
 from tokenreduce.engine.compare import Setting, format_params, time_settings, top1_accuracy
 from tokenreduce.engine.config import plain
 from tokenreduce.engine.record import (
@@ -265,9 +268,36 @@ class Context:
                                          generator=torch.Generator().manual_seed(cfg.seed)).to(self.device, self.dtype)
         self.fingerprint = fingerprint
 
-    def interrupted(self, path: Path) -> None:
-        print(f"\nsearch interrupted; its state is in {path}; continue with the same command and "
-              f"search.resume={self.output_dir}", flush=True)
+    def stop_if_asked(self, path: Path, step: int) -> None:
+        """After a step's state is saved: end the search if SIGINT or SIGTERM arrived during it."""
+        if self.signals.received is not None:
+            print(f"\nsearch stopped by {self.signals.received} after step {step}; its state is in {path}; "
+                  f"continue with the same command and search.resume={self.output_dir}", flush=True)
+            raise RunInterrupted(self.signals.received, str(path), step)
+
+
+class StopSignals:
+    """While searching, SIGINT (Ctrl-C) or SIGTERM (a scheduler's notice) ends the search after the
+    step under way, once its state is saved; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._handlers: dict = {}
+
+    def _note(self, signum: int, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self._handlers = {sig: signal.signal(sig, self._note) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
+        return False
 
 
 def schedule_strategy(ctx: Context, budget: Budget) -> tuple[float, Found]:
@@ -294,14 +324,11 @@ def schedule_strategy(ctx: Context, budget: Budget) -> tuple[float, Found]:
     def on_step(state: SearchState) -> None:
         _save_state(state_path, state.to_json())
         _progress(state, settings.steps, ctx.objective)
+        ctx.stop_if_asked(state_path, state.step)
 
     if saved is not None:
         print(f"search: resuming {settings.resume} at step {saved.step} of {settings.steps}", flush=True)
-    try:
-        state = search.run(settings.steps, saved, on_step)
-    except KeyboardInterrupt:
-        ctx.interrupted(state_path)
-        raise
+    state = search.run(settings.steps, saved, on_step)
     if saved is not None and saved.step >= settings.steps:
         _save_state(state_path, state.to_json())
     best = Candidate.from_key(state.best)
@@ -335,15 +362,13 @@ def diffrate_strategy(ctx: Context, budget: Budget) -> tuple[float, Found]:
         if last["step"] % 10 == 0 or last["step"] == settings.steps:
             print(f"search step {last['step']}/{settings.steps}: loss {last['loss']:.4f}, task loss "
                   f"{last['task_loss']:.4f}, expected MAC fraction {last['mac_fraction']:.4f}", flush=True)
+        ctx.stop_if_asked(state_path, last["step"])
 
     tokenreduce.remove(ctx.model)  # the search drives the plain model's blocks
     try:
         found = diffrate_search(ctx.model, ctx.images, ctx.labels, budget.macs, steps=settings.steps,
                                 batch_size=settings.batch_size, seed=ctx.seed, state=saved, on_step=on_step,
                                 **options)
-    except KeyboardInterrupt:
-        ctx.interrupted(state_path)
-        raise
     finally:
         tokenreduce.apply(ctx.model, "none", adapter_options=ctx.evaluator.adapter_options)
     searched = ("diffrate", {"prune": found["prune"], "merge": found["merge"]})
@@ -375,7 +400,8 @@ def run_search(cfg: DictConfig, settings: SearchSettings, budget: Budget, output
                    "budget_images_per_s": budget.images_per_s}
     ctx = Context(cfg, settings, output_dir, model, datamodule, adapter_options, fingerprint)
     strategy = diffrate_strategy if settings.reducer == "diffrate" else schedule_strategy
-    mac_budget, found = strategy(ctx, budget)
+    with StopSignals() as ctx.signals:
+        mac_budget, found = strategy(ctx, budget)
     rows = {"unreduced": Setting("none", {}, None), "best uniform": Setting(*found.uniform, mac_budget)}
     if found.start is not None:
         rows["uniform in the window"] = Setting(*found.start, mac_budget)

@@ -258,6 +258,7 @@ class SearchState:
     rng: list | None = None
     best: str | None = None  # Candidate.key
     start: str | None = None  # Candidate.key: the best uniform schedule brought into the window
+    converged: bool = False  # every schedule near the best was scored: more steps change nothing
     uniform: dict = field(default_factory=dict)  # method -> {"r" or "ratio": value, "key": Candidate.key}
     scores: dict = field(default_factory=dict)  # Candidate.key -> asdict(Score)
     history: list = field(default_factory=list)  # per step: candidate key, score, accepted
@@ -414,7 +415,7 @@ class ScheduleSearch:
         else:
             self.check_resume(state)
         rng = _restore_rng(state.rng)
-        while state.step < steps:
+        while state.step < steps and not state.converged:
             best = Candidate.from_key(state.best)
             candidate = None
             for _ in range(DRAWS_PER_STEP):
@@ -425,6 +426,7 @@ class ScheduleSearch:
             state.step += 1
             if candidate is None:  # every nearby schedule is scored: the search has converged
                 state.history.append({"step": state.step, "key": None, "accepted": False})
+                state.converged = True
             else:
                 score = self._score(state, candidate)
                 accepted = self._better(score, Score(**state.scores[state.best]))
