@@ -1,5 +1,6 @@
-"""PiToMe: the energy score and both matching modes against loops, the protected/merged tokens on
-hand-made keys, and the methods.md invariants, fixtures and errors on real timm models."""
+"""PiToMe: the energy score (ELU and Gaussian) and the matching modes against loops, the protected and
+merged tokens on hand-made keys, the text variant's layer against loops, and the methods.md invariants,
+fixtures and errors on real timm models."""
 
 import math
 
@@ -63,6 +64,24 @@ def test_energy_score_refuses_unknown_kernels_and_a_degenerate_gaussian():
         energy_score(torch.randn(1, 3, 2), 0.5, kernel="cosine")
     with pytest.raises(ConfigError, match="margin=1.0.*below 1"):
         energy_score(torch.randn(1, 3, 2), 1.0, kernel="gaussian")
+
+
+def test_gaussian_energy_on_a_hand_made_metric_equals_a_loop():
+    """Integer keys of different lengths: pairs at cosine 1, 0.8, 0.6, 0 and negative ones."""
+    metric = torch.tensor([[[2.0, 0, 0], [3, 4, 0], [0, 5, 0], [0, 0, 1], [-1, 0, 0], [4, 0, 3]]])
+    for margin in (0.0, 0.3, 0.75):
+        got = energy_score(metric, margin, kernel="gaussian")
+        torch.testing.assert_close(got, energy_loop(metric, margin, 1.0, "gaussian"), rtol=1e-6, atol=1e-7)
+
+
+def test_gaussian_energy_of_three_tokens_by_hand():
+    # unit directions (1, 0), (0.6, 0.8), (0, 1): S_01 = 0.6, S_02 = 0, S_12 = 0.8; m = 0.5 -> sigma = 0.5,
+    # so f(1) = 1, f(0.6) = exp(-0.32), f(0.8) = exp(-0.08), f(0) = exp(-2)
+    metric = torch.tensor([[[2.0, 0.0], [3.0, 4.0], [0.0, 0.5]]])
+    f06, f08, f0 = math.exp(-0.32), math.exp(-0.08), math.exp(-2)
+    want = torch.tensor([[(1 + f06 + f0) / 3, (1 + f06 + f08) / 3, (1 + f0 + f08) / 3]])
+    torch.testing.assert_close(energy_score(metric, 0.5, kernel="gaussian"), want, rtol=1e-6, atol=1e-7)
+    assert energy_score(metric, 0.5, kernel="gaussian").argsort(descending=True).tolist() == [[1, 2, 0]]
 
 
 def matching_loop(metric, energy, r, num_prefix, protect, split="alternate"):
@@ -153,6 +172,106 @@ def test_each_layer_orders_by_energy_with_its_own_margin(layer, layer_mode):
     if layer:  # the data is such that the margin matters
         other = ordered_bipartite_matching(keys, 4, 1, orders[0.8], num_candidates=cands)
         assert not torch.equal(other.dest, want.dest)
+
+
+def text_layer_keys(seed, batch=2, num_prefix=1, tokens=16, dim=5):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(batch, 4, dim, generator=g).repeat_interleave(tokens // 4, 1)
+    keys = keys + 0.6 * torch.randn(batch, tokens, dim, generator=g)
+    return torch.cat([torch.randn(batch, num_prefix, dim, generator=g), keys], dim=1)
+
+
+def text_split_loop(keys, num_prefix, r, margin):
+    """A = the r highest-energy tokens, B = the next r, protected = the rest (energy by loop, ties by
+    position), and each A token's most similar B token; non-prefix indices, one sample at a time."""
+    energy = energy_loop(keys[:, num_prefix:], margin, 1.0, "gaussian")
+    splits = []
+    for b in range(keys.shape[0]):
+        order = sorted(range(keys.shape[1] - num_prefix), key=lambda i, b=b: (-energy[b, i].item(), i))
+        a, bb, kept = order[:r], order[r : 2 * r], order[2 * r :]
+        key = keys[b, num_prefix:]
+        best = {i: max(bb, key=lambda j, i=i: cosine(key[i], key[j])) for i in a}
+        splits.append((a, bb, kept, best))
+    return splits
+
+
+def run_text_layer(keys, x, num_prefix, r, layer, depth, sizes=None, margin=0.8):
+    reducer = PiToMe(r=r, margin=margin, energy="gaussian", layer_modes=["text"] * depth, trace_source=True)
+    state = ReductionState.start(x, num_prefix, [r] * depth, prop_attn=False, trace_source=True)
+    state.sizes = sizes
+    state.begin_layer(x.shape[1])
+    out = reducer.reduce(x, Signals(keys=keys), state, layer, r)
+    return out, state
+
+
+@pytest.mark.parametrize("num_prefix, r, layer", [(1, 3, 0), (2, 5, 2), (0, 8, 3)])
+def test_text_mode_merges_the_r_highest_energy_tokens_into_the_next_r(num_prefix, r, layer):
+    keys = text_layer_keys(r, num_prefix=num_prefix)
+    x = torch.randn(2, keys.shape[1], 6)
+    _, state = run_text_layer(keys, x, num_prefix, r, layer, depth=4)
+    splits = text_split_loop(keys, num_prefix, r, layer_margin(0.8, layer, 4))
+    for b, (a, bb, kept, best) in enumerate(splits):
+        slot = state.source[b].tolist()
+        assert slot[:num_prefix] == list(range(num_prefix))
+        # output order: prefix, protected (energy order), B (energy order); A tokens join their partner
+        assert [slot[num_prefix + i] for i in kept + bb] == list(range(num_prefix, keys.shape[1] - r))
+        assert all(slot[num_prefix + i] == slot[num_prefix + best[i]] for i in a)
+
+
+@pytest.mark.parametrize("num_prefix, r", [(1, 4), (3, 6)])
+def test_text_mode_merge_result_equals_a_brute_force_loop(num_prefix, r):
+    keys = text_layer_keys(10 + r, num_prefix=num_prefix, tokens=20)
+    g = torch.Generator().manual_seed(r)
+    x = torch.randn(2, keys.shape[1], 6, generator=g)
+    sizes = torch.randint(1, 5, (2, keys.shape[1], 1), generator=g).float()
+    sizes[:, :num_prefix] = 1
+    out, state = run_text_layer(keys, x, num_prefix, r, 1, depth=3, sizes=sizes)
+    for b, (a, bb, kept, best) in enumerate(text_split_loop(keys, num_prefix, r, layer_margin(0.8, 1, 3))):
+        want_x = [x[b, p] for p in range(num_prefix)] + [x[b, num_prefix + i] for i in kept]
+        want_size = [1.0] * num_prefix + [sizes[b, num_prefix + i, 0].item() for i in kept]
+        for j in bb:
+            members = [num_prefix + j] + [num_prefix + i for i in a if best[i] == j]
+            total = sum(sizes[b, m, 0].item() for m in members)
+            want_x.append(sum(x[b, m] * sizes[b, m, 0].item() for m in members) / total)
+            want_size.append(total)
+        torch.testing.assert_close(out[b], torch.stack(want_x), rtol=1e-5, atol=1e-6)
+        assert state.sizes[b, :, 0].tolist() == want_size
+    assert out.shape[1] == keys.shape[1] - r
+
+
+def test_text_variant_on_a_model_keeps_the_invariants_and_counts_its_macs():
+    model = make_model("test_vit")
+    depth, p = len(model.blocks), model.num_prefix_tokens
+    reducer = PiToMe(ratio=0.7, energy="gaussian", layer_modes=["text"] * depth, trace_source=True)
+    records = record_layers(reducer)
+    tokenreduce.apply(model, reducer)
+    x = images_for(model, batch=2)
+    with torch.no_grad():
+        text = model(x)
+    total = model._tokenreduce.last_state.records[0].tokens_attn
+    for entry in records:
+        check_invariants(entry, p, total)
+    stats = tokenreduce.stats(model)
+    dim = model.blocks[0].attn.head_dim
+    counts = zip(stats["tokens"], stats["removed"], strict=False)
+    want = sum((t - p) ** 2 * dim + removed * removed * dim for t, removed in counts)
+    assert stats["macs_parts"]["reducer"] == want
+    tokenreduce.apply(model, "pitome", ratio=0.7, layer_modes=["protect"] * depth)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), text)
+
+
+def test_default_energy_is_elu_and_unchanged():
+    assert PiToMe().params()["energy"] == "elu"
+    model = make_model("test_vit")
+    x = images_for(model)
+    outputs = []
+    for params in ({}, {"energy": "elu"}, {"energy": "gaussian"}):
+        tokenreduce.apply(model, "pitome", ratio=0.6, **params)
+        with torch.no_grad():
+            outputs.append(model(x))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    assert not torch.allclose(outputs[0], outputs[2])
 
 
 @pytest.mark.parametrize("ratio, fixture", [(0.9, KEEP_090), (0.925, KEEP_0925)])
@@ -280,12 +399,14 @@ def test_analytic_macs_equal_flop_counter(name):
     ({"ratio": None}, ["ratio=None", "r"]),
     ({"r": -1}, ["r=-1", ">= 0"]),
     ({"r": 4, "ratio": 0.9}, ["either", "r=4", "ratio=0.9"]),
-    ({"layer_modes": ["protect", "merge"]}, ["layer_modes", "'bipartite'", "'protect'"]),
+    ({"layer_modes": ["protect", "merge"]}, ["layer_modes", "'bipartite'", "'protect'", "'text'"]),
     ({"layer_modes": "protect"}, ["layer_modes='protect'", "a list"]),
     ({"layer_modes": ["protect"] * 3}, ["3 entries", "blocks"]),
     ({"preset": "augreg"}, ["preset='augreg'", "deit, mae"]),
     ({"margin": 1.5}, ["margin=1.5", "[0.0, 1.0]"]),
     ({"alpha": -1}, ["alpha=-1", ">= 0"]),
+    ({"energy": "cosine"}, ["energy='cosine'", "'elu'", "'gaussian'"]),
+    ({"energy": "gaussian", "margin": 1.0}, ["margin=1.0", "energy='gaussian'", "sigma", "[0, 1)"]),
     ({"mode": "mlerp"}, ["mode='mlerp'", "'wavg'"]),
     ({"prop_attn": "no"}, ["prop_attn='no'"]),
     ({"ratios": 0.9}, ["unknown parameter", "ratios", "allowed"]),

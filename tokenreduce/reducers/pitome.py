@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from tokenreduce.core.energy import energy_macs, energy_score, layer_margin
+from tokenreduce.core.energy import KERNELS, energy_macs, energy_score, layer_margin
 from tokenreduce.core.matching import ordered_bipartite_matching, ordered_matching_macs
 from tokenreduce.core.schedule import Schedule
 from tokenreduce.core.state import ReductionState
@@ -20,7 +20,11 @@ if TYPE_CHECKING:
 
 BIPARTITE = "bipartite"  # energy-ordered bipartite matching, ToMe's top-r edges
 PROTECT = "protect"  # the 2r highest-energy tokens merge pairwise, the others are protected
-LAYER_MODES = (BIPARTITE, PROTECT)
+TEXT = "text"  # the r highest-energy tokens merge into the next r, the others are protected (text models)
+LAYER_MODES = (BIPARTITE, PROTECT, TEXT)
+# Each layer mode as ordered_bipartite_matching runs it: (only the 2r highest-energy tokens are candidates,
+# the others protected; how the candidates, in energy order, split into A and B)
+MODE_MATCHING = {BIPARTITE: (False, "alternate"), PROTECT: (True, "alternate"), TEXT: (True, "halves")}
 PRESETS = ("deit", "mae")
 # Margin m0 by model family: the reference uses 0.75 for DeiT and MAE, 0.9 for AugReg and CLIP.
 LOW_MARGIN_FAMILIES = ("deit", "mae")  # prefixes of a word of the model name (deit, deit3, .mae tag)
@@ -49,18 +53,23 @@ class PiToMe(TokenReducer):
     """Merge the tokens in large clusters of similar tokens and protect the isolated ones.
 
     Each reducing layer scores every non-prefix token by its energy (the mean ELU of its cosine
-    similarities to all tokens, less a margin that shrinks with depth) and orders them high first.
+    similarities to all tokens less a margin that shrinks with depth, or for text models a Gaussian
+    kernel of them) and orders them high first.
     "protect" layers merge the 2r highest-energy tokens pairwise and leave the rest; "bipartite"
-    layers run ToMe's matching on the energy-ordered sequence.
+    layers run ToMe's matching on the energy-ordered sequence. The text-model variant of the paper is
+    `energy="gaussian"` with "text" in every layer: the r highest-energy tokens merge into the next r.
 
     ratio:        keep this fraction of the non-prefix tokens in every layer (>= 0.5)
     r:            remove a fixed number per layer (an int or per-layer list) instead of a ratio
     margin:       m0 of the margin schedule m_l = m0 * (1 - l/L); None picks it by model family
                   (0.75 for DeiT/MAE-style, 0.9 for AugReg/CLIP-style)
     alpha:        ELU scale of the penalty for similarities below the margin
+    energy:       the energy kernel: "elu" (vision models) or "gaussian" (text models),
+                  mean_j exp(-0.5 * ((1 - S_ij) / sigma)^2) with sigma = 1 - m_l, which needs margin < 1
     preset:       layer modes: "deit" bipartite in the first ceil(L/2) layers, protect after;
                   "mae" the reverse (and m0 = 0.75 unless given)
-    layer_modes:  explicit mode per layer ("bipartite" or "protect"), overriding the preset
+    layer_modes:  explicit mode per layer ("bipartite", "protect" or "text"), overriding the preset;
+                  "text" is protect with A = the r highest-energy tokens and B = the next r
     mode:         "wavg" size-weighted merge or "mean" plain mean
     prop_attn:    proportional attention; off by default as in the reference code, whose published
                   numbers were measured without it
@@ -76,6 +85,7 @@ class PiToMe(TokenReducer):
         r: int | list[int] | None = None,
         margin: float | None = None,
         alpha: float = 1.0,
+        energy: str = "elu",
         preset: str = "deit",
         layer_modes: list[str] | None = None,
         mode: str = "wavg",
@@ -98,6 +108,14 @@ class PiToMe(TokenReducer):
         if margin is not None:
             check_number(who, "margin", margin, low=0.0, high=1.0, finite=True)
         check_number(who, "alpha", alpha, low=0.0, finite=True)
+        if energy not in KERNELS:
+            allowed = ", ".join(repr(k) for k in KERNELS)
+            raise ConfigError(f"{who}: energy={energy!r} is invalid; allowed: {allowed}")
+        if energy == "gaussian" and margin is not None and margin >= 1:
+            raise ConfigError(
+                f"{who}: margin={margin!r} is invalid with energy='gaussian', whose width sigma = 1 - margin "
+                "must be positive; allowed: a margin in [0, 1)"
+            )
         if preset not in PRESETS:
             raise ConfigError(f"{who}: preset={preset!r} is invalid; allowed: {', '.join(PRESETS)}")
         if layer_modes is not None:
@@ -112,6 +130,7 @@ class PiToMe(TokenReducer):
         super().__init__(schedule, prop_attn=prop_attn, trace_source=trace_source)
         self.margin = margin
         self.alpha = float(alpha)
+        self.energy = energy
         self.preset = preset
         self.layer_modes = layer_modes
         self.mode = mode
@@ -146,9 +165,12 @@ class PiToMe(TokenReducer):
         tokens, dim = keys.shape[1] - num_prefix, keys.shape[-1]
         margin = layer_margin(self.resolved_margin, layer, num_layers)
         with torch.no_grad():
-            energy = energy_score(keys[:, num_prefix:], margin, self.alpha)
+            energy = energy_score(keys[:, num_prefix:], margin, self.alpha, kernel=self.energy)
             order = energy.argsort(dim=-1, descending=True, stable=True)
-        candidates = 2 * removal if self.layer_mode(layer, num_layers) == PROTECT else tokens
-        assignment = ordered_bipartite_matching(keys, removal, num_prefix, order, num_candidates=candidates)
+        protect, split = MODE_MATCHING[self.layer_mode(layer, num_layers)]
+        candidates = 2 * removal if protect else tokens
+        assignment = ordered_bipartite_matching(
+            keys, removal, num_prefix, order, num_candidates=candidates, split=split
+        )
         state.add_macs(energy_macs(tokens, dim) + ordered_matching_macs(min(candidates, tokens), dim))
         return state.merge(x, assignment, self.mode)
