@@ -331,14 +331,13 @@ def test_output_flags_in_the_config_are_refused_too():
 
 
 def test_an_unsupported_transformers_class_names_itself_and_the_supported_ones():
-    model = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                                           intermediate_size=64, vocab_size=50))
+    model = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=50))
     with pytest.raises(ConfigError) as err:
         tokenreduce.apply(model, "tome", r=2)
     message = str(err.value)
-    assert "BertModel" in message and all(name in message for name in hf_vit.SUPPORTED)
+    assert "GPT2Model" in message and all(name in message for name in hf_vit.SUPPORTED)
     assert not hasattr(model, "_tokenreduce")
-    with pytest.raises(UnsupportedModelError, match="BertModel is not a supported"):
+    with pytest.raises(UnsupportedModelError, match="GPT2Model is not a supported"):
         hf_vit.describe(model)
 
 

@@ -1,0 +1,486 @@
+"""Placing a reducer into Hugging Face `transformers` (>= 5) text encoders: BERT, RoBERTa and
+DistilBERT, as base models and with their sequence-classification heads.
+
+The patched model keeps its own modules and weights, and its `forward` keeps its signature and its
+output class. Only the loop over the layers is replaced, by timm_vit's `run_blocks`: each layer
+either runs as transformers defines it (with the proportional-attention bias as its attention mask)
+or through its reducer, in the steps of `TextLayerOps`, which call the layer's own submodules. The
+layers are post-norm: a reducer acts between the attention block (attention, output projection,
+dropout, residual, LayerNorm) and the feed-forward block.
+
+A padded batch (`attention_mask`, right padding) runs in groups of sequences with the same number
+of real tokens, each group sliced to its real tokens and run without padding, so a padding token is
+never embedded, never merges, never counts in sizes or MACs and never changes a real token; each
+sequence's output is the one it gets alone, and each removes what its own length sets. The groups'
+tokens are put back as `[B, most tokens left, C]`, each sequence's tokens first and zeros after;
+`reduced_mask(model)` gives the attention mask of these tokens, and `mean_pool` their size-weighted
+mean.
+
+Protected tokens: the first token ([CLS] / <s>) and the last real one ([SEP] / </s>). For the pass
+the last real token is moved right after the first, so the two are the reducers' two prefix tokens
+(never merged, never pruned); the encoder's layers see no positions (they were added by the
+embeddings) and attention does not depend on the order of the tokens, so the move changes no output.
+It is put back last among the sequence's tokens at the end. The reducers that rank tokens by the
+class token's attention use the first token as the class token.
+
+`transformers` is imported only when a model's class comes from it (as in hf_vit).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import Tensor, nn
+
+from tokenreduce.adapters.base import ModelInfo, is_patched, register_adapter
+from tokenreduce.adapters.hf_vit import (
+    ATTENTION_IMPLEMENTATIONS,
+    INSTALL_HINT,
+    REFUSED_OUTPUTS,
+    HFLayerOps,
+    HFViTAdapter,
+    _bind,
+    _encoder,
+    _from_transformers,
+    _import,
+    _Loop,
+)
+from tokenreduce.adapters.timm_naflex import _has_losses
+from tokenreduce.adapters.timm_vit import run_blocks
+from tokenreduce.core.macs import BlockCost, blocks_macs, linear_macs
+from tokenreduce.core.state import ReductionState
+from tokenreduce.errors import ConfigError, UnclaimedModelError, UnsupportedModelError
+from tokenreduce.reducers.base import ATTN, KEYS, Signals
+
+# transformers' model family (its module under transformers.models) -> the prefix of its class names
+FAMILIES = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert"}
+# supported class -> (family, head): "base" the encoder itself; "pooler" BERT's classifier of its pooler
+# output; "first" RoBERTa's classification head; "distil" DistilBERT's pre-classifier and classifier. Every
+# head reads the first token.
+SUPPORTED = {
+    "BertModel": ("bert", "base"),
+    "BertForSequenceClassification": ("bert", "pooler"),
+    "RobertaModel": ("roberta", "base"),
+    "RobertaForSequenceClassification": ("roberta", "first"),
+    "DistilBertModel": ("distilbert", "base"),
+    "DistilBertForSequenceClassification": ("distilbert", "distil"),
+}
+# heads that give an output per input token (refused with the reason)
+TOKEN_LEVEL = ("ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM", "ForPreTraining", "ForCausalLM",
+               "LMHeadModel")
+MODULES = ("transformers.modeling_outputs", "transformers.pytorch_utils",
+           *(f"transformers.models.{f}.modeling_{f}" for f in FAMILIES))
+NUM_PREFIX = 2  # the first token, and the last real token placed right after it for the pass
+# named arguments of the forwards that a reduced model takes (any other one must be None)
+INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "labels", "use_cache")
+PASSED = ("return_dict",)  # keyword arguments passed on (output_* are refused by name, the rest too)
+
+
+def _modeling(family: str):
+    return _import(f"transformers.models.{family}.modeling_{family}")
+
+
+def _family_class(cls: type) -> type | None:
+    """The class of transformers' BERT, RoBERTa or DistilBERT modules that `cls` is (or derives from), if
+    it is one of their models; imports transformers."""
+    for family, prefix in FAMILIES.items():
+        module = _modeling(family)
+        if issubclass(cls, getattr(module, f"{prefix}PreTrainedModel")):
+            return next(c for c in cls.__mro__ if c.__module__ == module.__name__)
+    return None
+
+
+def _spec(model: nn.Module) -> tuple[str, str]:
+    """(family, head) of a claimed model, from its original class."""
+    patch = getattr(model, "_tokenreduce", None)
+    return SUPPORTED[_family_class(patch.original_class if patch is not None else type(model)).__name__]
+
+
+def _layers(encoder: nn.Module) -> nn.ModuleList:
+    """The transformer layers: `encoder.layer` (BERT, RoBERTa) or `transformer.layer` (DistilBERT)."""
+    stack = getattr(encoder, "encoder", None) or getattr(encoder, "transformer", None)
+    return getattr(stack, "layer", None)
+
+
+def _refuse_class(model: nn.Module, cls: type) -> None:
+    supported = ", ".join(SUPPORTED)
+    name = cls.__name__
+    if name.endswith(TOKEN_LEVEL):
+        raise UnclaimedModelError(
+            f"model {type(model).__name__} ({name}) has a token-level head: it gives an output for every input "
+            f"token, which needs every token, while token reduction merges and prunes them; supported: {supported} "
+            "(the base models give the reduced tokens with their sizes)")
+    raise UnclaimedModelError(f"model {type(model).__name__} ({name}) is not supported by the text adapter; "
+                              f"supported: {supported}")
+
+
+def describe(model: nn.Module) -> ModelInfo:
+    """Check that the adapter can reduce `model` exactly; raise UnsupportedModelError if not (a class of
+    these families that it does not support: UnclaimedModelError, which is also a ConfigError)."""
+    cls = _family_class(type(model)) if _from_transformers(type(model)) else None
+    if cls is None:
+        raise UnsupportedModelError(f"model {type(model).__name__} is not a Hugging Face transformers BERT, RoBERTa "
+                                    f"or DistilBERT model; supported: {', '.join(SUPPORTED)}")
+    if cls.__name__ not in SUPPORTED:
+        _refuse_class(model, cls)
+    family, head = SUPPORTED[cls.__name__]
+    config = model.config
+    name = getattr(config, "name_or_path", "") or type(model).__name__
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise UnsupportedModelError(f"model {name} is configured as a decoder (is_decoder / add_cross_attention): "
+                                    "its attention is causal or reads another sequence; supported: encoders "
+                                    "(is_decoder=False, add_cross_attention=False)")
+    encoder = _encoder(model, head)
+    layers = _layers(encoder)
+    if layers is None or getattr(encoder, "embeddings", None) is None:
+        raise UnsupportedModelError(f"model {name} ({type(model).__name__}) lacks the layout of transformers>=5 "
+                                    f"(embeddings, encoder layers); install {INSTALL_HINT}")
+    module, prefix = _modeling(family), FAMILIES[family]
+    if family == "distilbert":
+        layer_cls, attn_cls = module.TransformerBlock, module.DistilBertSelfAttention
+    else:
+        layer_cls, attn_cls = getattr(module, f"{prefix}Layer"), getattr(module, f"{prefix}SelfAttention")
+    for i, layer in enumerate(layers):
+        attn = layer.attention if family == "distilbert" else getattr(layer.attention, "self", None)
+        if type(layer) is not layer_cls or type(attn) is not attn_cls:
+            raise UnsupportedModelError(f"model {name} layer {i} is {type(layer).__name__} with "
+                                        f"{type(attn).__name__}; supported: {layer_cls.__name__} with "
+                                        f"{attn_cls.__name__}")
+    impl = config._attn_implementation
+    if impl not in ATTENTION_IMPLEMENTATIONS:
+        raise UnsupportedModelError(
+            f"model {name} uses attn_implementation={impl!r}; supported: {', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))} "
+            "(proportional attention adds a float mask, which these take)")
+    return ModelInfo(name=name, depth=len(layers), num_prefix=NUM_PREFIX, has_class_token=True,
+                     embed_dim=config.hidden_size, num_heads=config.num_attention_heads)
+
+
+# --- one layer -------------------------------------------------------------------------------------
+class TextLayerOps(HFLayerOps):
+    """The steps of a post-norm transformers text layer for a reducer. BERT/RoBERTa: `attention.self`
+    (query, key, value), `attention.output` (dense, dropout, LayerNorm of the residual), then the
+    feed-forward chunk (`intermediate`, `output` with its residual and LayerNorm). DistilBERT:
+    `attention` (q_lin, k_lin, v_lin, out_lin), `sa_layer_norm` of the residual, then `ffn` and
+    `output_layer_norm` of the residual. `plain`, the attention logits, the attention interface and
+    checkpointing are hf_vit's."""
+
+    def __init__(self, layer: nn.Module, checkpointing: bool = False):
+        self.layer = layer
+        self.checkpointing = checkpointing
+        self.distil = hasattr(layer, "sa_layer_norm")
+        attn = layer.attention if self.distil else layer.attention.self
+        self.attn = attn  # the module the attention interface is called with
+        self.projections = (attn.q_lin, attn.k_lin, attn.v_lin) if self.distil else (attn.query, attn.key, attn.value)
+        self.out = attn.out_lin if self.distil else layer.attention.output.dense
+
+    def _heads(self, proj: nn.Linear, h: Tensor) -> Tensor:
+        b, n, _ = h.shape
+        return proj(h).view(b, n, -1, self.attn.attention_head_size).transpose(1, 2)
+
+    def _attention_branch(self, h: Tensor, bias: Tensor | None, needs: frozenset[str]) -> tuple[Tensor, Signals]:
+        attn = self.attn
+        q, k = self.attn_qk(h)
+        v = self.attn_values(h)
+        signals = Signals()
+        if ATTN in needs:
+            signals.attn = self.attn_logits(q, k, bias).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+            y = self.attn_output(signals.attn, v, h)
+        else:
+            dropout = attn.dropout.p if attn.training else 0.0
+            out, _ = self._interface()(attn, q, k, v, bias, dropout=dropout, scaling=attn.scaling)
+            y = self.out(out.reshape(*h.shape[:-1], -1).contiguous())
+        if KEYS in needs:
+            signals.keys = k.mean(dim=1)
+        return y, signals
+
+    def mlp(self, x: Tensor) -> Tensor:
+        layer = self.layer
+        if self.distil:
+            return self._run(lambda t: layer.output_layer_norm(layer.ffn(t) + t), x)
+        chunk = sys.modules["transformers.pytorch_utils"].apply_chunking_to_forward
+        return self._run(lambda t: chunk(layer.feed_forward_chunk, layer.chunk_size_feed_forward, layer.seq_len_dim, t),
+                         x)
+
+    def attn_input(self, x: Tensor) -> Tensor:
+        return x  # post-norm: the attention reads the tokens themselves
+
+    def attn_qk(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        return self._heads(self.projections[0], h), self._heads(self.projections[1], h)
+
+    def attn_values(self, h: Tensor) -> Tensor:
+        return self._heads(self.projections[2], h)
+
+    def attn_output(self, probs: Tensor, v: Tensor, h: Tensor) -> Tensor:
+        out = torch.matmul(nn.functional.dropout(probs, p=self.attn.dropout.p, training=self.attn.training), v)
+        return self.out(out.transpose(1, 2).reshape(*h.shape[:-1], -1))
+
+    def attn_residual(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.distil:
+            return self.layer.sa_layer_norm(y + x)
+        output = self.layer.attention.output
+        return output.LayerNorm(output.dropout(y) + x)
+
+
+class _TextLoop(_Loop):
+    """hf_vit's loop over a transformers encoder's layers, in the steps of `TextLayerOps`."""
+
+    def _tr_block_ops(self, block: nn.Module, state: ReductionState, extra, checkpointing: bool) -> TextLayerOps:
+        return TextLayerOps(block, checkpointing)
+
+
+# --- padding and the protected last token ---------------------------------------------------------
+def real_counts(attention_mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:
+    """[B] each sequence's real tokens, from a [B, L] mask of 1 (real) and 0 (padding) after them; all
+    real without a mask. A sequence needs two: its first and last tokens."""
+    if attention_mask is None:
+        return torch.full((batch,), length, dtype=torch.long, device=device)
+    if attention_mask.shape != (batch, length):
+        raise ConfigError(f"attention_mask of shape {tuple(attention_mask.shape)} is invalid for inputs of {batch} "
+                          f"sequences of {length} tokens; allowed: a [{batch}, {length}] mask of 1 (real) and 0 "
+                          "(padding)")
+    valid = attention_mask.bool()
+    counts = valid.sum(dim=1)
+    if not torch.equal(valid, torch.arange(length, device=valid.device) < counts[:, None]):
+        raise ConfigError("attention_mask has padding before real tokens; allowed: each sequence's real tokens "
+                          "first, then its padding (the tokenizer's padding_side='right')")
+    if bool((counts < NUM_PREFIX).any()):
+        raise ConfigError(f"attention_mask leaves a sequence with {int(counts.min())} real tokens; allowed: at least "
+                          "2 (its first and last tokens, e.g. [CLS] and [SEP], are kept by every reducer)")
+    return counts.to(device)
+
+
+def _loop_order(count: int, device: torch.device) -> Tensor:
+    """The tokens of a sequence of `count` real ones in the order of the pass: first, last, the rest."""
+    return torch.cat([torch.tensor([0, count - 1], device=device), torch.arange(1, count - 1, device=device)])
+
+
+def _restore(y: Tensor, state: ReductionState, count: int, length: int) -> Tensor:
+    """Put the last real token back last among the `y` tokens the pass left, in the tokens, their sizes
+    and the source map (which then covers the `length` input tokens, padding dropped)."""
+    n_out = y.shape[1]
+    order = torch.cat([torch.tensor([0], device=y.device), torch.arange(2, n_out, device=y.device),
+                       torch.tensor([1], device=y.device)])
+    y = y[:, order]
+    if state.sizes is not None:
+        state.sizes = state.sizes[:, order]
+    if state.source is not None:  # source[:, loop position] -> restored output slot; n_out marks a dropped token
+        slot = torch.empty(n_out + 1, dtype=torch.long, device=y.device)
+        slot[order] = torch.arange(n_out, device=y.device)
+        slot[n_out] = n_out
+        inverse = torch.empty(count, dtype=torch.long, device=y.device)
+        inverse[_loop_order(count, y.device)] = torch.arange(count, device=y.device)
+        source = slot[state.source[:, inverse]]
+        state.source = torch.cat([source, source.new_full((len(source), length - count), n_out)], dim=1)
+    return y
+
+
+def _inputs_of(arguments: dict, index: Tensor | None, count: int, batch: int) -> dict:
+    """The token inputs of the sequences `index` (None: all), cut to their first `count` tokens."""
+    inputs = {}
+    for key in ("input_ids", "token_type_ids", "position_ids", "inputs_embeds"):
+        value = arguments.get(key)
+        if value is not None:
+            if index is not None and value.shape[0] == batch:  # position_ids may be [1, L]
+                value = value[index]
+            value = value[:, :count]
+        inputs[key] = value
+    return inputs
+
+
+def _embed(family: str, encoder: nn.Module, inputs: dict) -> Tensor:
+    if family == "distilbert":
+        return encoder.embeddings(inputs["input_ids"], inputs["inputs_embeds"], inputs["position_ids"])
+    return encoder.embeddings(**inputs)
+
+
+def run_text(model: nn.Module, family: str, encoder: nn.Module, arguments: dict, counts: Tensor,
+             length: int) -> tuple[Tensor, ReductionState]:
+    """Embed and run each group of sequences with the same number of real tokens without its padding;
+    return the tokens back in one zero-padded batch and the pass's state (with `groups` when the batch
+    mixes lengths; `sizes` always set, 0 for padding)."""
+    layers = _layers(encoder)
+    loop = _TextLoop(model.token_reducer, NUM_PREFIX, layers, bool(layers[0].gradient_checkpointing) and
+                     layers[0].training)
+    batch = len(counts)
+    groups = []
+    for count in counts.unique().tolist():
+        index = (counts == count).nonzero().flatten()
+        index = None if len(index) == batch else index  # None: the whole batch, cut to its one length
+        x = _embed(family, encoder, _inputs_of(arguments, index, count, batch))
+        y, state, _ = run_blocks(loop, x[:, _loop_order(count, x.device)], None)
+        y = _restore(y, state, count, length)
+        groups.append((torch.arange(batch, device=counts.device) if index is None else index, y, state))
+    if len(groups) == 1:  # every sequence has the same real tokens: no padding left
+        _, y, state = groups[0]
+    else:
+        width = max(y.shape[1] for _, y, _ in groups)
+        y = groups[0][1].new_zeros(batch, width, groups[0][1].shape[2])
+        for index, out, _ in groups:
+            y[index, : out.shape[1]] = out
+        state = ReductionState.gather(groups, batch, length, width)
+    if state.sizes is None:
+        state.sizes = torch.ones(batch, y.shape[1], 1, device=y.device)
+    return y, state
+
+
+# --- the patched model -----------------------------------------------------------------------------
+def _check_arguments(model: nn.Module, arguments: dict, extra: dict) -> None:
+    """Refuse, before any compute, what a reduced pass cannot give, naming the argument."""
+    who = f"token-reduced {model._tokenreduce.original_class.__name__}"
+    for name in REFUSED_OUTPUTS:
+        value = extra.get(name)
+        if value is None:
+            value = getattr(model.config, name, False)
+        if value:
+            raise ConfigError(
+                f"{name}={value!r} is not supported on a {who}: the layers hold fewer tokens after each reduction "
+                f"(and the attention of merged tokens is not the model's); allowed: {name}=False (and "
+                f"config.{name}=False), or call tokenreduce.remove(model) first")
+    unknown = sorted(set(extra) - set(PASSED) - set(REFUSED_OUTPUTS))
+    unknown += sorted(k for k, v in arguments.items() if k not in INPUTS and v is not None)
+    if unknown:
+        raise ConfigError(f"{', '.join(unknown)} not supported on a {who} (an encoder without cross-attention or cache); "
+                          "allowed: input_ids or inputs_embeds, attention_mask, token_type_ids, position_ids, "
+                          "labels (classifiers) and return_dict")
+    if (arguments.get("input_ids") is None) == (arguments.get("inputs_embeds") is None):
+        raise ConfigError(f"a {who} takes exactly one of input_ids and inputs_embeds")
+    for reducer in model.token_reducer.modules():
+        if getattr(reducer, "name", None) == "mstm" and getattr(reducer, "fusion", None) is not None:
+            raise ConfigError("mstm: fusion=True is not supported on a text model: the fusion pools a square grid "
+                              "of patches, which text has none of; allowed: fusion=False")
+
+
+class _ReducedHFText:
+    """Methods placed in front of the model's own class by `patch` (the adapter adds a `forward` that
+    keeps the class's own signature and calls `_tr_forward`)."""
+
+    def _tr_forward(self, original, *args, **kwargs):
+        arguments, extra = _bind(original, self, args, kwargs)
+        _check_arguments(self, arguments, extra)
+        family, head = _spec(self)
+        encoder = _encoder(self, head)
+        tokens = arguments["input_ids"] if arguments.get("input_ids") is not None else arguments["inputs_embeds"]
+        batch, length = tokens.shape[:2]
+        counts = real_counts(arguments.get("attention_mask"), batch, length, tokens.device)
+        if self.training and len(counts.unique()) > 1 and _has_losses(self.token_reducer):
+            raise ConfigError(f"reducer {self.token_reducer.name} trains with losses of the whole pass, which a batch "
+                              "of sequences with different real lengths splits into groups; allowed: batches whose "
+                              "sequences have one length, or eval mode")
+        sequence, state = run_text(self, family, encoder, arguments, counts, length)
+        self._tokenreduce.last_state = state
+        output = self._tr_outputs(family, head, encoder, sequence, arguments.get("labels"))
+        return_dict = extra.get("return_dict")
+        return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
+
+    def _tr_outputs(self, family: str, head: str, encoder: nn.Module, sequence: Tensor, labels: Tensor | None):
+        outputs = _import("transformers.modeling_outputs")
+        if head == "base":
+            if family == "distilbert":
+                return outputs.BaseModelOutput(last_hidden_state=sequence)
+            pooled = encoder.pooler(sequence) if encoder.pooler is not None else None
+            return outputs.BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=sequence,
+                                                                        pooler_output=pooled)
+        if head == "pooler":  # BERT: the pooler (dense + tanh of the first token), dropout, classifier
+            logits = self.classifier(self.dropout(encoder.pooler(sequence)))
+        elif head == "first":  # RoBERTa's head reads the first token itself
+            logits = self.classifier(sequence)
+        else:  # DistilBERT: the first token through pre_classifier, ReLU, dropout, classifier
+            logits = self.classifier(self.dropout(torch.relu(self.pre_classifier(sequence[:, 0]))))
+        loss = None if labels is None else self.loss_function(labels, logits, self.config)
+        return outputs.SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+# --- what the reduced tokens are -------------------------------------------------------------------
+def _last_sizes(model: nn.Module, x: Tensor | None = None) -> Tensor:
+    if not is_patched(model) or model._tokenreduce.last_state is None:
+        raise ConfigError("the model has not run a token-reduced forward pass; call tokenreduce.apply(model, ...) "
+                          "and run it first")
+    sizes = model._tokenreduce.last_state.sizes
+    if x is not None and (sizes is None or sizes.shape[:2] != x.shape[:2]):
+        raise ConfigError(f"last_hidden_state of shape {tuple(x.shape)} is not the output of the model's last pass "
+                          f"(its tokens: {None if sizes is None else tuple(sizes.shape[:2])})")
+    return sizes
+
+
+def reduced_mask(model: nn.Module) -> Tensor:
+    """[B, N] long: the attention mask of the tokens the model's last pass returned (1 real, 0 padding)."""
+    return (_last_sizes(model)[..., 0] > 0).long()
+
+
+def mean_pool(model: nn.Module, last_hidden_state: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """[B, C] the mean of each sequence's real tokens, each weighted by its size (the input tokens it
+    stands for): what mean pooling (sentence-transformers') becomes with merged tokens, and the plain
+    masked mean when nothing was reduced.
+
+    On the output of a reduced model the sizes already leave padding out (size 0), so `attention_mask`
+    may be the input mask, the one of `reduced_mask`, or None; a mask with the output's width multiplies
+    the sizes (a right-padded input mask as wide as the output leaves every real token in). On a model
+    without a reducer it is the plain masked mean (`attention_mask` over the output tokens, or None).
+    """
+    x = last_hidden_state
+    if is_patched(model):
+        weights = _last_sizes(model, x)[..., 0]
+        if attention_mask is not None:
+            if attention_mask.shape[0] != x.shape[0]:
+                raise ConfigError(f"attention_mask of shape {tuple(attention_mask.shape)} does not fit "
+                                  f"last_hidden_state of shape {tuple(x.shape)}")
+            if attention_mask.shape[1] == x.shape[1]:
+                weights = weights * attention_mask.to(weights.dtype)
+    else:
+        if attention_mask is not None and attention_mask.shape != x.shape[:2]:
+            raise ConfigError(f"attention_mask of shape {tuple(attention_mask.shape)} does not fit "
+                              f"last_hidden_state of shape {tuple(x.shape)}; allowed: [B, N] over its tokens")
+        weights = torch.ones(x.shape[:2], device=x.device) if attention_mask is None else attention_mask.float()
+    weights = weights.unsqueeze(-1)
+    return ((x.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)).to(x.dtype)
+
+
+# --- cost --------------------------------------------------------------------------------------
+def block_costs(layers: nn.ModuleList, embed_dim: int) -> list[BlockCost]:
+    costs = []
+    for layer in layers:
+        if hasattr(layer, "sa_layer_norm"):  # DistilBERT
+            attn_dim, mlp = layer.attention.q_lin.out_features, linear_macs(layer.ffn)
+        else:
+            attn_dim, mlp = layer.attention.self.all_head_size, linear_macs(layer.intermediate) + linear_macs(layer.output)
+        costs.append(BlockCost(attn_linear=linear_macs(layer.attention), attn_dim=attn_dim, mlp_linear=mlp,
+                               qk_linear=2 * embed_dim * attn_dim))
+    return costs
+
+
+def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
+    """MACs of one sequence for the pass that left `state`, split by where they are spent (the
+    embeddings are lookups: no MACs)."""
+    family, head = _spec(model)
+    encoder = _encoder(model, head)
+    costs = block_costs(_layers(encoder), model.config.hidden_size)
+    backbone, reducer = blocks_macs(costs[: len(state.records)], state.records)
+    heads = [getattr(encoder, "pooler", None)]
+    if head == "first":
+        heads = [model.classifier]
+    elif head == "distil":
+        heads = [model.pre_classifier, model.classifier]
+    elif head == "pooler":
+        heads.append(model.classifier)
+    head_macs = sum(linear_macs(m) for m in heads if m is not None)
+    return {"embed": 0, "blocks": backbone, "reducer": reducer, "head": head_macs,
+            "total": backbone + reducer + head_macs}
+
+
+@register_adapter("hf_text")
+class HFTextAdapter(HFViTAdapter):  # hf_vit's patching: the forward keeps its signature
+    family = (f"Hugging Face transformers text encoders ({', '.join(SUPPORTED)}; token-level heads are refused: they "
+              "need every token)")
+    reduced_methods = _ReducedHFText
+
+    def claims(self, model: nn.Module) -> bool:
+        # every BERT/RoBERTa/DistilBERT model, so a class it does not support is refused with the reason
+        return _from_transformers(type(model)) and _family_class(type(model)) is not None
+
+    def describe(self, model: nn.Module) -> ModelInfo:
+        return describe(model)
+
+    def pass_macs(self, model: nn.Module, state: ReductionState) -> dict[str, int]:
+        return pass_macs(model, state)
