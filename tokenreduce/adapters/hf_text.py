@@ -45,6 +45,7 @@ from tokenreduce.adapters.hf_vit import (
     _from_transformers,
     _import,
     _Loop,
+    refuse_outputs,
 )
 from tokenreduce.adapters.timm_naflex import _has_losses
 from tokenreduce.adapters.timm_vit import run_blocks
@@ -327,16 +328,7 @@ def run_text(model: nn.Module, family: str, encoder: nn.Module, arguments: dict,
 # --- the patched model -----------------------------------------------------------------------------
 def _check_arguments(model: nn.Module, arguments: dict, extra: dict) -> None:
     """Refuse, before any compute, what a reduced pass cannot give, naming the argument."""
-    who = f"token-reduced {model._tokenreduce.original_class.__name__}"
-    for name in REFUSED_OUTPUTS:
-        value = extra.get(name)
-        if value is None:
-            value = getattr(model.config, name, False)
-        if value:
-            raise ConfigError(
-                f"{name}={value!r} is not supported on a {who}: the layers hold fewer tokens after each reduction "
-                f"(and the attention of merged tokens is not the model's); allowed: {name}=False (and "
-                f"config.{name}=False), or call tokenreduce.remove(model) first")
+    who = refuse_outputs(model, extra)
     unknown = sorted(set(extra) - set(PASSED) - set(REFUSED_OUTPUTS))
     unknown += sorted(k for k, v in arguments.items() if k not in INPUTS and v is not None)
     if unknown:

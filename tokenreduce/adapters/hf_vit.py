@@ -261,8 +261,9 @@ def _bind(original, model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, 
     return arguments, dict(arguments.pop(var, {})) if var else {}
 
 
-def _check_arguments(model: nn.Module, arguments: dict, extra: dict) -> None:
-    """Refuse, before any compute, what a reduced pass cannot give, naming the argument."""
+def refuse_outputs(model: nn.Module, extra: dict) -> str:
+    """Refuse per-layer outputs (hidden states, attentions) asked by argument or config; the model's
+    name for the messages that follow."""
     who = f"token-reduced {model._tokenreduce.original_class.__name__}"
     for name in REFUSED_OUTPUTS:
         value = extra.get(name)
@@ -273,6 +274,12 @@ def _check_arguments(model: nn.Module, arguments: dict, extra: dict) -> None:
                 f"{name}={value!r} is not supported on a {who}: the layers hold fewer tokens after each reduction "
                 f"(and the attention of merged tokens is not the model's); allowed: {name}=False (and "
                 f"config.{name}=False), or call tokenreduce.remove(model) first")
+    return who
+
+
+def _check_arguments(model: nn.Module, arguments: dict, extra: dict) -> None:
+    """Refuse, before any compute, what a reduced pass cannot give, naming the argument."""
+    who = refuse_outputs(model, extra)
     unknown = sorted(set(extra) - set(PASSED) - set(REFUSED_OUTPUTS))
     if unknown:
         raise ConfigError(f"{', '.join(unknown)} not supported on a {who}; allowed: the named arguments of its "
