@@ -92,7 +92,7 @@ class SearchSettings:
                               "null")
         self.methods = list(self.methods) if self.reducer == "compose" else [self.reducer]
         if self.reducer != "diffrate":  # an unsearchable method fails now, before any compute
-            ScheduleSpace(self.reducer, self.methods, self.fixed, depth=10**6, num_patches=1)
+            ScheduleSpace.check(self.reducer, self.methods, self.fixed)
         self.fixed = {name: dict(params or {}) for name, params in (self.fixed or {}).items()}
         check_number("search", "steps", self.steps, low=0, integer=True)
         check_number("search", "images", self.images, low=1, integer=True)

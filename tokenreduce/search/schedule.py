@@ -76,8 +76,9 @@ class Score:
 class ScheduleSpace:
     """How candidates become reducer configurations, and which ones are allowed."""
 
-    def __init__(self, reducer: str, methods: list[str], fixed: dict[str, dict], depth: int, num_patches: int,
-                 layers: list[int] | None = None, compose_params: dict | None = None):
+    @staticmethod
+    def check(reducer: str, methods: list[str], fixed: dict[str, dict]) -> None:
+        """Refuse methods that cannot be searched (or composed) and invalid fixed parameters."""
         allowed = searchable_methods()
         for name in methods:
             if name not in allowed:
@@ -93,6 +94,10 @@ class ScheduleSpace:
                 raise ConfigError(f"search.fixed.{name}.{clash[0]}: the search sets {', '.join(SET_BY_SEARCH)}; "
                                   "allowed: the method's other parameters")
             create_reducer(name, **params)  # an unknown or invalid fixed parameter fails now
+
+    def __init__(self, reducer: str, methods: list[str], fixed: dict[str, dict], depth: int, num_patches: int,
+                 layers: list[int] | None = None, compose_params: dict | None = None):
+        self.check(reducer, methods, fixed)
         if layers is not None:
             bad = [layer for layer in layers if not 0 <= layer < depth]
             if bad:
