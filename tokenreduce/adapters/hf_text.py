@@ -45,6 +45,8 @@ from tokenreduce.adapters.hf_vit import (
     _from_transformers,
     _import,
     _Loop,
+    family_class,
+    modeling,
     refuse_outputs,
 )
 from tokenreduce.adapters.timm_naflex import _has_losses
@@ -52,7 +54,6 @@ from tokenreduce.adapters.timm_vit import run_blocks
 from tokenreduce.core.macs import BlockCost, blocks_macs, linear_macs
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, UnclaimedModelError, UnsupportedModelError
-from tokenreduce.reducers.base import ATTN, KEYS, Signals
 
 # transformers' model family (its module under transformers.models) -> the prefix of its class names
 FAMILIES = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert"}
@@ -78,18 +79,9 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inpu
 PASSED = ("return_dict",)  # keyword arguments passed on (output_* are refused by name, the rest too)
 
 
-def _modeling(family: str):
-    return _import(f"transformers.models.{family}.modeling_{family}")
-
-
 def _family_class(cls: type) -> type | None:
-    """The class of transformers' BERT, RoBERTa or DistilBERT modules that `cls` is (or derives from), if
-    it is one of their models; imports transformers."""
-    for family, prefix in FAMILIES.items():
-        module = _modeling(family)
-        if issubclass(cls, getattr(module, f"{prefix}PreTrainedModel")):
-            return next(c for c in cls.__mro__ if c.__module__ == module.__name__)
-    return None
+    """The BERT, RoBERTa or DistilBERT model class `cls` is (or derives from), or None."""
+    return family_class(cls, FAMILIES)
 
 
 def _spec(model: nn.Module) -> tuple[str, str]:
@@ -137,7 +129,7 @@ def describe(model: nn.Module) -> ModelInfo:
     if layers is None or getattr(encoder, "embeddings", None) is None:
         raise UnsupportedModelError(f"model {name} ({type(model).__name__}) lacks the layout of transformers>=5 "
                                     f"(embeddings, encoder layers); install {INSTALL_HINT}")
-    module, prefix = _modeling(family), FAMILIES[family]
+    module, prefix = modeling(family), FAMILIES[family]
     if family == "distilbert":
         layer_cls, attn_cls = module.TransformerBlock, module.DistilBertSelfAttention
     else:
@@ -174,26 +166,11 @@ class TextLayerOps(HFLayerOps):
         self.attn = attn  # the module the attention interface is called with
         self.projections = (attn.q_lin, attn.k_lin, attn.v_lin) if self.distil else (attn.query, attn.key, attn.value)
         self.out = attn.out_lin if self.distil else layer.attention.output.dense
+        self.scaling, self.dropout = attn.scaling, attn.dropout.p
 
     def _heads(self, proj: nn.Linear, h: Tensor) -> Tensor:
         b, n, _ = h.shape
         return proj(h).view(b, n, -1, self.attn.attention_head_size).transpose(1, 2)
-
-    def _attention_branch(self, h: Tensor, bias: Tensor | None, needs: frozenset[str]) -> tuple[Tensor, Signals]:
-        attn = self.attn
-        q, k = self.attn_qk(h)
-        v = self.attn_values(h)
-        signals = Signals()
-        if ATTN in needs:
-            signals.attn = self.attn_logits(q, k, bias).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-            y = self.attn_output(signals.attn, v, h)
-        else:
-            dropout = attn.dropout.p if attn.training else 0.0
-            out, _ = self._interface()(attn, q, k, v, bias, dropout=dropout, scaling=attn.scaling)
-            y = self.out(out.reshape(*h.shape[:-1], -1).contiguous())
-        if KEYS in needs:
-            signals.keys = k.mean(dim=1)
-        return y, signals
 
     def mlp(self, x: Tensor) -> Tensor:
         layer = self.layer
@@ -211,10 +188,6 @@ class TextLayerOps(HFLayerOps):
 
     def attn_values(self, h: Tensor) -> Tensor:
         return self._heads(self.projections[2], h)
-
-    def attn_output(self, probs: Tensor, v: Tensor, h: Tensor) -> Tensor:
-        out = torch.matmul(nn.functional.dropout(probs, p=self.attn.dropout.p, training=self.attn.training), v)
-        return self.out(out.transpose(1, 2).reshape(*h.shape[:-1], -1))
 
     def attn_residual(self, x: Tensor, y: Tensor) -> Tensor:
         if self.distil:
@@ -467,12 +440,7 @@ class HFTextAdapter(HFViTAdapter):  # hf_vit's patching: the forward keeps its s
               "need every token)")
     reduced_methods = _ReducedHFText
 
-    def claims(self, model: nn.Module) -> bool:
-        # every BERT/RoBERTa/DistilBERT model, so a class it does not support is refused with the reason
-        return _from_transformers(type(model)) and _family_class(type(model)) is not None
-
-    def describe(self, model: nn.Module) -> ModelInfo:
-        return describe(model)
-
-    def pass_macs(self, model: nn.Module, state: ReductionState) -> dict[str, int]:
-        return pass_macs(model, state)
+    # every model of these families, so a class it does not support is refused with the reason
+    claimed_class = staticmethod(_family_class)
+    model_info = staticmethod(describe)
+    model_macs = staticmethod(pass_macs)

@@ -74,6 +74,21 @@ def _from_transformers(cls: type) -> bool:
     return any(c.__module__.split(".")[0] == "transformers" for c in cls.__mro__)
 
 
+def modeling(family: str):
+    """transformers' modeling module of `family` (e.g. "bert"); a ConfigError saying how to install it."""
+    return _import(f"transformers.models.{family}.modeling_{family}")
+
+
+def family_class(cls: type, families: dict[str, str]) -> type | None:
+    """The class of the modeling modules of `families` (module name -> class-name prefix) that `cls`
+    is (or derives from), if it is one of their models; imports transformers."""
+    for family, prefix in families.items():
+        module = modeling(family)
+        if issubclass(cls, getattr(module, f"{prefix}PreTrainedModel")):
+            return next(c for c in cls.__mro__ if c.__module__ == module.__name__)
+    return None
+
+
 def _supported_class(cls: type) -> type | None:
     """The supported transformers class `cls` is (or derives from), or None; imports transformers."""
     for family in FAMILIES:
@@ -151,9 +166,12 @@ class HFLayerOps:
 
     def __init__(self, layer: nn.Module, checkpointing: bool = False):
         self.layer = layer
-        self.attn = layer.attention
+        self.attn = layer.attention  # the module the attention interface is called with
         self.dinov2 = hasattr(layer, "layer_scale1")
         self.checkpointing = checkpointing
+        self.out = self.attn.o_proj  # the attention's own names, which other transformers families differ in
+        self.scaling = self.attn.scaling
+        self.dropout = self.attn.attention_dropout
 
     def _run(self, fn, *args):
         if self.checkpointing:
@@ -180,9 +198,9 @@ class HFLayerOps:
             signals.attn = self.attn_logits(q, k, bias).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
             y = self.attn_output(signals.attn, v, h)
         else:
-            dropout = attn.attention_dropout if attn.training else 0.0
-            out, _ = self._interface()(attn, q, k, v, bias, dropout=dropout, scaling=attn.scaling)
-            y = attn.o_proj(out.reshape(*h.shape[:-1], -1).contiguous())
+            dropout = self.dropout if attn.training else 0.0
+            out, _ = self._interface()(attn, q, k, v, bias, dropout=dropout, scaling=self.scaling)
+            y = self.out(out.reshape(*h.shape[:-1], -1).contiguous())
         if KEYS in needs:
             signals.keys = k.mean(dim=1)
         return y, signals
@@ -220,13 +238,12 @@ class HFLayerOps:
         return self._heads(self.attn.v_proj, h)
 
     def attn_logits(self, q: Tensor, k: Tensor, bias: Tensor | None) -> Tensor:
-        logits = torch.matmul(q, k.transpose(2, 3)) * self.attn.scaling  # as transformers' eager attention
+        logits = torch.matmul(q, k.transpose(2, 3)) * self.scaling  # as transformers' eager attention
         return logits if bias is None else logits + bias
 
     def attn_output(self, probs: Tensor, v: Tensor, h: Tensor) -> Tensor:
-        attn = self.attn
-        out = torch.matmul(F.dropout(probs, p=attn.attention_dropout, training=attn.training), v)
-        return attn.o_proj(out.transpose(1, 2).reshape(*h.shape[:-1], -1))
+        out = torch.matmul(F.dropout(probs, p=self.dropout, training=self.attn.training), v)
+        return self.out(out.transpose(1, 2).reshape(*h.shape[:-1], -1))
 
     def attn_residual(self, x: Tensor, y: Tensor) -> Tensor:
         layer = self.layer
@@ -383,16 +400,21 @@ def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
 class HFViTAdapter(Adapter):
     family = f"Hugging Face transformers vision encoders ({', '.join(SUPPORTED)})"
     reduced_methods = _ReducedHFViT
+    # a transformers family's own functions: the class a model is answered for (None: not claimed),
+    # its facts and its MACs; the other transformers adapters set theirs
+    claimed_class = staticmethod(_supported_class)
+    model_info = staticmethod(describe)
+    model_macs = staticmethod(pass_macs)
 
     def claims(self, model: nn.Module) -> bool:
         # transformers is imported only for a model whose class comes from it
-        return _from_transformers(type(model)) and _supported_class(type(model)) is not None
+        return _from_transformers(type(model)) and self.claimed_class(type(model)) is not None
 
     def describe(self, model: nn.Module) -> ModelInfo:
-        return describe(model)
+        return self.model_info(model)
 
     def pass_macs(self, model: nn.Module, state: ReductionState) -> dict[str, int]:
-        return pass_macs(model, state)
+        return self.model_macs(model, state)
 
     def _reduced_class(self, cls: type) -> type:
         # the model's forward keeps its own signature (inspect follows __wrapped__) and output class

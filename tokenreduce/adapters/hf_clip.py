@@ -1,0 +1,323 @@
+"""Placing a reducer into the image towers of Hugging Face `transformers` (>= 5) CLIP and SigLIP:
+`CLIPVisionModel`, `CLIPVisionModelWithProjection`, `SiglipVisionModel`, and the vision tower of the
+dual encoders `CLIPModel` and `SiglipModel` (whose text tower runs unreduced).
+
+The vision tower (`CLIPVisionModel` / `SiglipVisionModel`, the model itself or its `vision_model`)
+gets a `forward` with its own signature and output class; the loop over its encoder layers is
+hf_vit's (timm_vit's `run_blocks`), each layer running as transformers defines it (with the
+proportional-attention bias as its attention mask) or through its reducer in the steps of
+`TowerLayerOps`, between the layer's attention residual and its MLP. The models around the tower
+keep their own `forward`, `get_image_features` and `get_text_features`: they call the tower as
+before, so the projection, the text tower and the logits are transformers' own.
+
+CLIP: embeddings (class token first), `pre_layrnorm`, the layers, then the class token through
+`post_layernorm` is the pooled output; the class token is the one prefix token. SigLIP: no class
+token (no prefix token); `post_layernorm` over all tokens, then `SiglipMultiheadAttentionPoolingHead`
+(a learned probe attending over the tokens), which sees each token's size as the proportional-
+attention log-size bias on its keys, as timm_vit's `weighted_pool` does for timm's attention pooling.
+
+The reducer is held by the model it was applied to; a tower inside a dual encoder or a projection
+model reaches it through a link set while the model is patched, and `remove` takes both back.
+Reducing the text towers is not supported yet (CLIP's is causal and pools its EOS token).
+
+`transformers` is imported only when a model's class comes from it (as in hf_vit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from tokenreduce.adapters.base import _REDUCED_CLASSES, ModelInfo, is_patched, register_adapter
+from tokenreduce.adapters.hf_vit import (
+    ATTENTION_IMPLEMENTATIONS,
+    INSTALL_HINT,
+    PASSED,
+    REFUSED_OUTPUTS,
+    HFLayerOps,
+    HFViTAdapter,
+    _bind,
+    _from_transformers,
+    _import,
+    _Loop,
+    family_class,
+    modeling,
+)
+from tokenreduce.adapters.timm_vit import run_blocks
+from tokenreduce.core.macs import BlockCost, blocks_macs, linear_macs
+from tokenreduce.core.state import ReductionState
+from tokenreduce.errors import ConfigError, UnclaimedModelError, UnsupportedModelError
+
+# transformers' model family (its module under transformers.models) -> the prefix of its class names
+FAMILIES = {"clip": "CLIP", "siglip": "Siglip"}
+# supported class -> (family, kind): "tower" the vision tower itself, "projection" the tower and its
+# visual projection, "dual" the vision tower of an image-text model (the text tower unreduced)
+SUPPORTED = {
+    "CLIPVisionModel": ("clip", "tower"),
+    "CLIPVisionModelWithProjection": ("clip", "projection"),
+    "CLIPModel": ("clip", "dual"),
+    "SiglipVisionModel": ("siglip", "tower"),
+    "SiglipModel": ("siglip", "dual"),
+}
+TOWERS = ("CLIPVisionModel", "SiglipVisionModel")
+MODULES = ("transformers.modeling_outputs", *(f"transformers.models.{f}.modeling_{f}" for f in FAMILIES))
+TEXT_REASON = ("reducing the text tower is not supported yet (CLIP's text tower is causal and pools its EOS "
+               "token; a reduced text tower would need both kept)")
+
+
+def _family_class(cls: type) -> type | None:
+    """The CLIP or SigLIP model class `cls` is (or derives from), or None."""
+    return family_class(cls, FAMILIES)
+
+
+def _spec(model: nn.Module) -> tuple[str, str]:
+    """(family, kind) of a claimed model, from its original class."""
+    patch = getattr(model, "_tokenreduce", None)
+    return SUPPORTED[_family_class(patch.original_class if patch is not None else type(model)).__name__]
+
+
+def _tower(model: nn.Module, kind: str) -> nn.Module:
+    """The vision tower (CLIPVisionModel / SiglipVisionModel): the model itself or its `vision_model`."""
+    return model if kind == "tower" else getattr(model, "vision_model", None)
+
+
+def describe(model: nn.Module) -> ModelInfo:
+    """Check that the adapter can reduce `model` exactly; raise UnsupportedModelError if not (a CLIP or
+    SigLIP class that it does not support: UnclaimedModelError, which is also a ConfigError)."""
+    cls = _family_class(type(model)) if _from_transformers(type(model)) else None
+    if cls is None:
+        raise UnsupportedModelError(f"model {type(model).__name__} is not a Hugging Face transformers CLIP or SigLIP "
+                                    f"model; supported: {', '.join(SUPPORTED)}")
+    supported = ", ".join(SUPPORTED)
+    if cls.__name__ not in SUPPORTED:
+        if "Text" in cls.__name__:
+            raise UnclaimedModelError(f"model {type(model).__name__} ({cls.__name__}) is a text tower: {TEXT_REASON}; "
+                                      f"supported: {supported} (their image towers)")
+        raise UnclaimedModelError(f"model {type(model).__name__} ({cls.__name__}) is not supported by the CLIP/SigLIP "
+                                  f"adapter; supported: {supported}")
+    family, kind = SUPPORTED[cls.__name__]
+    name = getattr(model.config, "name_or_path", "") or type(model).__name__
+    tower = _tower(model, kind)
+    module, prefix = modeling(family), FAMILIES[family]
+    tower_cls = getattr(module, f"{prefix}VisionModel")
+    if tower is None or not isinstance(tower, tower_cls):
+        raise UnsupportedModelError(f"model {name} ({type(model).__name__}) has no {tower_cls.__name__} as its "
+                                    f"vision_model; install {INSTALL_HINT}")
+    if tower is not model and is_patched(tower):
+        raise UnsupportedModelError(f"model {name}: its vision_model already carries a reducer; call "
+                                    "tokenreduce.remove(model.vision_model) first")
+    parts = ("embeddings", "encoder", "post_layernorm") + (("pre_layrnorm",) if family == "clip" else ())
+    layers = getattr(getattr(tower, "encoder", None), "layers", None)
+    if layers is None or any(getattr(tower, p, None) is None for p in parts):
+        raise UnsupportedModelError(f"model {name} ({type(model).__name__}) lacks the layout of transformers>=5 "
+                                    f"({', '.join(parts)}, encoder.layers); install {INSTALL_HINT}")
+    layer_cls, attn_cls = getattr(module, f"{prefix}EncoderLayer"), getattr(module, f"{prefix}Attention")
+    for i, layer in enumerate(layers):
+        if type(layer) is not layer_cls or type(getattr(layer, "self_attn", None)) is not attn_cls:
+            raise UnsupportedModelError(
+                f"model {name} layer {i} is {type(layer).__name__} with {type(getattr(layer, 'self_attn', None)).__name__}; "
+                f"supported: {layer_cls.__name__} with {attn_cls.__name__}")
+    if family == "siglip" and tower.use_head:
+        head = tower.head
+        if (type(head) is not module.SiglipMultiheadAttentionPoolingHead
+                or not isinstance(head.attention, nn.MultiheadAttention) or not head.attention.batch_first
+                or not head.attention._qkv_same_embed_dim):
+            raise UnsupportedModelError(f"model {name} pools with {type(head).__name__}; supported: "
+                                        "SiglipMultiheadAttentionPoolingHead (a batch-first nn.MultiheadAttention)")
+    impl = tower.config._attn_implementation
+    if impl not in ATTENTION_IMPLEMENTATIONS:
+        raise UnsupportedModelError(
+            f"model {name} uses attn_implementation={impl!r}; supported: {', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))} "
+            "(proportional attention adds a float mask, which these take)")
+    clip = family == "clip"
+    return ModelInfo(name=name, depth=len(layers), num_prefix=int(clip), has_class_token=clip,
+                     embed_dim=tower.config.hidden_size, num_heads=tower.config.num_attention_heads)
+
+
+# --- one layer -------------------------------------------------------------------------------------
+class TowerLayerOps(HFLayerOps):
+    """The steps of a CLIP/SigLIP encoder layer (layer_norm1, self_attn with q/k/v/out projections,
+    residual, layer_norm2, MLP, residual) for a reducer. `plain`, the attention interface, the heads
+    and checkpointing are hf_vit's."""
+
+    def __init__(self, layer: nn.Module, checkpointing: bool = False):
+        self.layer = layer
+        self.attn = layer.self_attn  # the module the attention interface is called with
+        self.dinov2 = False
+        self.checkpointing = checkpointing
+        self.out, self.scaling, self.dropout = self.attn.out_proj, self.attn.scale, self.attn.dropout
+
+    def mlp(self, x: Tensor) -> Tensor:
+        layer = self.layer
+        return self._run(lambda t: t + layer.mlp(layer.layer_norm2(t)), x)
+
+    def attn_input(self, x: Tensor) -> Tensor:
+        return self.layer.layer_norm1(x)
+
+    def attn_residual(self, x: Tensor, y: Tensor) -> Tensor:
+        return x + y
+
+
+class _TowerLoop(_Loop):
+    """hf_vit's loop over a transformers encoder's layers, in the steps of `TowerLayerOps`."""
+
+    def _tr_block_ops(self, block: nn.Module, state: ReductionState, extra, checkpointing: bool) -> TowerLayerOps:
+        return TowerLayerOps(block, checkpointing)
+
+
+# --- pooling ---------------------------------------------------------------------------------------
+def attention_pool(head: nn.Module, x: Tensor, sizes: Tensor | None, prop_attn: bool) -> Tensor:
+    """SigLIP's `SiglipMultiheadAttentionPoolingHead` over tokens [B, N, C] of sizes [B, N, 1]: the probe
+    attends with log(size) added to every key's logit (proportional attention); without sizes (or
+    without proportional attention) the head as transformers runs it."""
+    if sizes is None or not prop_attn:
+        return head(x)
+    attention = head.attention
+    bias = sizes[..., 0].log().clamp_min(torch.finfo(x.dtype).min).to(x.dtype)  # [B, N]
+    mask = bias[:, None, :].repeat_interleave(attention.num_heads, dim=0)  # [B * heads, 1, N], batch-major
+    probe = head.probe.repeat(x.shape[0], 1, 1)
+    h = attention(probe, x, x, attn_mask=mask)[0]
+    h = h + head.mlp(head.layernorm(h))
+    return h[:, 0]
+
+
+# --- the patched tower -----------------------------------------------------------------------------
+@dataclass
+class _Link:
+    """What a tower inside another model keeps while that model is patched: the model (which holds the
+    reducer and the pass's state) and the tower's own class. Kept in the tower's __dict__, not as a
+    submodule, so the model's parameters and state dict are unchanged."""
+
+    owner: nn.Module
+    original_class: type
+
+
+def _owner(tower: nn.Module) -> nn.Module:
+    link = tower.__dict__.get("_tr_link")
+    return tower if link is None else link.owner
+
+
+def _check_arguments(owner: nn.Module, tower: nn.Module, arguments: dict, extra: dict) -> None:
+    """Refuse, before any compute, what a reduced pass cannot give, naming the argument."""
+    who = f"token-reduced {owner._tokenreduce.original_class.__name__}"
+    for name in REFUSED_OUTPUTS:
+        value = extra.get(name)
+        if value is None:
+            value = getattr(tower.config, name, False) or getattr(owner.config, name, False)
+        if value:
+            raise ConfigError(
+                f"{name}={value!r} is not supported on a {who}: the vision layers hold fewer tokens after each "
+                f"reduction (and the attention of merged tokens is not the model's); allowed: {name}=False (and "
+                f"config.{name}=False), or call tokenreduce.remove(model) first")
+    unknown = sorted(set(extra) - set(PASSED) - set(REFUSED_OUTPUTS))
+    if unknown:
+        raise ConfigError(f"{', '.join(unknown)} not supported on the vision tower of a {who}; allowed: pixel_values, "
+                          "interpolate_pos_encoding and return_dict (and the text inputs of a dual encoder)")
+    if arguments.get("pixel_values") is None:
+        raise ConfigError(f"pixel_values=None is invalid for a {who}; allowed: a [B, C, H, W] tensor")
+
+
+class _ReducedTower:
+    """Methods placed in front of the vision tower's own class (CLIPVisionModel, SiglipVisionModel) while
+    the model is patched (the adapter adds a `forward` that keeps the class's own signature and calls
+    `_tr_forward`)."""
+
+    def _tr_forward(self, original, *args, **kwargs):
+        arguments, extra = _bind(original, self, args, kwargs)
+        owner = _owner(self)
+        _check_arguments(owner, self, arguments, extra)
+        clip = hasattr(self, "pre_layrnorm")
+        x = self.embeddings(arguments["pixel_values"], interpolate_pos_encoding=arguments.get("interpolate_pos_encoding"))
+        if clip:
+            x = self.pre_layrnorm(x)
+        layers = self.encoder.layers
+        checkpointing = bool(layers[0].gradient_checkpointing) and layers[0].training
+        loop = _TowerLoop(owner.token_reducer, owner._tokenreduce.info.num_prefix, layers, checkpointing)
+        x, state, _ = run_blocks(loop, x, None)
+        owner._tokenreduce.last_state = state
+        if clip:  # the class token through post_layernorm; the sequence is the encoder's output
+            sequence, pooled = x, self.post_layernorm(x[:, 0, :])
+        else:
+            sequence = self.post_layernorm(x)
+            pooled = (attention_pool(self.head, sequence, state.sizes, owner.token_reducer.prop_attn)
+                      if self.use_head else None)
+        output = _import("transformers.modeling_outputs").BaseModelOutputWithPooling(
+            last_hidden_state=sequence, pooler_output=pooled)
+        return_dict = extra.get("return_dict")
+        return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
+
+
+class _ReducedHolder:
+    """Placed in front of the class of a model that holds a reduced vision tower (CLIPModel, SiglipModel,
+    CLIPVisionModelWithProjection): its own methods run unchanged and call the tower."""
+
+
+# --- cost --------------------------------------------------------------------------------------
+def block_costs(layers: nn.ModuleList, embed_dim: int) -> list[BlockCost]:
+    costs = []
+    for layer in layers:
+        attn_dim = layer.self_attn.q_proj.out_features
+        costs.append(BlockCost(attn_linear=linear_macs(layer.self_attn), attn_dim=attn_dim,
+                               mlp_linear=linear_macs(layer.mlp), qk_linear=2 * embed_dim * attn_dim))
+    return costs
+
+
+def attention_pool_macs(head: nn.Module, tokens: int) -> int:
+    """MACs of SigLIP's pooling head over `tokens` tokens: the probe's query, keys and values of every
+    token, the probe's attention over them, the output projection and the MLP of the probe."""
+    dim = head.attention.embed_dim
+    return dim * dim + tokens * 2 * dim * dim + 2 * tokens * dim + linear_macs(head.attention.out_proj) + \
+        linear_macs(head.mlp)
+
+
+def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
+    """MACs of one image through the vision tower (and the visual projection) for the pass that left
+    `state`; a dual encoder's text tower and logits are not counted."""
+    family, kind = _spec(model)
+    tower = _tower(model, kind)
+    num_patches = state.records[0].tokens_in - model._tokenreduce.info.num_prefix
+    embed = num_patches * tower.embeddings.patch_embedding.weight.numel()
+    costs = block_costs(tower.encoder.layers, tower.config.hidden_size)
+    backbone, reducer = blocks_macs(costs[: len(state.records)], state.records)
+    head = attention_pool_macs(tower.head, state.final_tokens) if family == "siglip" and tower.use_head else 0
+    projection = getattr(model, "visual_projection", None)
+    head += 0 if projection is None else linear_macs(projection)
+    return {"embed": embed, "blocks": backbone, "reducer": reducer, "head": head,
+            "total": embed + backbone + reducer + head}
+
+
+@register_adapter("hf_clip")
+class HFCLIPAdapter(HFViTAdapter):  # hf_vit's patching: the tower's forward keeps its signature
+    family = (f"Hugging Face transformers CLIP and SigLIP image towers ({', '.join(SUPPORTED)}; the text towers "
+              "run unreduced)")
+    reduced_methods = _ReducedTower
+
+    # every model of these families, so a class it does not support is refused with the reason
+    claimed_class = staticmethod(_family_class)
+    model_info = staticmethod(describe)
+    model_macs = staticmethod(pass_macs)
+
+    def patch(self, model: nn.Module, reducer, info: ModelInfo, options: dict) -> None:
+        super().patch(model, reducer, info, options)
+        tower = _tower(model, _spec(model)[1])
+        if tower is not model:
+            object.__setattr__(tower, "_tr_link", _Link(owner=model, original_class=type(tower)))
+            tower.__class__ = self._reduced_class(type(tower))
+
+    def unpatch(self, model: nn.Module) -> None:
+        tower = _tower(model, _spec(model)[1])
+        link = tower.__dict__.pop("_tr_link", None) if tower is not model else None
+        if link is not None:
+            tower.__class__ = link.original_class
+        super().unpatch(model)
+
+    def _reduced_class(self, cls: type) -> type:
+        if _family_class(cls).__name__ in TOWERS:  # the tower: a forward with its own signature
+            return super()._reduced_class(cls)
+        key = (self.name, cls)
+        if key not in _REDUCED_CLASSES:  # the holder's own methods run unchanged
+            _REDUCED_CLASSES[key] = type(f"TokenReduced{cls.__name__}", (_ReducedHolder, cls), {})
+        return _REDUCED_CLASSES[key]
