@@ -3,7 +3,16 @@
 Importing this package registers the built-in adapters; see docs/adapters.md to add one.
 """
 
-from tokenreduce.adapters import hf_clip, hf_text, hf_vit, timm_eva, timm_naflex, timm_relpos, timm_vit  # noqa: F401  (registers the adapters)
+from tokenreduce.adapters import (  # noqa: F401  (registers the adapters)
+    hf_clip,
+    hf_media,
+    hf_text,
+    hf_vit,
+    timm_eva,
+    timm_naflex,
+    timm_relpos,
+    timm_vit,
+)
 from tokenreduce.adapters.base import (
     Adapter,
     ModelInfo,
