@@ -42,11 +42,13 @@ from tokenreduce.adapters.hf_vit import (
     _from_transformers,
     _import,
     _Loop,
+    block_costs,
     family_class,
     modeling,
+    spec_of,
 )
 from tokenreduce.adapters.timm_vit import run_blocks
-from tokenreduce.core.macs import BlockCost, blocks_macs, linear_macs
+from tokenreduce.core.macs import linear_macs, macs_parts
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, UnclaimedModelError, UnsupportedModelError
 
@@ -74,8 +76,7 @@ def _family_class(cls: type) -> type | None:
 
 def _spec(model: nn.Module) -> tuple[str, str]:
     """(family, kind) of a claimed model, from its original class."""
-    patch = getattr(model, "_tokenreduce", None)
-    return SUPPORTED[_family_class(patch.original_class if patch is not None else type(model)).__name__]
+    return spec_of(model, SUPPORTED, _family_class)
 
 
 def _tower(model: nn.Module, kind: str) -> nn.Module:
@@ -147,7 +148,10 @@ class TowerLayerOps(HFLayerOps):
         self.attn = layer.self_attn  # the module the attention interface is called with
         self.dinov2 = False
         self.checkpointing = checkpointing
-        self.out, self.scaling, self.dropout = self.attn.out_proj, self.attn.scale, self.attn.dropout
+        self.projections = (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj)
+        self.out, self.head_dim = self.attn.out_proj, self.attn.head_dim
+        self.scaling, self.dropout = self.attn.scale, self.attn.dropout
+        self.attention_block, self.mlp_modules = layer.self_attn, (layer.mlp,)
 
     def mlp(self, x: Tensor) -> Tensor:
         layer = self.layer
@@ -158,13 +162,6 @@ class TowerLayerOps(HFLayerOps):
 
     def attn_residual(self, x: Tensor, y: Tensor) -> Tensor:
         return x + y
-
-
-class _TowerLoop(_Loop):
-    """hf_vit's loop over a transformers encoder's layers, in the steps of `TowerLayerOps`."""
-
-    def _tr_block_ops(self, block: nn.Module, state: ReductionState, extra, checkpointing: bool) -> TowerLayerOps:
-        return TowerLayerOps(block, checkpointing)
 
 
 # --- pooling ---------------------------------------------------------------------------------------
@@ -234,7 +231,7 @@ class _ReducedTower:
             x = self.pre_layrnorm(x)
         layers = self.encoder.layers
         checkpointing = bool(layers[0].gradient_checkpointing) and layers[0].training
-        loop = _TowerLoop(owner.token_reducer, owner._tokenreduce.info.num_prefix, layers, checkpointing)
+        loop = _Loop(owner.token_reducer, owner._tokenreduce.info.num_prefix, layers, checkpointing, TowerLayerOps)
         x, state, _ = run_blocks(loop, x, None)
         owner._tokenreduce.last_state = state
         if clip:  # the class token through post_layernorm; the sequence is the encoder's output
@@ -256,15 +253,6 @@ class _ReducedHolder:
 
 
 # --- cost --------------------------------------------------------------------------------------
-def block_costs(layers: nn.ModuleList, embed_dim: int) -> list[BlockCost]:
-    costs = []
-    for layer in layers:
-        attn_dim = layer.self_attn.q_proj.out_features
-        costs.append(BlockCost(attn_linear=linear_macs(layer.self_attn), attn_dim=attn_dim,
-                               mlp_linear=linear_macs(layer.mlp), qk_linear=2 * embed_dim * attn_dim))
-    return costs
-
-
 def attention_pool_macs(head: nn.Module, tokens: int) -> int:
     """MACs of SigLIP's pooling head over `tokens` tokens: the probe's query, keys and values of every
     token, the probe's attention over them, the output projection and the MLP of the probe."""
@@ -280,13 +268,11 @@ def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
     tower = _tower(model, kind)
     num_patches = state.records[0].tokens_in - model._tokenreduce.info.num_prefix
     embed = num_patches * tower.embeddings.patch_embedding.weight.numel()
-    costs = block_costs(tower.encoder.layers, tower.config.hidden_size)
-    backbone, reducer = blocks_macs(costs[: len(state.records)], state.records)
+    costs = block_costs(tower.encoder.layers, tower.config.hidden_size, TowerLayerOps)
     head = attention_pool_macs(tower.head, state.final_tokens) if family == "siglip" and tower.use_head else 0
     projection = getattr(model, "visual_projection", None)
     head += 0 if projection is None else linear_macs(projection)
-    return {"embed": embed, "blocks": backbone, "reducer": reducer, "head": head,
-            "total": embed + backbone + reducer + head}
+    return macs_parts(embed, costs, state.records, head)
 
 
 @register_adapter("hf_clip")

@@ -37,12 +37,14 @@ from tokenreduce.adapters.hf_vit import (
     _from_transformers,
     _import,
     _Loop,
+    block_costs,
     family_class,
     modeling,
     refuse_outputs,
+    spec_of,
 )
 from tokenreduce.adapters.timm_vit import run_blocks, size_weighted_mean
-from tokenreduce.core.macs import BlockCost, blocks_macs, linear_macs
+from tokenreduce.core.macs import linear_macs, macs_parts
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, UnclaimedModelError, UnsupportedModelError
 
@@ -70,8 +72,7 @@ def _family_class(cls: type) -> type | None:
 
 def _spec(model: nn.Module) -> tuple[str, str]:
     """(family, head) of a claimed model, from its original class."""
-    patch = getattr(model, "_tokenreduce", None)
-    return SUPPORTED[_family_class(patch.original_class if patch is not None else type(model)).__name__]
+    return spec_of(model, SUPPORTED, _family_class)
 
 
 def _encoder(model: nn.Module, head: str) -> nn.Module:
@@ -152,14 +153,12 @@ class VideoMAELayerOps(HFLayerOps):
         self.attn = layer.attention.attention  # the module the attention interface is called with
         self.dinov2 = False
         self.checkpointing = checkpointing
-        self.scaling, self.dropout = self.attn.scaling, self.attn.dropout_prob
+        self.projections = (self.attn.query, self.attn.key, self.attn.value)
+        self.head_dim, self.scaling, self.dropout = self.attn.attention_head_size, self.attn.scaling, self.attn.dropout_prob
+        self.attention_block, self.mlp_modules = layer.attention, (layer.intermediate, layer.output)
 
     def out(self, h: Tensor) -> Tensor:
         return self.layer.attention.output(h, None)  # dense, then the hidden dropout
-
-    def _heads(self, proj: nn.Linear, h: Tensor) -> Tensor:
-        b, n, _ = h.shape
-        return proj(h).view(b, n, -1, self.attn.attention_head_size).transpose(1, 2)
 
     def plain(self, x: Tensor, bias: Tensor | None) -> Tensor:
         if bias is None:
@@ -171,23 +170,13 @@ class VideoMAELayerOps(HFLayerOps):
         layer = self.layer
         return self._run(lambda t: layer.output(layer.intermediate(layer.layernorm_after(t)), t), x)
 
-    def attn_qk(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        return self._heads(self.attn.query, h), self._heads(self.attn.key, h)
-
-    def attn_values(self, h: Tensor) -> Tensor:
-        return self._heads(self.attn.value, h)
-
     def attn_residual(self, x: Tensor, y: Tensor) -> Tensor:
         return y + x
 
 
-class _MediaLoop(_Loop):
-    """hf_vit's loop over a transformers encoder's layers; VideoMAE's in the steps of `VideoMAELayerOps`."""
-
-    def _tr_block_ops(self, block: nn.Module, state: ReductionState, extra, checkpointing: bool) -> HFLayerOps:
-        if hasattr(block, "intermediate"):
-            return VideoMAELayerOps(block, checkpointing)
-        return HFLayerOps(block, checkpointing)
+def layer_ops(layer: nn.Module, checkpointing: bool = False) -> HFLayerOps:
+    """A layer's steps: VideoMAE's own, AST's as hf_vit's."""
+    return (VideoMAELayerOps if hasattr(layer, "intermediate") else HFLayerOps)(layer, checkpointing)
 
 
 # --- the patched model -------------------------------------------------------------------------
@@ -224,7 +213,7 @@ class _ReducedMedia:
 
         layers = _layers(encoder)
         checkpointing = bool(layers[0].gradient_checkpointing) and layers[0].training
-        loop = _MediaLoop(self.token_reducer, self._tokenreduce.info.num_prefix, layers, checkpointing)
+        loop = _Loop(self.token_reducer, self._tokenreduce.info.num_prefix, layers, checkpointing, layer_ops)
         x, state, _ = run_blocks(loop, x, None)
         self._tokenreduce.last_state = state
         sequence = x if encoder.layernorm is None else encoder.layernorm(x)
@@ -253,29 +242,14 @@ class _ReducedMedia:
 
 
 # --- cost --------------------------------------------------------------------------------------
-def block_costs(layers: nn.ModuleList, embed_dim: int) -> list[BlockCost]:
-    costs = []
-    for layer in layers:
-        if hasattr(layer, "intermediate"):  # VideoMAE
-            attn_dim, mlp = layer.attention.attention.query.out_features, [layer.intermediate, layer.output]
-        else:
-            attn_dim, mlp = layer.attention.q_proj.out_features, [layer.mlp]
-        costs.append(BlockCost(attn_linear=linear_macs(layer.attention), attn_dim=attn_dim,
-                               mlp_linear=sum(linear_macs(m) for m in mlp), qk_linear=2 * embed_dim * attn_dim))
-    return costs
-
-
 def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
     """MACs of one clip (or spectrogram) for the pass that left `state`, split by where they are spent."""
     family, head = _spec(model)
     encoder = _encoder(model, head)
     num_patches = state.records[0].tokens_in - model._tokenreduce.info.num_prefix
     embed = num_patches * encoder.embeddings.patch_embeddings.projection.weight.numel()
-    costs = block_costs(_layers(encoder), model.config.hidden_size)
-    backbone, reducer = blocks_macs(costs[: len(state.records)], state.records)
-    head_macs = 0 if head == "base" else linear_macs(model.classifier)
-    return {"embed": embed, "blocks": backbone, "reducer": reducer, "head": head_macs,
-            "total": embed + backbone + reducer + head_macs}
+    costs = block_costs(_layers(encoder), model.config.hidden_size, layer_ops)
+    return macs_parts(embed, costs, state.records, 0 if head == "base" else linear_macs(model.classifier))
 
 
 @register_adapter("hf_media")

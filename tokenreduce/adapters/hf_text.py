@@ -45,13 +45,15 @@ from tokenreduce.adapters.hf_vit import (
     _from_transformers,
     _import,
     _Loop,
+    block_costs,
     family_class,
     modeling,
     refuse_outputs,
+    spec_of,
 )
 from tokenreduce.adapters.timm_naflex import _has_losses
 from tokenreduce.adapters.timm_vit import run_blocks
-from tokenreduce.core.macs import BlockCost, blocks_macs, linear_macs
+from tokenreduce.core.macs import linear_macs, macs_parts
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, UnclaimedModelError, UnsupportedModelError
 
@@ -86,8 +88,7 @@ def _family_class(cls: type) -> type | None:
 
 def _spec(model: nn.Module) -> tuple[str, str]:
     """(family, head) of a claimed model, from its original class."""
-    patch = getattr(model, "_tokenreduce", None)
-    return SUPPORTED[_family_class(patch.original_class if patch is not None else type(model)).__name__]
+    return spec_of(model, SUPPORTED, _family_class)
 
 
 def _layers(encoder: nn.Module) -> nn.ModuleList:
@@ -166,11 +167,9 @@ class TextLayerOps(HFLayerOps):
         self.attn = attn  # the module the attention interface is called with
         self.projections = (attn.q_lin, attn.k_lin, attn.v_lin) if self.distil else (attn.query, attn.key, attn.value)
         self.out = attn.out_lin if self.distil else layer.attention.output.dense
-        self.scaling, self.dropout = attn.scaling, attn.dropout.p
-
-    def _heads(self, proj: nn.Linear, h: Tensor) -> Tensor:
-        b, n, _ = h.shape
-        return proj(h).view(b, n, -1, self.attn.attention_head_size).transpose(1, 2)
+        self.head_dim, self.scaling, self.dropout = attn.attention_head_size, attn.scaling, attn.dropout.p
+        self.attention_block = layer.attention
+        self.mlp_modules = (layer.ffn,) if self.distil else (layer.intermediate, layer.output)
 
     def mlp(self, x: Tensor) -> Tensor:
         layer = self.layer
@@ -183,24 +182,11 @@ class TextLayerOps(HFLayerOps):
     def attn_input(self, x: Tensor) -> Tensor:
         return x  # post-norm: the attention reads the tokens themselves
 
-    def attn_qk(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        return self._heads(self.projections[0], h), self._heads(self.projections[1], h)
-
-    def attn_values(self, h: Tensor) -> Tensor:
-        return self._heads(self.projections[2], h)
-
     def attn_residual(self, x: Tensor, y: Tensor) -> Tensor:
         if self.distil:
             return self.layer.sa_layer_norm(y + x)
         output = self.layer.attention.output
         return output.LayerNorm(output.dropout(y) + x)
-
-
-class _TextLoop(_Loop):
-    """hf_vit's loop over a transformers encoder's layers, in the steps of `TextLayerOps`."""
-
-    def _tr_block_ops(self, block: nn.Module, state: ReductionState, extra, checkpointing: bool) -> TextLayerOps:
-        return TextLayerOps(block, checkpointing)
 
 
 # --- padding and the protected last token ---------------------------------------------------------
@@ -274,8 +260,8 @@ def run_text(model: nn.Module, family: str, encoder: nn.Module, arguments: dict,
     return the tokens back in one zero-padded batch and the pass's state (with `groups` when the batch
     mixes lengths; `sizes` always set, 0 for padding)."""
     layers = _layers(encoder)
-    loop = _TextLoop(model.token_reducer, NUM_PREFIX, layers, bool(layers[0].gradient_checkpointing) and
-                     layers[0].training)
+    loop = _Loop(model.token_reducer, NUM_PREFIX, layers, bool(layers[0].gradient_checkpointing) and
+                 layers[0].training, TextLayerOps)
     batch = len(counts)
     groups = []
     for count in counts.unique().tolist():
@@ -403,25 +389,12 @@ def mean_pool(model: nn.Module, last_hidden_state: Tensor, attention_mask: Tenso
 
 
 # --- cost --------------------------------------------------------------------------------------
-def block_costs(layers: nn.ModuleList, embed_dim: int) -> list[BlockCost]:
-    costs = []
-    for layer in layers:
-        if hasattr(layer, "sa_layer_norm"):  # DistilBERT
-            attn_dim, mlp = layer.attention.q_lin.out_features, linear_macs(layer.ffn)
-        else:
-            attn_dim, mlp = layer.attention.self.all_head_size, linear_macs(layer.intermediate) + linear_macs(layer.output)
-        costs.append(BlockCost(attn_linear=linear_macs(layer.attention), attn_dim=attn_dim, mlp_linear=mlp,
-                               qk_linear=2 * embed_dim * attn_dim))
-    return costs
-
-
 def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
     """MACs of one sequence for the pass that left `state`, split by where they are spent (the
     embeddings are lookups: no MACs)."""
     family, head = _spec(model)
     encoder = _encoder(model, head)
-    costs = block_costs(_layers(encoder), model.config.hidden_size)
-    backbone, reducer = blocks_macs(costs[: len(state.records)], state.records)
+    costs = block_costs(_layers(encoder), model.config.hidden_size, TextLayerOps)
     heads = [getattr(encoder, "pooler", None)]
     if head == "first":
         heads = [model.classifier]
@@ -430,8 +403,7 @@ def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
     elif head == "pooler":
         heads.append(model.classifier)
     head_macs = sum(linear_macs(m) for m in heads if m is not None)
-    return {"embed": 0, "blocks": backbone, "reducer": reducer, "head": head_macs,
-            "total": backbone + reducer + head_macs}
+    return macs_parts(0, costs, state.records, head_macs)
 
 
 @register_adapter("hf_text")

@@ -22,6 +22,7 @@ import functools
 import importlib
 import inspect
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tokenreduce.adapters.base import _REDUCED_CLASSES, Adapter, ModelInfo, register_adapter
 from tokenreduce.adapters.timm_vit import run_blocks, size_weighted_mean
-from tokenreduce.core.macs import BlockCost, blocks_macs, linear_macs
+from tokenreduce.core.macs import BlockCost, linear_macs, macs_parts
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, UnsupportedModelError
 from tokenreduce.reducers.base import ATTN, KEYS, Signals
@@ -100,11 +101,16 @@ def _supported_class(cls: type) -> type | None:
     return None
 
 
+def spec_of(model: nn.Module, supported: dict[str, tuple[str, str]], class_of) -> tuple[str, str]:
+    """(family, head) of a claimed model: `supported`'s entry for the class `class_of` finds for its
+    original class."""
+    patch = getattr(model, "_tokenreduce", None)
+    return supported[class_of(patch.original_class if patch is not None else type(model)).__name__]
+
+
 def _spec(model: nn.Module) -> tuple[str, str]:
     """(family, head) of a claimed model, from its original class."""
-    patch = getattr(model, "_tokenreduce", None)
-    cls = _supported_class(patch.original_class if patch is not None else type(model))
-    return SUPPORTED[cls.__name__]
+    return spec_of(model, SUPPORTED, _supported_class)
 
 
 def _encoder(model: nn.Module, head: str) -> nn.Module:
@@ -169,9 +175,17 @@ class HFLayerOps:
         self.attn = layer.attention  # the module the attention interface is called with
         self.dinov2 = hasattr(layer, "layer_scale1")
         self.checkpointing = checkpointing
-        self.out = self.attn.o_proj  # the attention's own names, which other transformers families differ in
-        self.scaling = self.attn.scaling
-        self.dropout = self.attn.attention_dropout
+        # the layer's own modules and settings, which other transformers families name differently
+        self.projections = (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj)
+        self.out = self.attn.o_proj
+        self.head_dim, self.scaling, self.dropout = self.attn.head_dim, self.attn.scaling, self.attn.attention_dropout
+        self.attention_block, self.mlp_modules = layer.attention, (layer.mlp,)  # what the cost counts
+
+    def cost(self, embed_dim: int) -> BlockCost:
+        """The layer's MACs per token, for `stats`."""
+        attn_dim = self.projections[0].out_features
+        return BlockCost(attn_linear=linear_macs(self.attention_block), attn_dim=attn_dim,
+                         mlp_linear=sum(linear_macs(m) for m in self.mlp_modules), qk_linear=2 * embed_dim * attn_dim)
 
     def _run(self, fn, *args):
         if self.checkpointing:
@@ -180,7 +194,7 @@ class HFLayerOps:
 
     def _heads(self, proj: nn.Linear, h: Tensor) -> Tensor:
         b, n, _ = h.shape
-        return proj(h).view(b, n, -1, self.attn.head_dim).transpose(1, 2)
+        return proj(h).view(b, n, -1, self.head_dim).transpose(1, 2)
 
     def _interface(self):
         """The model's attention function for its `_attn_implementation`, as its attention calls it."""
@@ -232,10 +246,10 @@ class HFLayerOps:
         return self.layer.norm1(x) if self.dinov2 else self.layer.layernorm_before(x)
 
     def attn_qk(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        return self._heads(self.attn.q_proj, h), self._heads(self.attn.k_proj, h)
+        return self._heads(self.projections[0], h), self._heads(self.projections[1], h)
 
     def attn_values(self, h: Tensor) -> Tensor:
-        return self._heads(self.attn.v_proj, h)
+        return self._heads(self.projections[2], h)
 
     def attn_logits(self, q: Tensor, k: Tensor, bias: Tensor | None) -> Tensor:
         logits = torch.matmul(q, k.transpose(2, 3)) * self.scaling  # as transformers' eager attention
@@ -261,12 +275,13 @@ class _Loop:
     num_prefix_tokens: int
     blocks: nn.ModuleList
     grad_checkpointing: bool
+    ops: Callable[[nn.Module, bool], HFLayerOps] = HFLayerOps  # a layer's steps, by the family's layer class
 
     def _tr_start(self, state: ReductionState, extra) -> None:
         pass  # positions were added to the tokens by the embeddings
 
     def _tr_block_ops(self, block: nn.Module, state: ReductionState, extra, checkpointing: bool) -> HFLayerOps:
-        return HFLayerOps(block, checkpointing)
+        return self.ops(block, checkpointing)
 
 
 def _bind(original, model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, dict]:
@@ -367,14 +382,10 @@ class _ReducedHFViT:
 
 
 # --- cost --------------------------------------------------------------------------------------
-def block_costs(layers: nn.ModuleList, embed_dim: int) -> list[BlockCost]:
-    costs = []
-    for layer in layers:
-        attn = layer.attention
-        attn_dim = attn.q_proj.out_features
-        costs.append(BlockCost(attn_linear=linear_macs(attn), attn_dim=attn_dim, mlp_linear=linear_macs(layer.mlp),
-                               qk_linear=2 * embed_dim * attn_dim))
-    return costs
+def block_costs(layers: nn.ModuleList, embed_dim: int, ops: Callable[[nn.Module], HFLayerOps] = HFLayerOps
+                ) -> list[BlockCost]:
+    """Every layer's MACs per token, as its steps (`ops`) count them."""
+    return [ops(layer).cost(embed_dim) for layer in layers]
 
 
 def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
@@ -384,7 +395,6 @@ def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
     num_patches = state.records[0].tokens_in - model._tokenreduce.info.num_prefix
     embed = num_patches * encoder.embeddings.patch_embeddings.projection.weight.numel()
     costs = block_costs(_layers(encoder), model.config.hidden_size)
-    backbone, reducer = blocks_macs(costs[: len(state.records)], state.records)
     if head == "base":
         heads = [getattr(encoder, "pooler", None)]
     elif head == "teacher":
@@ -392,8 +402,7 @@ def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
     else:
         heads = [model.classifier]
     head_macs = sum(linear_macs(m) for m in heads if m is not None)
-    return {"embed": embed, "blocks": backbone, "reducer": reducer, "head": head_macs,
-            "total": embed + backbone + reducer + head_macs}
+    return macs_parts(embed, costs, state.records, head_macs)
 
 
 @register_adapter("hf_vit")

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tokenreduce.adapters.base import Adapter, ModelInfo, register_adapter
 from tokenreduce.core.attention import attention
-from tokenreduce.core.macs import BlockCost, blocks_macs, linear_macs
+from tokenreduce.core.macs import BlockCost, linear_macs, macs_parts
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, UnsupportedModelError
 from tokenreduce.reducers.base import ATTN, KEYS, Signals, TokenReducer
@@ -436,10 +436,7 @@ def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
     proj = (model.patch_embed if hasattr(model, "patch_embed") else model.embeds).proj  # NaFlexViT: embeds
     # a convolution with stride == kernel, or a linear layer of flattened patches: weights per patch
     embed = num_patches * proj.weight.numel() if isinstance(proj, (nn.Conv2d, nn.Linear)) else 0
-    backbone, reducer = blocks_macs(block_costs(model)[: len(state.records)], state.records)
-    head = _pool_and_head_macs(model, state.final_tokens)
-    return {"embed": embed, "blocks": backbone, "reducer": reducer, "head": head,
-            "total": embed + backbone + reducer + head}
+    return macs_parts(embed, block_costs(model), state.records, _pool_and_head_macs(model, state.final_tokens))
 
 
 @register_adapter("timm_vit")

@@ -42,7 +42,10 @@ class BlockCost:
         return macs
 
 
-def blocks_macs(costs: list[BlockCost], records: list[LayerRecord]) -> tuple[int, int]:
-    """(backbone MACs, reducer MACs) for one image."""
-    backbone = sum(c.layer_macs(r) for c, r in zip(costs, records, strict=True))
-    return backbone, sum(r.reducer_macs for r in records)
+def macs_parts(embed: int, costs: list[BlockCost], records: list[LayerRecord], head: int) -> dict[str, int]:
+    """MACs of one image by where they are spent: the embedding, the blocks the pass ran (the first
+    `len(records)` of `costs`), the reducer's own work, the head; and their total."""
+    blocks = sum(c.layer_macs(r) for c, r in zip(costs[: len(records)], records, strict=True))
+    reducer = sum(r.reducer_macs for r in records)
+    return {"embed": embed, "blocks": blocks, "reducer": reducer, "head": head,
+            "total": embed + blocks + reducer + head}
