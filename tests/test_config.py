@@ -30,6 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 import tokenreduce
 from tokenreduce.adapters import adapter_for
 from tokenreduce.engine.config import (
+    HF_TASKS,
     TASKS,
     build_reducer,
     check_task,
@@ -39,6 +40,7 @@ from tokenreduce.engine.config import (
     default_run_name,
     reducer_spec,
 )
+from tokenreduce.engine.hf_tasks import DATA_NAMES, check_model_config
 from tokenreduce.engine.loggers import build_loggers, has_wandb_key, wandb_mode
 from tokenreduce.engine.run import build_model, build_trainer, resolve_precision
 from tokenreduce.errors import ConfigError
@@ -93,6 +95,10 @@ def test_every_experiment_builds_its_reducer_and_model(name):
     if reducer_name not in tokenreduce.available():
         pytest.skip(f"reducer {reducer_name!r} is not registered in this installation")
     reducer = build_reducer(cfg.reducer)
+    if cfg.task in HF_TASKS:  # hub weights: the model settings fit the task (tests/test_hf_tasks.py runs them)
+        pytest.importorskip("transformers", reason="the transformers tasks need the hf extra")
+        check_model_config(cfg.task, OmegaConf.to_container(cfg.model))
+        return
     model = build_model({**OmegaConf.to_container(cfg.model), "pretrained": False, "checkpoint": None})
     tokenreduce.apply(model, reducer)  # the schedule fits the model
     assert isinstance(model, VisionTransformer)
@@ -202,6 +208,13 @@ def test_cli_reports_an_experiment_parameter_in_one_line(tmp_path):
 @pytest.mark.parametrize("name", options("model"))
 def test_model_group_builds(name):
     cfg = compose([f"model={name}"]).model
+    if "hf" in cfg:  # a transformers model: its class at its default size, on the meta device (no memory)
+        transformers = pytest.importorskip("transformers", reason="the transformers models need the hf extra")
+        cls = getattr(transformers, cfg.hf_class)
+        with torch.device("meta"):
+            model = cls(cls.config_class())
+        adapter_for(model).describe(model)
+        return
     model = build_model({**OmegaConf.to_container(cfg), "pretrained": False})
     adapter_for(model).describe(model)  # a family tokenreduce reduces, every detail supported
     assert model.default_cfg["architecture"] == cfg.name.split(".")[0]
@@ -235,7 +248,8 @@ def _image_folder(root: Path, classes=("a", "b", "c"), per_class=2, size=40) -> 
     return root
 
 
-@pytest.mark.parametrize("name", options("data"))
+# the transformers tasks' data settings are read by their task (tests/test_hf_tasks.py), not instantiated
+@pytest.mark.parametrize("name", sorted(set(options("data")) - {n for names in DATA_NAMES.values() for n in names}))
 def test_data_group_builds(name, tmp_path):
     overrides = [f"data={name}", "data.num_workers=0"]
     if name == "fashion_mnist":

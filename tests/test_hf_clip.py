@@ -1,5 +1,6 @@
 """The Hugging Face transformers CLIP/SigLIP adapter: the image towers of CLIPVisionModel,
-CLIPVisionModelWithProjection, SiglipVisionModel, CLIPModel and SiglipModel (text towers unreduced).
+CLIPVisionModelWithProjection, SiglipVisionModel, CLIPModel and SiglipModel (the text towers are the text
+adapter's: tests/test_hf_clip_text.py).
 Exact when nothing is removed, for both attention implementations; `remove`; token counts; every
 reducer the model allows; ToMe against a plain loop; gradients; MACs equal FlopCounterMode."""
 
@@ -328,11 +329,14 @@ def test_refused_arguments_are_named_before_any_compute(name, kwargs, words):
 
 
 @pytest.mark.parametrize("name", ["CLIPTextModel", "CLIPTextModelWithProjection", "SiglipTextModel"])
-def test_text_towers_are_refused_with_the_reason(name):
+def test_text_towers_are_the_text_adapters(name):
+    """This adapter does not claim the text classes (tests/test_hf_clip_text.py reduces them); its refusal
+    of one, asked directly, names the text adapter."""
     config = (transformers.CLIPTextConfig if name.startswith("CLIP") else transformers.SiglipTextConfig)(**TEXT)
     model = getattr(transformers, name)(config)
-    with pytest.raises(ConfigError, match="text tower is not supported yet"):
-        tokenreduce.apply(model, "tome", r=2)
+    assert name in hf_clip.TEXT_CLASSES and adapter_for(model).name != "hf_clip"
+    with pytest.raises(ConfigError, match="a text tower is reduced by the CLIP/SigLIP text adapter"):
+        hf_clip.describe(model)
     assert not hasattr(model, "_tokenreduce")
 
 

@@ -1,6 +1,8 @@
 """Placing a reducer into the image towers of Hugging Face `transformers` (>= 5) CLIP and SigLIP:
 `CLIPVisionModel`, `CLIPVisionModelWithProjection`, `SiglipVisionModel`, and the vision tower of the
-dual encoders `CLIPModel` and `SiglipModel` (whose text tower runs unreduced).
+dual encoders `CLIPModel` and `SiglipModel`. The text towers (`CLIPTextModel`,
+`CLIPTextModelWithProjection`, `SiglipTextModel`, and a dual encoder's `text_model`) are hf_clip_text's:
+a dual encoder's text tower is reduced by applying a reducer to its `text_model`, independently.
 
 The vision tower (`CLIPVisionModel` / `SiglipVisionModel`, the model itself or its `vision_model`)
 gets a `forward` with its own signature and output class; the loop over its encoder layers is
@@ -17,8 +19,8 @@ token (no prefix token); `post_layernorm` over all tokens, then `SiglipMultihead
 attention log-size bias on its keys, as timm_vit's `weighted_pool` does for timm's attention pooling.
 
 The reducer is held by the model it was applied to; a tower inside a dual encoder or a projection
-model reaches it through a link set while the model is patched, and `remove` takes both back.
-Reducing the text towers is not supported yet (CLIP's is causal and pools its EOS token).
+model reaches it through a link set while the model is patched, and `remove` takes both back (the
+text adapter places its towers the same way).
 
 `transformers` is imported only when a model's class comes from it (as in hf_vit).
 """
@@ -64,14 +66,23 @@ SUPPORTED = {
     "SiglipModel": ("siglip", "dual"),
 }
 TOWERS = ("CLIPVisionModel", "SiglipVisionModel")
+# the text classes, claimed by the text adapter (hf_clip_text), so that one adapter claims each class
+TEXT_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "SiglipTextModel")
 MODULES = ("transformers.modeling_outputs", *(f"transformers.models.{f}.modeling_{f}" for f in FAMILIES))
-TEXT_REASON = ("reducing the text tower is not supported yet (CLIP's text tower is causal and pools its EOS "
-               "token; a reduced text tower would need both kept)")
+TEXT_REASON = ("this adapter reduces image towers; a text tower is reduced by the CLIP/SigLIP text adapter "
+               "(hf_clip_text): apply the reducer to the text model itself, e.g. tokenreduce.apply(model.text_model, "
+               "...) for a dual encoder")
 
 
 def _family_class(cls: type) -> type | None:
     """The CLIP or SigLIP model class `cls` is (or derives from), or None."""
     return family_class(cls, FAMILIES)
+
+
+def _claimed_class(cls: type) -> type | None:
+    """The CLIP or SigLIP class `cls` is, unless it is a text class (those are hf_clip_text's)."""
+    found = _family_class(cls)
+    return None if found is None or found.__name__ in TEXT_CLASSES else found
 
 
 def _spec(model: nn.Module) -> tuple[str, str]:
@@ -82,6 +93,11 @@ def _spec(model: nn.Module) -> tuple[str, str]:
 def _tower(model: nn.Module, kind: str) -> nn.Module:
     """The vision tower (CLIPVisionModel / SiglipVisionModel): the model itself or its `vision_model`."""
     return model if kind == "tower" else getattr(model, "vision_model", None)
+
+
+def tower_of(model: nn.Module) -> nn.Module:
+    """The vision tower of a claimed model."""
+    return _tower(model, _spec(model)[1])
 
 
 def describe(model: nn.Module) -> ModelInfo:
@@ -248,8 +264,9 @@ class _ReducedTower:
 
 
 class _ReducedHolder:
-    """Placed in front of the class of a model that holds a reduced vision tower (CLIPModel, SiglipModel,
-    CLIPVisionModelWithProjection): its own methods run unchanged and call the tower."""
+    """Placed in front of the class of a model that holds a reduced tower (CLIPModel, SiglipModel,
+    CLIPVisionModelWithProjection, CLIPTextModelWithProjection): its own methods run unchanged and call
+    the tower."""
 
 
 # --- cost --------------------------------------------------------------------------------------
@@ -277,31 +294,34 @@ def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
 
 @register_adapter("hf_clip")
 class HFCLIPAdapter(HFViTAdapter):  # hf_vit's patching: the tower's forward keeps its signature
-    family = (f"Hugging Face transformers CLIP and SigLIP image towers ({', '.join(SUPPORTED)}; the text towers "
-              "run unreduced)")
+    family = (f"Hugging Face transformers CLIP and SigLIP image towers ({', '.join(SUPPORTED)}; the text towers: "
+              "hf_clip_text)")
     reduced_methods = _ReducedTower
+    towers = TOWERS  # the classes that get a forward of their own; the others hold one of them
+    tower_of = staticmethod(tower_of)
 
-    # every model of these families, so a class it does not support is refused with the reason
-    claimed_class = staticmethod(_family_class)
+    # every model of these families but the text classes, so a class it does not support is refused
+    # with the reason
+    claimed_class = staticmethod(_claimed_class)
     model_info = staticmethod(describe)
     model_macs = staticmethod(pass_macs)
 
     def patch(self, model: nn.Module, reducer, info: ModelInfo, options: dict) -> None:
         super().patch(model, reducer, info, options)
-        tower = _tower(model, _spec(model)[1])
+        tower = self.tower_of(model)
         if tower is not model:
             object.__setattr__(tower, "_tr_link", _Link(owner=model, original_class=type(tower)))
             tower.__class__ = self._reduced_class(type(tower))
 
     def unpatch(self, model: nn.Module) -> None:
-        tower = _tower(model, _spec(model)[1])
+        tower = self.tower_of(model)
         link = tower.__dict__.pop("_tr_link", None) if tower is not model else None
         if link is not None:
             tower.__class__ = link.original_class
         super().unpatch(model)
 
     def _reduced_class(self, cls: type) -> type:
-        if _family_class(cls).__name__ in TOWERS:  # the tower: a forward with its own signature
+        if self.claimed_class(cls).__name__ in self.towers:  # the tower: a forward with its own signature
             return super()._reduced_class(cls)
         key = (self.name, cls)
         if key not in _REDUCED_CLASSES:  # the holder's own methods run unchanged

@@ -190,9 +190,11 @@ class TextLayerOps(HFLayerOps):
 
 
 # --- padding and the protected last token ---------------------------------------------------------
-def real_counts(attention_mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:
+def real_counts(attention_mask: Tensor | None, batch: int, length: int, device: torch.device, least: int = NUM_PREFIX,
+                why: str = "its first and last tokens, e.g. [CLS] and [SEP], are kept by every reducer") -> Tensor:
     """[B] each sequence's real tokens, from a [B, L] mask of 1 (real) and 0 (padding) after them; all
-    real without a mask. A sequence needs two: its first and last tokens."""
+    real without a mask. A sequence needs `least` real tokens (by default two: its first and last
+    tokens), `why` saying why in the refusal."""
     if attention_mask is None:
         return torch.full((batch,), length, dtype=torch.long, device=device)
     if attention_mask.shape != (batch, length):
@@ -204,9 +206,9 @@ def real_counts(attention_mask: Tensor | None, batch: int, length: int, device: 
     if not torch.equal(valid, torch.arange(length, device=valid.device) < counts[:, None]):
         raise ConfigError("attention_mask has padding before real tokens; allowed: each sequence's real tokens "
                           "first, then its padding (the tokenizer's padding_side='right')")
-    if bool((counts < NUM_PREFIX).any()):
+    if bool((counts < least).any()):
         raise ConfigError(f"attention_mask leaves a sequence with {int(counts.min())} real tokens; allowed: at least "
-                          "2 (its first and last tokens, e.g. [CLS] and [SEP], are kept by every reducer)")
+                          f"{least} ({why})")
     return counts.to(device)
 
 
@@ -296,10 +298,20 @@ def _check_arguments(model: nn.Module, arguments: dict, extra: dict) -> None:
                           "labels (classifiers) and return_dict")
     if (arguments.get("input_ids") is None) == (arguments.get("inputs_embeds") is None):
         raise ConfigError(f"a {who} takes exactly one of input_ids and inputs_embeds")
+
+
+def check_text_reducer(model: nn.Module, counts: Tensor) -> None:
+    """Refuse, before any compute, what the reducer cannot do on text run in groups of real lengths
+    `counts` [B]: MSTM's fusion (it pools a square grid of patches), and in training a reducer with
+    losses of the whole pass on a batch that mixes lengths."""
     for reducer in model.token_reducer.modules():
         if getattr(reducer, "name", None) == "mstm" and getattr(reducer, "fusion", None) is not None:
             raise ConfigError("mstm: fusion=True is not supported on a text model: the fusion pools a square grid "
                               "of patches, which text has none of; allowed: fusion=False")
+    if model.training and len(counts.unique()) > 1 and _has_losses(model.token_reducer):
+        raise ConfigError(f"reducer {model.token_reducer.name} trains with losses of the whole pass, which a batch "
+                          "of sequences with different real lengths splits into groups; allowed: batches whose "
+                          "sequences have one length, or eval mode")
 
 
 class _ReducedHFText:
@@ -314,10 +326,7 @@ class _ReducedHFText:
         tokens = arguments["input_ids"] if arguments.get("input_ids") is not None else arguments["inputs_embeds"]
         batch, length = tokens.shape[:2]
         counts = real_counts(arguments.get("attention_mask"), batch, length, tokens.device)
-        if self.training and len(counts.unique()) > 1 and _has_losses(self.token_reducer):
-            raise ConfigError(f"reducer {self.token_reducer.name} trains with losses of the whole pass, which a batch "
-                              "of sequences with different real lengths splits into groups; allowed: batches whose "
-                              "sequences have one length, or eval mode")
+        check_text_reducer(self, counts)
         sequence, state = run_text(self, family, encoder, arguments, counts, length)
         self._tokenreduce.last_state = state
         output = self._tr_outputs(family, head, encoder, sequence, arguments.get("labels"))

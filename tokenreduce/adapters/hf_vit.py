@@ -293,14 +293,15 @@ def _bind(original, model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, 
     return arguments, dict(arguments.pop(var, {})) if var else {}
 
 
-def refuse_outputs(model: nn.Module, extra: dict) -> str:
-    """Refuse per-layer outputs (hidden states, attentions) asked by argument or config; the model's
-    name for the messages that follow."""
+def refuse_outputs(model: nn.Module, extra: dict, tower: nn.Module | None = None) -> str:
+    """Refuse per-layer outputs (hidden states, attentions) asked by argument or in the config of the
+    model (or of `tower`, the part of it that runs the layers); the model's name for the messages that
+    follow."""
     who = f"token-reduced {model._tokenreduce.original_class.__name__}"
     for name in REFUSED_OUTPUTS:
         value = extra.get(name)
         if value is None:
-            value = getattr(model.config, name, False)
+            value = getattr(model.config, name, False) or (tower is not None and getattr(tower.config, name, False))
         if value:
             raise ConfigError(
                 f"{name}={value!r} is not supported on a {who}: the layers hold fewer tokens after each reduction "

@@ -13,7 +13,9 @@ from tokenreduce.reducers import create_reducer, reducer_defaults
 from tokenreduce.reducers.base import TokenReducer
 
 CONFIG_PACKAGE = "tokenreduce.conf"
-TASKS = ("evaluate", "finetune", "compare", "search")
+# the evaluations of transformers models (engine/hf_tasks.py), each beside the unreduced model
+HF_TASKS = ("retrieval", "zeroshot", "text_classification", "video_classification", "audio_classification")
+TASKS = ("evaluate", "finetune", "compare", "search", *HF_TASKS)
 FILE_REDUCER = "from_file.yaml"  # the name a reducer=<file> config takes in its temporary config group
 
 

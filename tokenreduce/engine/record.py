@@ -17,9 +17,10 @@ COMPARISON_JSON, COMPARISON_TABLE, COMPARISON_CSV = "comparison.json", "table.md
 SEARCH_STATE, SEARCH_JSON, SEARCH_TABLE, SEARCHED_REDUCER = (  # task=search
     "search_state.json", "search.json", "search.md", "reducer.yaml")
 DIFFRATE_STATE = "search_state.pt"  # task=search with DiffRate's search (tensors: torch.save)
+TASKS_JSON, TASKS_TABLE = "task_results.json", COMPARISON_TABLE  # the transformers tasks (engine/hf_tasks.py)
 # what an earlier run leaves in its directory; a run never starts where one of these exists
 RESULT_PATHS = (RECORD_JSON, RECORD_CSV, CHECKPOINT_DIR, COMPARISON_JSON, COMPARISON_TABLE, COMPARISON_CSV,
-                SEARCH_STATE, SEARCH_JSON, SEARCH_TABLE, SEARCHED_REDUCER, DIFFRATE_STATE)
+                SEARCH_STATE, SEARCH_JSON, SEARCH_TABLE, SEARCHED_REDUCER, DIFFRATE_STATE, TASKS_JSON)
 
 
 @dataclass

@@ -31,7 +31,15 @@ from tokenreduce.data.transforms import model_data_config
 from tokenreduce.engine import search as search_task
 from tokenreduce.engine.callbacks import LatestCheckpoint, RunInterrupted, build_callbacks
 from tokenreduce.engine.compare import run_compare, settings_from
-from tokenreduce.engine.config import build_reducer, check_task, default_run_name, plain, reducer_spec
+from tokenreduce.engine.config import (
+    HF_TASKS,
+    build_reducer,
+    check_task,
+    default_run_name,
+    plain,
+    reducer_spec,
+)
+from tokenreduce.engine.hf_tasks import run_task
 from tokenreduce.engine.loggers import build_loggers, check_loggers, finish_loggers
 from tokenreduce.engine.module import LossSettings, OptimSettings, ReductionModule
 from tokenreduce.engine.record import RunRecord, ensure_fresh
@@ -154,6 +162,9 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
     if launched_rank_zero():
         ensure_fresh(output_dir)
     import_plugins(cfg.get("imports") or [])
+    if task in HF_TASKS:
+        run_task(cfg, task, output_dir, overrides)
+        return None
     reducer = build_reducer(cfg.reducer, overrides)
     reducer_name, reducer_params = reducer_spec(cfg.reducer)
     optim = _settings(OptimSettings, cfg.get("optim"), "optim")

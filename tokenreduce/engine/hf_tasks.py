@@ -1,0 +1,521 @@
+"""The evaluation tasks of Hugging Face `transformers` models (docs/tasks.md), each measured unreduced
+and with the configured reducer, side by side:
+
+- `task=retrieval`: image->text and text->image recall@1/5/10 of CLIP/SigLIP on a Karpathy-split
+  Flickr30k or COCO layout;
+- `task=zeroshot`: CLIP/SigLIP zero-shot top-1/top-5 on a folder of class folders, the class
+  embeddings from prompt templates;
+- `task=text_classification`: accuracy of a `*ForSequenceClassification` model on a CSV/JSON-lines set;
+- `task=video_classification` / `task=audio_classification`: top-1/top-5 (mAP for a multi-label set)
+  of `VideoMAEForVideoClassification` / `ASTForAudioClassification` on frame folders / WAV files.
+
+`reducer` acts on the image tower (or the text, video or audio model); `text_reducer` on the text
+tower of an image-text model. Speed is items per second of the model's forward passes alone (data
+loading and preprocessing excluded, one untimed warm-up batch per setting); MACs are `stats` of
+each pass, per item, averaged over the set. The results go to `tasks.json` and `table.md` in the
+run directory, and the table to the terminal.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+import tokenreduce
+from tokenreduce.data import hf_sets
+from tokenreduce.engine.config import build_reducer, default_run_name, non_default_params, plain, reducer_spec
+from tokenreduce.engine.loggers import build_loggers, check_loggers, finish_loggers
+from tokenreduce.engine.record import TASKS_JSON, TASKS_TABLE, write_new
+from tokenreduce.engine.speed import check_measure, synchronize
+from tokenreduce.errors import ConfigError, check_number
+
+MODEL_KEYS = ("hf", "hf_class", "pretrained", "attn_implementation", "adapter_options")
+# what the model class must be for each task: a dual image-text encoder, or a classifier of the modality
+CLASS_RULES = {
+    "retrieval": ("CLIPModel", "SiglipModel"),
+    "zeroshot": ("CLIPModel", "SiglipModel"),
+    "text_classification": ("ForSequenceClassification",),
+    "video_classification": ("ForVideoClassification",),
+    "audio_classification": ("ForAudioClassification",),
+}
+DATA_KEYS = {
+    "retrieval": ("name", "root", "annotations", "split", "images", "batch_size", "num_workers", "max_length"),
+    "zeroshot": ("name", "root", "class_names", "templates", "images", "batch_size", "num_workers", "max_length"),
+    "text_classification": ("name", "path", "text_field", "label_field", "class_names", "texts", "batch_size",
+                            "num_workers", "max_length"),
+    "video_classification": ("name", "root", "annotations", "class_names", "multilabel", "clips", "batch_size",
+                             "num_workers"),
+    "audio_classification": ("name", "root", "annotations", "class_names", "multilabel", "clips", "batch_size",
+                             "num_workers"),
+}
+# how each task's inputs are prepared: the transformers Auto class of its processor
+PROCESSORS = {"retrieval": "AutoProcessor", "zeroshot": "AutoProcessor", "text_classification": "AutoTokenizer",
+              "video_classification": "AutoImageProcessor", "audio_classification": "AutoFeatureExtractor"}
+INSTALL_HINT = "pip install 'tokenreduce[hf]' (transformers>=5)"
+
+
+# --- the pieces ----------------------------------------------------------------------------------
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(f"task needs Hugging Face transformers, which is not installed; install {INSTALL_HINT}") \
+            from None
+    return transformers
+
+
+def check_model_config(task: str, model_cfg: dict) -> dict:
+    """The `model` settings of a transformers task, checked (no file is read)."""
+    unknown = sorted(set(model_cfg) - set(MODEL_KEYS) - {"name"})
+    if unknown or not model_cfg.get("hf"):
+        problem = f"model.{unknown[0]} is not a setting" if unknown else f"model.hf={model_cfg.get('hf')!r} is missing"
+        raise ConfigError(f"task={task}: {problem}; allowed: a transformers model config ({', '.join(MODEL_KEYS)}), "
+                          "e.g. model=hf_clip_b16, with model.hf a hub id or a local folder")
+    cls = model_cfg.get("hf_class")
+    rules = CLASS_RULES[task]
+    if not isinstance(cls, str) or not (cls in rules or cls.endswith(rules)):
+        raise ConfigError(f"task={task}: model.hf_class={cls!r} is invalid; allowed: "
+                          f"{' or '.join(('a ' if r.startswith('For') else '') + r for r in rules)}"
+                          f"{' class' if rules[0].startswith('For') else ''} of transformers")
+    if getattr(_transformers(), cls, None) is None:
+        raise ConfigError(f"task={task}: model.hf_class={cls!r} is not a class of transformers "
+                          f"{_transformers().__version__}")
+    impl = model_cfg.get("attn_implementation", "sdpa")
+    if impl not in ("sdpa", "eager"):
+        raise ConfigError(f"model.attn_implementation={impl!r} is invalid; allowed: sdpa, eager (the reducers add a "
+                          "float attention mask)")
+    return {"pretrained": True, "attn_implementation": "sdpa", "adapter_options": None, **model_cfg}
+
+
+def load_config(model_cfg: dict):
+    """The model's transformers config (no weights read)."""
+    try:
+        return _transformers().AutoConfig.from_pretrained(model_cfg["hf"])
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.hf={model_cfg['hf']!r}: cannot read its config ({err.__class__.__name__}: "
+                          f"{str(err).splitlines()[0]}); allowed: a local folder written by save_pretrained, or a hub "
+                          "id reachable from here (or in the Hugging Face cache)") from None
+
+
+def load_model(task: str, model_cfg: dict, config) -> tuple[nn.Module, object]:
+    """The model (pretrained weights, or random ones with `pretrained: false`) and its processor."""
+    transformers = _transformers()
+    cls = getattr(transformers, model_cfg["hf_class"])
+    impl = model_cfg["attn_implementation"]
+    if model_cfg["pretrained"]:
+        model = cls.from_pretrained(model_cfg["hf"], attn_implementation=impl)
+    else:
+        model = cls._from_config(config, attn_implementation=impl)
+    loader = getattr(transformers, PROCESSORS[task])
+    try:
+        processor = loader.from_pretrained(model_cfg["hf"])
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.hf={model_cfg['hf']!r} has no processor (tokenizer, image processor or feature "
+                          f"extractor) to read: {str(err).splitlines()[0]}") from None
+    return model.eval(), processor
+
+
+def _part(processor, name: str):
+    """The tokenizer / image processor of a combined processor, or the processor itself."""
+    return getattr(processor, name, None) or processor
+
+
+def _features(output) -> Tensor:
+    """Embeddings from get_image_features / get_text_features (a tensor, or an output's pooler_output)."""
+    return output if isinstance(output, Tensor) else output.pooler_output
+
+
+def recall_at_k(similarity: Tensor, image_of: Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """Image->text and text->image recall@k in percent, from the [images, texts] similarity and the
+    image `image_of[t]` of each text.
+
+    Image->text: an image is found at k when any of its texts is among its k most similar texts;
+    text->image: a text is found when its image is among its k most similar images. A rank counts
+    the candidates scored strictly higher, so ties do not count against the right answer."""
+    similarity = similarity.float()
+    texts = torch.arange(similarity.shape[1])
+    # text->image: images scored above the text's own image
+    own = similarity[image_of, texts]  # [T]
+    t2i_rank = (similarity > own[None, :]).sum(0)
+    # image->text: the best-ranked own text of each image; a text's rank among all texts of its image's row
+    rows = similarity[image_of]  # [T, T]: row t is the scores of t's image against every text
+    i2t_text_rank = (rows > own[:, None]).sum(1)
+    i2t_rank = torch.full((similarity.shape[0],), similarity.shape[1], dtype=torch.long)
+    i2t_rank = i2t_rank.scatter_reduce(0, image_of, i2t_text_rank, reduce="amin")
+    result = {}
+    for k in ks:
+        result[f"i2t_r{k}"] = 100.0 * (i2t_rank < k).float().mean().item()
+    for k in ks:
+        result[f"t2i_r{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
+    result["rsum"] = sum(result.values())
+    return result
+
+
+def topk_accuracy(logits: Tensor, labels: Tensor, k: int) -> float | None:
+    """Percent of items whose label is among the k highest logits (None with fewer than k classes)."""
+    if logits.shape[1] < k:
+        return None
+    return 100.0 * (logits.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean().item()
+
+
+def mean_average_precision(scores: Tensor, targets: Tensor) -> float:
+    """Macro mAP in percent over the classes that have at least one positive (AudioSet's convention)."""
+    from torchmetrics.functional.classification import multilabel_average_precision
+
+    present = targets.sum(0) > 0
+    value = multilabel_average_precision(scores[:, present].float(), targets[:, present],
+                                         num_labels=int(present.sum()), average="macro")
+    return 100.0 * value.item()
+
+
+@dataclass
+class Meter:
+    """Forward seconds, items and MACs of one tower over an evaluation."""
+
+    tower: nn.Module
+    device: torch.device
+    seconds: float = 0.0
+    items: int = 0
+    macs: float = 0.0
+    warm: bool = False
+
+    def __call__(self, forward: Callable, count: int):
+        if not self.warm:  # one untimed pass: first-call costs stay out of the speed
+            forward()
+            self.warm = True
+        synchronize(self.device)
+        start = time.perf_counter()
+        output = forward()
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - start
+        self.items += count
+        self.macs += tokenreduce.stats(self.tower)["macs"] * count
+        return output
+
+    def summary(self, unit: str) -> dict:
+        return {f"{unit}_per_s": self.items / self.seconds if self.seconds else None,
+                f"gmacs_{unit}": self.macs / max(self.items, 1) / 1e9}
+
+
+def _batches(items: list, batch_size: int, num_workers: int, decode: Callable):
+    return torch.utils.data.DataLoader(items, batch_size=batch_size, num_workers=num_workers, collate_fn=decode)
+
+
+def _to(batch: dict, device, dtype) -> dict:
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in batch.items()}
+
+
+# --- the evaluations -------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """What every evaluation needs: the model, its processor, the data settings, where to compute."""
+
+    task: str
+    model: nn.Module
+    processor: object
+    data: dict
+    dataset: object
+    device: torch.device
+    dtype: torch.dtype
+    meters: dict = field(default_factory=dict)
+
+    def loader(self, items, decode):
+        return _batches(items, self.data["batch_size"], self.data["num_workers"], decode)
+
+    def text_inputs(self, texts: list[str]) -> dict:
+        tokenizer = _part(self.processor, "tokenizer")
+        siglip = "siglip" in type(self.model).__name__.lower()
+        max_length = self.data.get("max_length") or (64 if siglip else None)
+        # SigLIP was trained on texts padded to 64 tokens, and pools the last position
+        padding = "max_length" if siglip else True
+        encoded = tokenizer(texts, padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
+        keys = ("input_ids", "attention_mask") if not siglip else ("input_ids",)
+        return {k: encoded[k] for k in keys if k in encoded}
+
+    def image_inputs(self, paths: list[Path]) -> dict:
+        images = [hf_sets.load_image(p) for p in paths]
+        return {"pixel_values": _part(self.processor, "image_processor")(images=images, return_tensors="pt")[
+            "pixel_values"]}
+
+    def outputs(self, items: list, decode: Callable, forward: Callable, unit: str) -> list:
+        """`forward` of every batch of `items` (decoded by `decode`), timed and counted as `unit`."""
+        meter = self.meters[unit]
+        out = []
+        for batch in self.loader(items, decode):
+            batch = _to(batch, self.device, self.dtype)
+            out.append(meter(partial(forward, **batch), len(next(iter(batch.values())))))
+        return out
+
+    def embed_texts(self, texts: list[str]) -> Tensor:
+        out = self.outputs(texts, self.text_inputs, self.model.get_text_features, "text")
+        return torch.nn.functional.normalize(torch.cat([_features(o) for o in out]).float(), dim=-1)
+
+    def embed_images(self, paths: list[Path]) -> Tensor:
+        out = self.outputs(paths, self.image_inputs, self.model.get_image_features, "image")
+        return torch.nn.functional.normalize(torch.cat([_features(o) for o in out]).float(), dim=-1)
+
+
+def evaluate_retrieval(job: Job) -> dict:
+    captions: hf_sets.CaptionSet = job.dataset
+    image_embeds = job.embed_images(captions.images)
+    text_embeds = job.embed_texts(captions.captions)
+    return recall_at_k(image_embeds @ text_embeds.T, torch.tensor(captions.image_of))
+
+
+def class_embeddings(job: Job, class_names: list[str], templates: list[str]) -> Tensor:
+    """One embedding per class: the normalised mean of its prompts' normalised embeddings."""
+    prompts = [t.format(name) for name in class_names for t in templates]
+    embeds = job.embed_texts(prompts).view(len(class_names), len(templates), -1).mean(1)
+    return torch.nn.functional.normalize(embeds, dim=-1)
+
+
+def evaluate_zeroshot(job: Job) -> dict:
+    data: hf_sets.LabelledSet = job.dataset
+    classes = class_embeddings(job, data.class_names, job.data["templates"])
+    logits = job.embed_images(data.items) @ classes.T
+    labels = torch.tensor(data.labels)
+    return {"top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5)}
+
+
+def _classify(job: Job, decode: Callable, unit: str) -> dict:
+    data: hf_sets.LabelledSet = job.dataset
+    logits = torch.cat([out.logits.float() for out in job.outputs(data.items, decode, job.model, unit)])
+    if data.multilabel:
+        return {"map": mean_average_precision(logits.sigmoid(), hf_sets.multi_hot(data.labels, logits.shape[1]))}
+    labels = torch.tensor(data.labels)
+    return {"top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5)}
+
+
+def evaluate_text(job: Job) -> dict:
+    tokenizer = _part(job.processor, "tokenizer")
+
+    def decode(texts):
+        encoded = tokenizer(texts, padding=True, truncation=True, max_length=job.data.get("max_length"),
+                            return_tensors="pt")
+        return {k: encoded[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded}
+
+    result = _classify(job, decode, "text")
+    return {"accuracy": result["top1"]}
+
+
+def evaluate_video(job: Job) -> dict:
+    frames = job.model.config.num_frames
+
+    def decode(folders):
+        clips = [hf_sets.load_frames(folder, frames) for folder in folders]
+        return {"pixel_values": _part(job.processor, "image_processor")(clips, return_tensors="pt")["pixel_values"]}
+
+    return _classify(job, decode, "clip")
+
+
+def evaluate_audio(job: Job) -> dict:
+    extractor = _part(job.processor, "feature_extractor")
+
+    def decode(paths):
+        waves = [hf_sets.load_wav(p, extractor.sampling_rate) for p in paths]
+        return {"input_values": extractor(waves, sampling_rate=extractor.sampling_rate, return_tensors="pt")[
+            "input_values"]}
+
+    return _classify(job, decode, "clip")
+
+
+EVALUATIONS = {"retrieval": evaluate_retrieval, "zeroshot": evaluate_zeroshot, "text_classification": evaluate_text,
+               "video_classification": evaluate_video, "audio_classification": evaluate_audio}
+# the towers timed in each task: unit -> how to reach the tower whose stats count it
+UNITS = {"retrieval": ("image", "text"), "zeroshot": ("image", "text"), "text_classification": ("text",),
+         "video_classification": ("clip",), "audio_classification": ("clip",)}
+
+
+# --- settings and data ---------------------------------------------------------------------------
+def check_data(task: str, data_cfg: dict, config) -> tuple[dict, object]:
+    """The data settings with defaults, and the set's index (files checked, nothing decoded)."""
+    unknown = sorted(set(data_cfg) - set(DATA_KEYS[task]))
+    if unknown:
+        raise ConfigError(f"task={task}: data.{unknown[0]} is not a setting of this task's data; allowed: "
+                          f"{', '.join(DATA_KEYS[task])} (data={'|'.join(DATA_NAMES[task])})")
+    data = {"batch_size": 32, "num_workers": 0, "max_length": None, **data_cfg}
+    check_number("data", "batch_size", data["batch_size"], low=1, integer=True)
+    check_number("data", "num_workers", data["num_workers"], low=0, integer=True)
+    for key in ("images", "texts", "clips", "max_length"):
+        if data.get(key) is not None:
+            check_number("data", key, data[key], low=1, integer=True)
+    names = data.get("class_names")
+    if task == "retrieval":
+        return data, hf_sets.read_karpathy(data.get("root"), data.get("annotations"), data.get("split", "test"),
+                                           data.get("images"))
+    if task == "zeroshot":
+        templates = data.get("templates") or ["a photo of a {}."]
+        if isinstance(templates, str) or not all(isinstance(t, str) and "{}" in t for t in templates):
+            raise ConfigError(f"data.templates={templates!r} is invalid; allowed: a list of prompts, each with {{}} "
+                              "where the class name goes")
+        data["templates"] = list(templates)
+        return data, hf_sets.read_image_classes(data.get("root"), names, data.get("images"))
+    model_names = names or _label_names(config)
+    if task == "text_classification":
+        dataset = hf_sets.read_texts(data.get("path"), data.get("text_field", "text"), data.get("label_field", "label"),
+                                     model_names, data.get("texts"))
+    else:
+        dataset = hf_sets.read_clips(task.split("_")[0], data.get("root"), data.get("annotations"), model_names,
+                                     data.get("multilabel"), data.get("clips"))
+    if len(dataset.class_names) > config.num_labels:
+        raise ConfigError(f"task={task}: the data has {len(dataset.class_names)} classes and the model "
+                          f"{config.num_labels}; allowed: labels of the model's classes (data.class_names lists them "
+                          "in the model's order)")
+    return data, dataset
+
+
+def _label_names(config) -> list[str]:
+    """The model's class names in id order (transformers' id2label)."""
+    return [str(config.id2label[i]) for i in range(config.num_labels)]
+
+
+DATA_NAMES = {"retrieval": ("karpathy",), "zeroshot": ("image_classes",), "text_classification": ("text_file",),
+              "video_classification": ("video_clips",), "audio_classification": ("audio_clips",)}
+
+
+def _towers(task: str, model: nn.Module) -> dict[str, nn.Module]:
+    """unit -> the module whose reducer and stats count it."""
+    if task in ("retrieval", "zeroshot"):
+        return {"image": model, "text": model.text_model}
+    return {UNITS[task][0]: model}
+
+
+def _settings(cfg: DictConfig, task: str, overrides) -> list[tuple[str, dict, str, dict]]:
+    """(reducer, params, text reducer, params) of the unreduced model and of the configured one."""
+    build_reducer(cfg.reducer, overrides)
+    reduced = reducer_spec(cfg.reducer)
+    text = reducer_spec(cfg.text_reducer) if cfg.get("text_reducer") is not None else ("none", {})
+    if text[0] != "none" and task not in ("retrieval", "zeroshot"):
+        raise ConfigError(f"task={task}: text_reducer={text[0]} is invalid; allowed: none (the text tower of an "
+                          "image-text model is reduced only in task=retrieval and task=zeroshot; reducer reduces this "
+                          "task's model)")
+    from tokenreduce.reducers import create_reducer
+
+    create_reducer(text[0], **text[1])
+    return [("none", {}, "none", {}), (*reduced, *text)]
+
+
+# --- the run ---------------------------------------------------------------------------------------
+def run_task(cfg: DictConfig, task: str, output_dir: Path, overrides: list[str] | None = None) -> list[dict]:
+    """Evaluate the model unreduced and reduced on the task's data; write and print the results."""
+    started = time.perf_counter()
+    settings = _settings(cfg, task, overrides)
+    model_cfg = check_model_config(task, plain(cfg.model))
+    check_loggers(plain(cfg.logger))
+    config = load_config(model_cfg)
+    data, dataset = check_data(task, plain(cfg.data), config)
+    mcfg = plain(cfg.measure)
+    dtype, _, device = check_measure(mcfg["batch_size"], mcfg["dtype"], mcfg["autocast"], mcfg["device"],
+                                     mcfg["warmup"], mcfg["repeats"], probe=True)
+    torch.manual_seed(cfg.seed)
+    model, processor = load_model(task, model_cfg, config)
+    model.to(device=device, dtype=dtype)
+    towers = _towers(task, model)
+    rows = []
+    with torch.inference_mode():
+        for reducer, params, text_reducer, text_params in settings:
+            tokenreduce.apply(towers[UNITS[task][0]], reducer, adapter_options=model_cfg["adapter_options"], **params)
+            if "text" in towers and towers["text"] is not model:
+                tokenreduce.apply(towers["text"], text_reducer, **text_params)
+            job = Job(task, model, processor, data, dataset, device, dtype,
+                      meters={unit: Meter(tower, device) for unit, tower in towers.items()})
+            metrics = EVALUATIONS[task](job)
+            row = {"reducer": reducer, "params": params, **metrics}
+            if "text" in towers and towers["text"] is not model:
+                row.update(text_reducer=text_reducer, text_params=text_params)
+            for unit, meter in job.meters.items():
+                row.update(meter.summary(unit))
+            rows.append(row)
+    for tower in towers.values():
+        tokenreduce.remove(tower)
+    _relative(rows)
+    protocol = {"task": task, "model": model_cfg["hf"], "class": model_cfg["hf_class"],
+                "weights": "pretrained" if model_cfg["pretrained"] else "random", "data": _describe(data, dataset),
+                "device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+                "batch_size": data["batch_size"], "seed": cfg.seed}
+    table = markdown_table(task, rows)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    elapsed = time.perf_counter() - started
+    write_new(output_dir / TASKS_JSON, json.dumps({
+        "protocol": protocol, "rows": rows, "seconds": round(elapsed, 1),
+        "finished": datetime.datetime.now().isoformat(timespec="seconds")}, indent=2) + "\n")
+    header = (f"{task}: {protocol['model']} ({protocol['weights']}) on {protocol['data']}; {protocol['device']}, "
+              f"{protocol['dtype']}, batch {data['batch_size']}, {protocol['threads']} threads")
+    write_new(output_dir / TASKS_TABLE, f"{header}\n\n{table}\n")
+    print(f"{header}\n\n{table}\n\nin {elapsed:.0f} s; results: {output_dir}")
+    log_rows(cfg, output_dir, model_cfg.get("name") or Path(model_cfg["hf"]).name, rows)
+    return rows
+
+
+def log_rows(cfg: DictConfig, output_dir: Path, model_name: str, rows: list[dict]) -> None:
+    """The numbers of both rows to the run's loggers (CSV, W&B): `baseline/<key>` for the unreduced
+    model, `result/<key>` for the reduced one, so a sweep compares runs by `result/...`."""
+    reducer, params = reducer_spec(cfg.reducer)
+    run_name = cfg.get("run_name") or default_run_name(model_name, reducer, params)
+    loggers = build_loggers(plain(cfg.logger), output_dir, run_name)
+    try:
+        for lg in loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            lg.log_metrics({f"{prefix}/{key}": float(value) for prefix, row in zip(("baseline", "result"), rows, strict=True)
+                            for key, value in row.items() if isinstance(value, (int, float)) and value is not None})
+    finally:
+        finish_loggers(loggers)
+
+
+def _describe(data: dict, dataset) -> str:
+    where = data.get("annotations") or data.get("path") or data.get("root")
+    if isinstance(dataset, hf_sets.CaptionSet):
+        count = f"{len(dataset.images)} images, {len(dataset.captions)} captions"
+    else:
+        count = f"{len(dataset.items)} items, {len(dataset.class_names)} classes"
+    return f"{data.get('name', 'data')} {where} ({count})"
+
+
+def _relative(rows: list[dict]) -> None:
+    """Speed-up and MAC fraction of every row against the unreduced (first) row, per unit."""
+    base = rows[0]
+    for row in rows:
+        for key in list(row):
+            if key.endswith("_per_s") and base.get(key):
+                row[f"speedup_{key[:-len('_per_s')]}"] = row[key] / base[key] if row[key] else None
+            if key.startswith("gmacs_") and base.get(key):
+                row[f"mac_fraction_{key[len('gmacs_'):]}"] = row[key] / base[key]
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) >= 0.01 or value == 0 else f"{value:.2e}"
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items()) or "-"
+    return str(value)
+
+
+def markdown_table(task: str, rows: list[dict]) -> str:
+    """The rows as a Markdown table: the setting, the metrics, then speed and MACs per unit."""
+    setting = ["reducer", "params"] + (["text_reducer", "text_params"] if "text_reducer" in rows[0] else [])
+    metrics = [k for k in rows[0] if k not in setting and not k.startswith(("gmacs_", "speedup_", "mac_fraction_"))
+               and not k.endswith("_per_s")]
+    units = UNITS[task]
+    speed = [col for unit in units for col in (f"{unit}_per_s", f"speedup_{unit}", f"gmacs_{unit}",
+                                               f"mac_fraction_{unit}")]
+    names = {**{f"{u}_per_s": f"{u}s/s" for u in units}, **{f"speedup_{u}": f"{u} speed-up" for u in units},
+             **{f"gmacs_{u}": f"GMACs/{u}" for u in units}, **{f"mac_fraction_{u}": f"{u} MAC frac." for u in units}}
+    columns = setting + metrics + speed
+    lines = ["| " + " | ".join(names.get(c, c) for c in columns) + " |", "|" + " --- |" * len(columns)]
+    for row in rows:  # a reducer's parameters at their defaults are left out
+        shown = {**row, "params": non_default_params(row["reducer"], row["params"])}
+        if "text_reducer" in row:
+            shown["text_params"] = non_default_params(row["text_reducer"], row["text_params"])
+        lines.append("| " + " | ".join(_fmt(shown.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
