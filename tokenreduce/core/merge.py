@@ -73,30 +73,34 @@ class Matching:
 
 def _combine_matching(x: Tensor, sizes: Tensor | None, matching: Matching, mode: str,
                       mlerp_eps: float) -> tuple[Tensor, Tensor]:
-    """The size-weighted merge ("wavg", or "mlerp") of `combine` from a `Matching`: tokens and sizes
-    travel together as rows [x * size, size] (float32), copied whole once per slot and added once
-    per source (row copies, where a gather with an index per element is several times slower)."""
+    """The size-weighted merge ("wavg", or "mlerp") of `combine` from a `Matching`.
+
+    Each slot's row is copied whole from its representative, then only the slots that receive
+    sources change: with S the slot's new size, its mean is x_rep + sum_i (s_i / S) (x_i - x_rep)
+    over its sources i. So the work beyond one row copy per slot is on the few merged rows (row
+    copies, where a gather with an index per element is several times slower)."""
     b, n, c = x.shape
-    xf = x.float()
-    both = torch.nn.functional.pad(xf, (0, 1), value=1.0) if sizes is None else torch.cat([xf * sizes, sizes], -1)
-    first = torch.arange(b, device=x.device).unsqueeze(1)  # each sample's first row, in units of its tokens
-    reps = (matching.reps + first * n).flatten()
-    sources = (matching.sources + first * n).flatten()
-    slots = (matching.slots + first * matching.n_out).flatten()
-    rows = both.view(b * n, c + 1)
-    out = rows.index_select(0, reps)
+    reps, sources, slots = matching.reps, matching.sources, matching.slots
+    if b > 1:  # rows of the flattened batch: each sample's tokens after the previous sample's
+        first = torch.arange(b, device=x.device).unsqueeze(1)
+        reps, sources, slots = reps + first * n, sources + first * n, slots + first * matching.n_out
+    reps, sources, slots = reps.flatten(), sources.flatten(), slots.flatten()
+    rows = x.reshape(b * n, c)
+    size_rows = torch.ones(b * n, 1, device=x.device) if sizes is None else sizes.reshape(b * n, 1)
+    out = rows.index_select(0, reps).float()
+    new_sizes = size_rows.index_select(0, reps)
     if len(sources):
-        out.index_add_(0, slots, rows.index_select(0, sources))
-    out = out.view(b, matching.n_out, c + 1)
-    new_sizes = out[..., c:]
-    total = out[..., :c] / new_sizes
-    if mode == "mlerp":  # the largest member norm, taken over the same rows
-        norms = xf.norm(dim=-1, keepdim=True).view(b * n, 1)
+        source_sizes = size_rows.index_select(0, sources)
+        new_sizes.index_add_(0, slots, source_sizes)
+        pull = rows.index_select(0, sources).float() - out.index_select(0, slots)
+        out.index_add_(0, slots, pull * (source_sizes / new_sizes.index_select(0, slots)))
+    if mode == "mlerp":  # rescaled to the largest member norm, taken over the same rows
+        norms = rows.float().norm(dim=-1, keepdim=True)
         largest = norms.index_select(0, reps)
         if len(sources):
             largest.scatter_reduce_(0, slots.unsqueeze(1), norms.index_select(0, sources), "amax")
-        total = total / total.norm(dim=-1, keepdim=True).clamp_min(mlerp_eps) * largest.view(b, matching.n_out, 1)
-    return total.to(x.dtype), new_sizes
+        out = out / out.norm(dim=-1, keepdim=True).clamp_min(mlerp_eps) * largest
+    return out.view(b, matching.n_out, c).to(x.dtype), new_sizes.view(b, matching.n_out, 1)
 
 
 def scatter_sum(values: Tensor, dest: Tensor, n_out: int) -> Tensor:
