@@ -306,6 +306,33 @@ def test_text_classification_end_to_end(tmp_path, saved, capsys):
         run(cfg, tmp_path / "run")
 
 
+def test_sweep_summary_of_task_runs(tmp_path, saved):
+    path = tmp_path / "set.csv"
+    path.write_text("text,label\na good film,positive\nbad,negative\nthe red car,positive\n")
+    for n, r in enumerate((1, 2)):
+        run(task_config("text_classification", "hf_bert_sst2", saved["bert"], "text_file", f"data.path={path}",
+                        "reducer=tome", f"reducer.r={r}"), tmp_path / "sweep" / str(n))
+    summary = hf_tasks.collect_task_results(tmp_path / "sweep")
+    lines = summary.read_text().splitlines()
+    assert lines[0].startswith("text_classification: ") and "3 items, 2 classes" in lines[0]
+    table = [line for line in lines if line.startswith("| ")]
+    assert table[0].startswith("| run | reducer | params | accuracy |")
+    assert [row.split(" | ")[:3] for row in table[2:]] == [["| 0", "none", "-"], ["| 0", "tome", "r=1"],
+                                                            ["| 1", "tome", "r=2"]]
+    with pytest.raises(ConfigError, match="already exists"):
+        hf_tasks.collect_task_results(tmp_path / "sweep")
+    assert hf_tasks.collect_task_results(tmp_path / "sweep" / "0" / "csv") is None
+    # a Hydra multirun does it when its last job ends
+    from omegaconf import OmegaConf
+
+    from tokenreduce.engine.hydra_callbacks import CollectOnMultirunEnd
+
+    first = summary.read_text()
+    summary.unlink()
+    CollectOnMultirunEnd().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}}))
+    assert summary.read_text() == first
+
+
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_retrieval_end_to_end(tmp_path, saved, family):
     annotations = karpathy_layout(tmp_path / "data", images=5, captions=2)

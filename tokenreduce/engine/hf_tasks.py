@@ -34,7 +34,7 @@ import tokenreduce
 from tokenreduce.data import hf_sets
 from tokenreduce.engine.config import build_reducer, default_run_name, non_default_params, plain, reducer_spec
 from tokenreduce.engine.loggers import build_loggers, check_loggers, finish_loggers
-from tokenreduce.engine.record import TASKS_JSON, TASKS_TABLE, write_new
+from tokenreduce.engine.record import TASK_SUMMARY, TASKS_JSON, TASKS_TABLE, write_new
 from tokenreduce.engine.speed import check_measure, synchronize
 from tokenreduce.errors import ConfigError, check_number
 
@@ -501,9 +501,10 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def markdown_table(task: str, rows: list[dict]) -> str:
-    """The rows as a Markdown table: the setting, the metrics, then speed and MACs per unit."""
-    setting = ["reducer", "params"] + (["text_reducer", "text_params"] if "text_reducer" in rows[0] else [])
+def markdown_table(task: str, rows: list[dict], lead: tuple[str, ...] = ()) -> str:
+    """The rows as a Markdown table: the `lead` columns, the setting, the metrics, then speed and MACs
+    per unit."""
+    setting = [*lead, "reducer", "params"] + (["text_reducer", "text_params"] if "text_reducer" in rows[0] else [])
     metrics = [k for k in rows[0] if k not in setting and not k.startswith(("gmacs_", "speedup_", "mac_fraction_"))
                and not k.endswith("_per_s")]
     units = UNITS[task]
@@ -519,3 +520,29 @@ def markdown_table(task: str, rows: list[dict]) -> str:
             shown["text_params"] = non_default_params(row["text_reducer"], row["text_params"])
         lines.append("| " + " | ".join(_fmt(shown.get(c)) for c in columns) + " |")
     return "\n".join(lines)
+
+
+PROTOCOL_KEYS = ("task", "model", "class", "weights", "data", "device", "dtype", "batch_size")
+
+
+def collect_task_results(sweep_dir: str | Path) -> Path | None:
+    """One table of a sweep's transformers-task runs (`task_summary.md` in `sweep_dir`): per protocol
+    (task, model, data, measuring), its first run's unreduced row, then every run's reduced row with
+    its ratios to its own unreduced row. None when the sweep has no such run."""
+    sweep_dir = Path(sweep_dir)
+    files = sorted(sweep_dir.rglob(TASKS_JSON))
+    if not files:
+        return None
+    groups: dict[tuple, list] = {}
+    for file in files:
+        result = json.loads(file.read_text())
+        key = tuple(str(result["protocol"].get(k)) for k in PROTOCOL_KEYS)
+        groups.setdefault(key, []).append((str(file.parent.relative_to(sweep_dir)) or ".", result["rows"]))
+    parts = []
+    for key, runs in groups.items():
+        protocol = dict(zip(PROTOCOL_KEYS, key, strict=True))
+        rows = [{"run": runs[0][0], **runs[0][1][0]}] + [{"run": run, **rows[-1]} for run, rows in runs]
+        parts.append(f"{protocol['task']}: {protocol['model']} ({protocol['weights']}) on {protocol['data']}; "
+                     f"{protocol['device']}, {protocol['dtype']}, batch {protocol['batch_size']}\n\n"
+                     f"{markdown_table(protocol['task'], rows, lead=('run',))}")
+    return write_new(sweep_dir / TASK_SUMMARY, "\n\n".join(parts) + "\n")

@@ -11,7 +11,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from tokenreduce.engine.collect import collect
-from tokenreduce.engine.record import CHECKPOINT_DIR, RECORD_JSON, ensure_fresh
+from tokenreduce.engine.record import CHECKPOINT_DIR, RECORD_JSON, TASKS_JSON, ensure_fresh
 from tokenreduce.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,13 @@ class CollectOnMultirunEnd(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        if sweep_dir.is_dir() and any(sweep_dir.rglob(TASKS_JSON)):
+            from tokenreduce.engine.hf_tasks import collect_task_results  # torch only when needed
+
+            try:
+                print(f"collected the transformers-task runs of {sweep_dir}: {collect_task_results(sweep_dir)}")
+            except ConfigError as err:  # e.g. an earlier summary is there; each run's results are in place
+                print(f"tokenreduce: task results not collected: {err}", file=sys.stderr)
         if not any(sweep_dir.rglob(RECORD_JSON)):
             return
         try:

@@ -18,6 +18,7 @@ SEARCH_STATE, SEARCH_JSON, SEARCH_TABLE, SEARCHED_REDUCER = (  # task=search
     "search_state.json", "search.json", "search.md", "reducer.yaml")
 DIFFRATE_STATE = "search_state.pt"  # task=search with DiffRate's search (tensors: torch.save)
 TASKS_JSON, TASKS_TABLE = "task_results.json", COMPARISON_TABLE  # the transformers tasks (engine/hf_tasks.py)
+TASK_SUMMARY = "task_summary.md"  # a multirun of them
 # what an earlier run leaves in its directory; a run never starts where one of these exists
 RESULT_PATHS = (RECORD_JSON, RECORD_CSV, CHECKPOINT_DIR, COMPARISON_JSON, COMPARISON_TABLE, COMPARISON_CSV,
                 SEARCH_STATE, SEARCH_JSON, SEARCH_TABLE, SEARCHED_REDUCER, DIFFRATE_STATE, TASKS_JSON)
