@@ -454,9 +454,15 @@ def test_bad_settings(tmp_path, saved):
         run(task_config(*base, "reducer=tome", "+reducer.energy=gaussian"), tmp_path / "e")
     with pytest.raises(ConfigError, match="task=retrieval: model.hf_class='BertForSequenceClassification' is invalid"):
         run(task_config("retrieval", "hf_bert_sst2", saved["bert"], "karpathy"), tmp_path / "f")
+    # the data's files are checked before the model's config is read (a hub id would be fetched)
+    with pytest.raises(ConfigError, match=r"data \(text classification\): data.path=.*nothing.csv: no such file"):
+        run(task_config(*base[:2], "some-org/not-here", "text_file", f"data.path={tmp_path / 'nothing.csv'}"),
+            tmp_path / "h")
+    with pytest.raises(ConfigError, match=r"data \(audio classification\): data.root=None is invalid"):
+        run(task_config("audio_classification", "hf_ast_audioset", "some-org/not-here", "audio_clips"), tmp_path / "i")
     with pytest.raises(ConfigError, match="data: batch_size=0 is invalid"):
         run(task_config(*base, "data.batch_size=0"), tmp_path / "g")
-    assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abcdefg")
+    assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abcdefghi")
 
 
 def test_missing_transformers_is_a_clear_error(monkeypatch):

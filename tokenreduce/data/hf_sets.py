@@ -30,7 +30,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".ti
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 
 
-def _existing(who: str, key: str, value, kind: str = "file") -> Path:
+def existing(who: str, key: str, value, kind: str = "file") -> Path:
+    """`value` as a path to an existing file (or folder); a ConfigError naming `key` if there is none."""
     if not value:
         raise ConfigError(f"{who}: {key}={value!r} is invalid; allowed: the path of a {kind}")
     path = Path(str(value)).expanduser()
@@ -55,8 +56,8 @@ def read_karpathy(root, annotations, split: str = "test", limit: int | None = No
     `dataset_coco.json`), images under `root` (joined with each entry's `filepath` when it has one);
     `limit`: the first so many images."""
     who = "data (retrieval)"
-    root = _existing(who, "data.root", root, "folder")
-    annotations = _existing(who, "data.annotations", annotations)
+    root = existing(who, "data.root", root, "folder")
+    annotations = existing(who, "data.annotations", annotations)
     if split not in KARPATHY_SPLITS:
         raise ConfigError(f"{who}: data.split={split!r} is invalid; allowed: {', '.join(KARPATHY_SPLITS)}")
     try:
@@ -147,7 +148,7 @@ def read_texts(path, text_field: str = "text", label_field: str = "label", class
                limit: int | None = None) -> LabelledSet:
     """Texts and labels from a CSV/TSV file with a header row or a JSON-lines file."""
     who = "data (text classification)"
-    path = _existing(who, "data.path", path)
+    path = existing(who, "data.path", path)
     rows = _rows(who, path)[:limit]
     _fields(who, path, rows, {"data.text_field": text_field, "data.label_field": label_field})
     ids, names = class_ids(who, [str(row[label_field]) for row in rows], class_names)
@@ -159,12 +160,12 @@ def read_image_classes(root, class_names: list[str] | str | None = None, limit: 
     underscores as spaces, or `class_names`: a list, or a text file with one name per line, in the
     folders' sorted order."""
     who = "data (zero-shot)"
-    root = _existing(who, "data.root", root, "folder")
+    root = existing(who, "data.root", root, "folder")
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     if not folders:
         raise ConfigError(f"{who}: data.root={root} has no class folders")
     if isinstance(class_names, str):
-        class_names = [n.strip() for n in _existing(who, "data.class_names", class_names).read_text().splitlines()
+        class_names = [n.strip() for n in existing(who, "data.class_names", class_names).read_text().splitlines()
                        if n.strip()]
     if class_names is None:
         class_names = [p.name.replace("_", " ") for p in folders]
@@ -190,8 +191,8 @@ def read_clips(kind: str, root, annotations, class_names: list[str] | None = Non
     frame images, or a WAV file) and `label` (class names or ids, several joined by `;`).
     `multilabel`: None decides by the index (any row with several labels)."""
     who = f"data ({kind} classification)"
-    root = _existing(who, "data.root", root, "folder")
-    annotations = _existing(who, "data.annotations", annotations)
+    root = existing(who, "data.root", root, "folder")
+    annotations = existing(who, "data.annotations", annotations)
     rows = _rows(who, annotations)[:limit]
     _fields(who, annotations, rows, {"path": "path", "label": "label"})
     split = [[v.strip() for v in str(row["label"]).split(";") if v.strip()] for row in rows]

@@ -336,8 +336,10 @@ UNITS = {"retrieval": ("image", "text"), "zeroshot": ("image", "text"), "text_cl
 
 
 # --- settings and data ---------------------------------------------------------------------------
-def check_data(task: str, data_cfg: dict, config) -> tuple[dict, object]:
-    """The data settings with defaults, and the set's index (files checked, nothing decoded)."""
+def check_data(task: str, data_cfg: dict, config_of: Callable[[], object]) -> tuple[dict, object]:
+    """The data settings with defaults, and the set's index (files checked, nothing decoded).
+    `config_of()` gives the model's config, read only once the data's files are found (a classifier's
+    labels are checked against its classes)."""
     unknown = sorted(set(data_cfg) - set(DATA_KEYS[task]))
     if unknown:
         raise ConfigError(f"task={task}: data.{unknown[0]} is not a setting of this task's data; allowed: "
@@ -359,6 +361,13 @@ def check_data(task: str, data_cfg: dict, config) -> tuple[dict, object]:
                               "where the class name goes")
         data["templates"] = list(templates)
         return data, hf_sets.read_image_classes(data.get("root"), names, data.get("images"))
+    who = f"data ({task.replace('_', ' ')})"
+    if task == "text_classification":
+        hf_sets.existing(who, "data.path", data.get("path"))
+    else:
+        hf_sets.existing(who, "data.root", data.get("root"), "folder")
+        hf_sets.existing(who, "data.annotations", data.get("annotations"))
+    config = config_of()
     model_names = names or _label_names(config)
     if task == "text_classification":
         dataset = hf_sets.read_texts(data.get("path"), data.get("text_field", "text"), data.get("label_field", "label"),
@@ -411,8 +420,8 @@ def run_task(cfg: DictConfig, task: str, output_dir: Path, overrides: list[str] 
     settings = _settings(cfg, task, overrides)
     model_cfg = check_model_config(task, plain(cfg.model))
     check_loggers(plain(cfg.logger))
+    data, dataset = check_data(task, plain(cfg.data), partial(load_config, model_cfg))
     config = load_config(model_cfg)
-    data, dataset = check_data(task, plain(cfg.data), config)
     mcfg = plain(cfg.measure)
     dtype, _, device = check_measure(mcfg["batch_size"], mcfg["dtype"], mcfg["autocast"], mcfg["device"],
                                      mcfg["warmup"], mcfg["repeats"], probe=True)
