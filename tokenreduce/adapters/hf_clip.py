@@ -34,7 +34,6 @@ from torch import Tensor, nn
 
 from tokenreduce.adapters.base import _REDUCED_CLASSES, ModelInfo, is_patched, register_adapter
 from tokenreduce.adapters.hf_vit import (
-    ATTENTION_IMPLEMENTATIONS,
     INSTALL_HINT,
     PASSED,
     REFUSED_OUTPUTS,
@@ -45,6 +44,8 @@ from tokenreduce.adapters.hf_vit import (
     _import,
     _Loop,
     block_costs,
+    check_attention_implementation,
+    check_layer_types,
     family_class,
     modeling,
     spec_of,
@@ -117,40 +118,41 @@ def describe(model: nn.Module) -> ModelInfo:
     family, kind = SUPPORTED[cls.__name__]
     name = getattr(model.config, "name_or_path", "") or type(model).__name__
     tower = _tower(model, kind)
-    module, prefix = modeling(family), FAMILIES[family]
-    tower_cls = getattr(module, f"{prefix}VisionModel")
-    if tower is None or not isinstance(tower, tower_cls):
-        raise UnsupportedModelError(f"model {name} ({type(model).__name__}) has no {tower_cls.__name__} as its "
-                                    f"vision_model; install {INSTALL_HINT}")
-    if tower is not model and is_patched(tower):
-        raise UnsupportedModelError(f"model {name}: its vision_model already carries a reducer; call "
-                                    "tokenreduce.remove(model.vision_model) first")
     parts = ("embeddings", "encoder", "post_layernorm") + (("pre_layrnorm",) if family == "clip" else ())
-    layers = getattr(getattr(tower, "encoder", None), "layers", None)
-    if layers is None or any(getattr(tower, p, None) is None for p in parts):
-        raise UnsupportedModelError(f"model {name} ({type(model).__name__}) lacks the layout of transformers>=5 "
-                                    f"({', '.join(parts)}, encoder.layers); install {INSTALL_HINT}")
-    layer_cls, attn_cls = getattr(module, f"{prefix}EncoderLayer"), getattr(module, f"{prefix}Attention")
-    for i, layer in enumerate(layers):
-        if type(layer) is not layer_cls or type(getattr(layer, "self_attn", None)) is not attn_cls:
-            raise UnsupportedModelError(
-                f"model {name} layer {i} is {type(layer).__name__} with {type(getattr(layer, 'self_attn', None)).__name__}; "
-                f"supported: {layer_cls.__name__} with {attn_cls.__name__}")
+    layers = check_tower(model, name, tower, family, "vision", parts)
     if family == "siglip" and tower.use_head:
         head = tower.head
-        if (type(head) is not module.SiglipMultiheadAttentionPoolingHead
+        if (type(head) is not modeling(family).SiglipMultiheadAttentionPoolingHead
                 or not isinstance(head.attention, nn.MultiheadAttention) or not head.attention.batch_first
                 or not head.attention._qkv_same_embed_dim):
             raise UnsupportedModelError(f"model {name} pools with {type(head).__name__}; supported: "
                                         "SiglipMultiheadAttentionPoolingHead (a batch-first nn.MultiheadAttention)")
-    impl = tower.config._attn_implementation
-    if impl not in ATTENTION_IMPLEMENTATIONS:
-        raise UnsupportedModelError(
-            f"model {name} uses attn_implementation={impl!r}; supported: {', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))} "
-            "(proportional attention adds a float mask, which these take)")
+    check_attention_implementation(name, tower.config)
     clip = family == "clip"
     return ModelInfo(name=name, depth=len(layers), num_prefix=int(clip), has_class_token=clip,
                      embed_dim=tower.config.hidden_size, num_heads=tower.config.num_attention_heads)
+
+
+def check_tower(model: nn.Module, name: str, tower: nn.Module | None, family: str, side: str,
+                parts: tuple[str, ...]) -> nn.ModuleList:
+    """The layers of `model`'s `side` tower ("vision" or "text": the model itself or its `<side>_model`),
+    checked: a tower of the family's class, not reduced on its own, with `parts` and encoder layers of
+    the family's classes; UnsupportedModelError naming what is not."""
+    module, prefix = modeling(family), FAMILIES[family]
+    tower_cls = getattr(module, f"{prefix}{side.capitalize()}Model")
+    if tower is None or not isinstance(tower, tower_cls):
+        raise UnsupportedModelError(f"model {name} ({type(model).__name__}) has no {tower_cls.__name__} as its "
+                                    f"{side}_model; install {INSTALL_HINT}")
+    if tower is not model and is_patched(tower):
+        raise UnsupportedModelError(f"model {name}: its {side}_model already carries a reducer; call "
+                                    f"tokenreduce.remove(model.{side}_model) first")
+    layers = getattr(getattr(tower, "encoder", None), "layers", None)
+    if layers is None or any(getattr(tower, p, None) is None for p in parts):
+        raise UnsupportedModelError(f"model {name} ({type(model).__name__}) lacks the layout of transformers>=5 "
+                                    f"({', '.join(parts)}, encoder.layers); install {INSTALL_HINT}")
+    check_layer_types(name, layers, getattr(module, f"{prefix}EncoderLayer"), getattr(module, f"{prefix}Attention"),
+                      attention_of=lambda layer: getattr(layer, "self_attn", None))
+    return layers
 
 
 # --- one layer -------------------------------------------------------------------------------------

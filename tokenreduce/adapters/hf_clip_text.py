@@ -46,12 +46,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tokenreduce.adapters.base import ModelInfo, is_patched, register_adapter
-from tokenreduce.adapters.hf_clip import FAMILIES, HFCLIPAdapter, TowerLayerOps, _owner
+from tokenreduce.adapters.base import ModelInfo, register_adapter
+from tokenreduce.adapters.hf_clip import FAMILIES, HFCLIPAdapter, TowerLayerOps, _owner, check_tower
 from tokenreduce.adapters.hf_text import check_text_reducer, real_counts
 from tokenreduce.adapters.hf_vit import (
-    ATTENTION_IMPLEMENTATIONS,
-    INSTALL_HINT,
     PASSED,
     REFUSED_OUTPUTS,
     _bind,
@@ -59,8 +57,8 @@ from tokenreduce.adapters.hf_vit import (
     _import,
     _Loop,
     block_costs,
+    check_attention_implementation,
     family_class,
-    modeling,
     refuse_outputs,
     spec_of,
 )
@@ -119,30 +117,10 @@ def describe(model: nn.Module) -> ModelInfo:
                                     f"{link.owner._tokenreduce.original_class.__name__}, which holds its reducer; "
                                     "call tokenreduce.remove on that model first, or apply to it")
     tower = _tower(model, kind)
-    module, prefix = modeling(family), FAMILIES[family]
-    tower_cls = getattr(module, f"{prefix}TextModel")
-    if tower is None or not isinstance(tower, tower_cls):
-        raise UnsupportedModelError(f"model {name} ({type(model).__name__}) has no {tower_cls.__name__} as its "
-                                    f"text_model; install {INSTALL_HINT}")
-    if tower is not model and is_patched(tower):
-        raise UnsupportedModelError(f"model {name}: its text_model already carries a reducer; call "
-                                    "tokenreduce.remove(model.text_model) first")
     parts = ("embeddings", "encoder", "final_layer_norm") + (("head",) if family == "siglip" else ())
-    layers = getattr(getattr(tower, "encoder", None), "layers", None)
-    if layers is None or any(getattr(tower, p, None) is None for p in parts):
-        raise UnsupportedModelError(f"model {name} ({type(model).__name__}) lacks the layout of transformers>=5 "
-                                    f"({', '.join(parts)}, encoder.layers); install {INSTALL_HINT}")
-    layer_cls, attn_cls = getattr(module, f"{prefix}EncoderLayer"), getattr(module, f"{prefix}Attention")
-    for i, layer in enumerate(layers):
-        if type(layer) is not layer_cls or type(getattr(layer, "self_attn", None)) is not attn_cls:
-            raise UnsupportedModelError(
-                f"model {name} layer {i} is {type(layer).__name__} with {type(getattr(layer, 'self_attn', None)).__name__}; "
-                f"supported: {layer_cls.__name__} with {attn_cls.__name__}")
-    impl = tower.config._attn_implementation
-    if impl not in ATTENTION_IMPLEMENTATIONS:
-        raise UnsupportedModelError(
-            f"model {name} uses attn_implementation={impl!r}; supported: {', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))} "
-            "(the causal mask and proportional attention are a float mask, which these take)")
+    layers = check_tower(model, name, tower, family, "text", parts)
+    check_attention_implementation(name, tower.config, "the causal mask and proportional attention are a float mask, "
+                                                       "which these take")
     return ModelInfo(name=name, depth=len(layers), num_prefix=NUM_PREFIX, has_class_token=True,
                      embed_dim=tower.config.hidden_size, num_heads=tower.config.num_attention_heads)
 

@@ -23,11 +23,12 @@ the mean of the two prefix tokens, which no reducer merges or drops.
 
 from __future__ import annotations
 
+from functools import partial
+
 from torch import Tensor, nn
 
 from tokenreduce.adapters.base import ModelInfo, register_adapter
 from tokenreduce.adapters.hf_vit import (
-    ATTENTION_IMPLEMENTATIONS,
     INSTALL_HINT,
     PASSED,
     REFUSED_OUTPUTS,
@@ -38,6 +39,9 @@ from tokenreduce.adapters.hf_vit import (
     _import,
     _Loop,
     block_costs,
+    check_attention_implementation,
+    check_layer_types,
+    check_projections,
     family_class,
     modeling,
     refuse_outputs,
@@ -87,24 +91,18 @@ def _layers(encoder: nn.Module) -> nn.ModuleList | None:
 
 def _check_layers(family: str, name: str, layers: nn.ModuleList) -> None:
     module, prefix = modeling(family), FAMILIES[family]
-    layer_cls, attn_cls = getattr(module, f"{prefix}Layer"), getattr(module, f"{prefix}Attention")
-    for i, layer in enumerate(layers):
-        attention = getattr(layer, "attention", None)
-        if type(layer) is not layer_cls or type(attention) is not attn_cls:
-            raise UnsupportedModelError(f"model {name} layer {i} is {type(layer).__name__} with "
-                                        f"{type(attention).__name__}; supported: {layer_cls.__name__} with "
-                                        f"{attn_cls.__name__}")
-        if family == "videomae":
-            inner = getattr(attention, "attention", None)
-            if (type(inner) is not module.VideoMAESelfAttention or type(attention.output) is not module.VideoMAESelfOutput
-                    or type(layer.intermediate) is not module.VideoMAEIntermediate
-                    or type(layer.output) is not module.VideoMAEOutput):
-                raise UnsupportedModelError(f"model {name} layer {i} lacks VideoMAE's layout (attention.attention "
-                                            "query/key/value, attention.output.dense, intermediate, output); install "
-                                            f"{INSTALL_HINT}")
-        elif any(getattr(attention, p, None) is None for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            raise UnsupportedModelError(f"model {name} layer {i} has no separate q/k/v/o projections; install "
+
+    def videomae_layout(i: int, layer: nn.Module, attention: nn.Module) -> None:
+        inner = getattr(attention, "attention", None)
+        if (type(inner) is not module.VideoMAESelfAttention or type(attention.output) is not module.VideoMAESelfOutput
+                or type(layer.intermediate) is not module.VideoMAEIntermediate
+                or type(layer.output) is not module.VideoMAEOutput):
+            raise UnsupportedModelError(f"model {name} layer {i} lacks VideoMAE's layout (attention.attention "
+                                        "query/key/value, attention.output.dense, intermediate, output); install "
                                         f"{INSTALL_HINT}")
+
+    check_layer_types(name, layers, getattr(module, f"{prefix}Layer"), getattr(module, f"{prefix}Attention"),
+                      more=videomae_layout if family == "videomae" else partial(check_projections, name))
 
 
 def describe(model: nn.Module) -> ModelInfo:
@@ -131,11 +129,7 @@ def describe(model: nn.Module) -> ModelInfo:
         raise UnsupportedModelError(
             f"model {name} classifies its first token (use_mean_pooling=False), a patch token that a reducer may "
             "merge or drop (VideoMAE has no class token); supported: use_mean_pooling=True (the mean of the tokens)")
-    impl = model.config._attn_implementation
-    if impl not in ATTENTION_IMPLEMENTATIONS:
-        raise UnsupportedModelError(
-            f"model {name} uses attn_implementation={impl!r}; supported: {', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))} "
-            "(proportional attention adds a float mask, which these take)")
+    check_attention_implementation(name, model.config)
     prefix = NUM_PREFIX[family]
     return ModelInfo(name=name, depth=len(layers), num_prefix=prefix, has_class_token=prefix > 0,
                      embed_dim=model.config.hidden_size, num_heads=model.config.num_attention_heads)

@@ -35,7 +35,6 @@ from torch import Tensor, nn
 
 from tokenreduce.adapters.base import ModelInfo, is_patched, register_adapter
 from tokenreduce.adapters.hf_vit import (
-    ATTENTION_IMPLEMENTATIONS,
     INSTALL_HINT,
     REFUSED_OUTPUTS,
     HFLayerOps,
@@ -46,6 +45,8 @@ from tokenreduce.adapters.hf_vit import (
     _import,
     _Loop,
     block_costs,
+    check_attention_implementation,
+    check_layer_types,
     family_class,
     modeling,
     refuse_outputs,
@@ -132,20 +133,11 @@ def describe(model: nn.Module) -> ModelInfo:
                                     f"(embeddings, encoder layers); install {INSTALL_HINT}")
     module, prefix = modeling(family), FAMILIES[family]
     if family == "distilbert":
-        layer_cls, attn_cls = module.TransformerBlock, module.DistilBertSelfAttention
+        check_layer_types(name, layers, module.TransformerBlock, module.DistilBertSelfAttention)
     else:
-        layer_cls, attn_cls = getattr(module, f"{prefix}Layer"), getattr(module, f"{prefix}SelfAttention")
-    for i, layer in enumerate(layers):
-        attn = layer.attention if family == "distilbert" else getattr(layer.attention, "self", None)
-        if type(layer) is not layer_cls or type(attn) is not attn_cls:
-            raise UnsupportedModelError(f"model {name} layer {i} is {type(layer).__name__} with "
-                                        f"{type(attn).__name__}; supported: {layer_cls.__name__} with "
-                                        f"{attn_cls.__name__}")
-    impl = config._attn_implementation
-    if impl not in ATTENTION_IMPLEMENTATIONS:
-        raise UnsupportedModelError(
-            f"model {name} uses attn_implementation={impl!r}; supported: {', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))} "
-            "(proportional attention adds a float mask, which these take)")
+        check_layer_types(name, layers, getattr(module, f"{prefix}Layer"), getattr(module, f"{prefix}SelfAttention"),
+                          attention_of=lambda layer: getattr(layer.attention, "self", None))
+    check_attention_implementation(name, config)
     return ModelInfo(name=name, depth=len(layers), num_prefix=NUM_PREFIX, has_class_token=True,
                      embed_dim=config.hidden_size, num_heads=config.num_attention_heads)
 

@@ -132,6 +132,38 @@ def _num_prefix(encoder: nn.Module) -> int:
             + (0 if registers is None else registers.shape[1]))
 
 
+def check_layer_types(name: str, layers: nn.ModuleList, layer_cls: type, attn_cls: type,
+                      attention_of: Callable = lambda layer: getattr(layer, "attention", None),
+                      more: Callable | None = None) -> None:
+    """Every layer is a `layer_cls` whose attention (`attention_of(layer)`) is an `attn_cls`, else an
+    UnsupportedModelError naming the layer; `more(i, layer, attention)` checks each layer further."""
+    for i, layer in enumerate(layers):
+        attention = attention_of(layer)
+        if type(layer) is not layer_cls or type(attention) is not attn_cls:
+            raise UnsupportedModelError(
+                f"model {name} layer {i} is {type(layer).__name__} with {type(attention).__name__}; supported: "
+                f"{layer_cls.__name__} with {attn_cls.__name__}")
+        if more is not None:
+            more(i, layer, attention)
+
+
+def check_projections(name: str, i: int, layer: nn.Module, attention: nn.Module) -> None:
+    """The attention of layer `i` has separate q/k/v/o projections (transformers >= 5)."""
+    if any(getattr(attention, p, None) is None for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        raise UnsupportedModelError(f"model {name} layer {i} has no separate q/k/v/o projections; install "
+                                    f"{INSTALL_HINT}")
+
+
+def check_attention_implementation(name: str, config,
+                                   why: str = "proportional attention adds a float mask, which these take") -> None:
+    """The model runs `eager` or `sdpa` attention (`why`: what needs it)."""
+    impl = config._attn_implementation
+    if impl not in ATTENTION_IMPLEMENTATIONS:
+        raise UnsupportedModelError(
+            f"model {name} uses attn_implementation={impl!r}; supported: {', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))} "
+            f"({why})")
+
+
 def describe(model: nn.Module) -> ModelInfo:
     """Check that the adapter can reduce `model` exactly; raise UnsupportedModelError if not."""
     cls = _supported_class(type(model)) if _from_transformers(type(model)) else None
@@ -146,20 +178,9 @@ def describe(model: nn.Module) -> ModelInfo:
     if layers is None or getattr(encoder, "embeddings", None) is None or getattr(encoder, "layernorm", None) is None:
         raise UnsupportedModelError(f"model {name} ({type(model).__name__}) lacks the layout of transformers>=5 "
                                     f"(embeddings, layers, layernorm); install {INSTALL_HINT}")
-    layer_cls, attn_cls = getattr(module, f"{FAMILIES[family]}Layer"), getattr(module, f"{FAMILIES[family]}Attention")
-    for i, layer in enumerate(layers):
-        if type(layer) is not layer_cls or type(layer.attention) is not attn_cls:
-            raise UnsupportedModelError(
-                f"model {name} layer {i} is {type(layer).__name__} with {type(layer.attention).__name__}; supported: "
-                f"{layer_cls.__name__} with {attn_cls.__name__}")
-        if any(getattr(layer.attention, p, None) is None for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            raise UnsupportedModelError(f"model {name} layer {i} has no separate q/k/v/o projections; install "
-                                        f"{INSTALL_HINT}")
-    impl = model.config._attn_implementation
-    if impl not in ATTENTION_IMPLEMENTATIONS:
-        raise UnsupportedModelError(
-            f"model {name} uses attn_implementation={impl!r}; supported: {', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))} "
-            "(proportional attention adds a float mask, which these take)")
+    check_layer_types(name, layers, getattr(module, f"{FAMILIES[family]}Layer"),
+                      getattr(module, f"{FAMILIES[family]}Attention"), more=functools.partial(check_projections, name))
+    check_attention_implementation(name, model.config)
     return ModelInfo(name=name, depth=len(layers), num_prefix=_num_prefix(encoder), has_class_token=True,
                      embed_dim=model.config.hidden_size, num_heads=model.config.num_attention_heads)
 
