@@ -23,7 +23,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ from tokenreduce.engine.record import TASK_SUMMARY, TASKS_JSON, TASKS_TABLE, wri
 from tokenreduce.engine.speed import check_measure, synchronize
 from tokenreduce.errors import ConfigError, check_number
 
+IMAGE_TEXT_TASKS = ("retrieval", "zeroshot")  # a dual encoder's tasks: its text tower takes `text_reducer`
 MODEL_KEYS = ("hf", "hf_class", "pretrained", "attn_implementation", "adapter_options")
 # what the model class must be for each task: a dual image-text encoder, or a classifier of the modality
 CLASS_RULES = {
@@ -393,7 +394,7 @@ DATA_NAMES = {"retrieval": ("karpathy",), "zeroshot": ("image_classes",), "text_
 
 def _towers(task: str, model: nn.Module) -> dict[str, nn.Module]:
     """unit -> the module whose reducer and stats count it."""
-    if task in ("retrieval", "zeroshot"):
+    if task in IMAGE_TEXT_TASKS:
         return {"image": model, "text": model.text_model}
     return {UNITS[task][0]: model}
 
@@ -403,7 +404,7 @@ def _settings(cfg: DictConfig, task: str, overrides) -> list[tuple[str, dict, st
     build_reducer(cfg.reducer, overrides)
     reduced = reducer_spec(cfg.reducer)
     text = reducer_spec(cfg.text_reducer) if cfg.get("text_reducer") is not None else ("none", {})
-    if text[0] != "none" and task not in ("retrieval", "zeroshot"):
+    if text[0] != "none" and task not in IMAGE_TEXT_TASKS:
         raise ConfigError(f"task={task}: text_reducer={text[0]} is invalid; allowed: none (the text tower of an "
                           "image-text model is reduced only in task=retrieval and task=zeroshot; reducer reduces this "
                           "task's model)")
@@ -420,26 +421,27 @@ def run_task(cfg: DictConfig, task: str, output_dir: Path, overrides: list[str] 
     settings = _settings(cfg, task, overrides)
     model_cfg = check_model_config(task, plain(cfg.model))
     check_loggers(plain(cfg.logger))
-    data, dataset = check_data(task, plain(cfg.data), partial(load_config, model_cfg))
-    config = load_config(model_cfg)
+    config_of = cache(partial(load_config, model_cfg))  # read once: a hub id is looked up online
+    data, dataset = check_data(task, plain(cfg.data), config_of)
     mcfg = plain(cfg.measure)
     dtype, _, device = check_measure(mcfg["batch_size"], mcfg["dtype"], mcfg["autocast"], mcfg["device"],
                                      mcfg["warmup"], mcfg["repeats"], probe=True)
     torch.manual_seed(cfg.seed)
-    model, processor = load_model(task, model_cfg, config)
+    model, processor = load_model(task, model_cfg, config_of())
     model.to(device=device, dtype=dtype)
     towers = _towers(task, model)
+    text_tower = towers["text"] if task in IMAGE_TEXT_TASKS else None
     rows = []
     with torch.inference_mode():
         for reducer, params, text_reducer, text_params in settings:
-            tokenreduce.apply(towers[UNITS[task][0]], reducer, adapter_options=model_cfg["adapter_options"], **params)
-            if "text" in towers and towers["text"] is not model:
-                tokenreduce.apply(towers["text"], text_reducer, **text_params)
+            tokenreduce.apply(model, reducer, adapter_options=model_cfg["adapter_options"], **params)
+            if text_tower is not None:
+                tokenreduce.apply(text_tower, text_reducer, **text_params)
             job = Job(task, model, processor, data, dataset, device, dtype,
                       meters={unit: Meter(tower, device) for unit, tower in towers.items()})
             metrics = EVALUATIONS[task](job)
             row = {"reducer": reducer, "params": params, **metrics}
-            if "text" in towers and towers["text"] is not model:
+            if text_tower is not None:
                 row.update(text_reducer=text_reducer, text_params=text_params)
             for unit, meter in job.meters.items():
                 row.update(meter.summary(unit))
