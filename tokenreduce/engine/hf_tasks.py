@@ -234,7 +234,7 @@ class Job:
 
     def text_inputs(self, texts: list[str]) -> dict:
         tokenizer = _part(self.processor, "tokenizer")
-        siglip = "siglip" in type(self.model).__name__.lower()
+        siglip = self.model.config.model_type == "siglip"
         max_length = self.data.get("max_length") or (64 if siglip else None)
         # SigLIP was trained on texts padded to 64 tokens, and pools the last position
         padding = "max_length" if siglip else True
