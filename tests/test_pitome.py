@@ -122,6 +122,25 @@ def test_ordered_matching_equals_a_loop(protect, split, num_prefix, r):
     assert assignment.merged.sum(1).tolist() == [r] * 3
 
 
+@pytest.mark.parametrize("kernel", ["elu", "gaussian"])
+def test_a_metric_normalised_once_gives_the_same_energy_and_matching(kernel):
+    """PiToMe normalises its keys once and passes them on with normalized=True: both steps must give
+    exactly what they give when each normalises the raw keys itself."""
+    g = torch.Generator().manual_seed(7)
+    metric = 3 * torch.randn(2, 1 + 14, 8, generator=g)
+    unit = torch.nn.functional.normalize(metric, dim=-1)
+    energy = energy_score(metric[:, 1:], 0.3, kernel=kernel)
+    torch.testing.assert_close(energy_score(unit[:, 1:], 0.3, kernel=kernel, normalized=True), energy,
+                               rtol=0, atol=0)
+    order = energy.argsort(dim=-1, descending=True, stable=True)
+    want = ordered_bipartite_matching(metric, 4, 1, order, num_candidates=8)
+    got = ordered_bipartite_matching(unit, 4, 1, order, num_candidates=8, normalized=True)
+    assert torch.equal(got.reps, want.reps) and torch.equal(got.sources, want.sources)
+    assert torch.equal(got.slots, want.slots)
+    # and normalized=True really skips the normalisation: unscaled keys change the energy
+    assert not torch.allclose(energy_score(metric[:, 1:], 0.3, kernel=kernel, normalized=True), energy)
+
+
 def clustered_keys():
     """Non-prefix keys: a tight cluster of 4 near-duplicates of e0 (spread over the sequence), 5
     loosely similar tokens in another subspace, and one token (e1) orthogonal to all the others."""

@@ -19,10 +19,11 @@ def layer_margin(margin: float, layer: int, num_layers: int) -> float:
     return margin * (1.0 - layer / num_layers)
 
 
-def energy_score(metric: Tensor, margin: float, alpha: float = 1.0, kernel: str = "elu") -> Tensor:
+def energy_score(metric: Tensor, margin: float, alpha: float = 1.0, kernel: str = "elu",
+                 normalized: bool = False) -> Tensor:
     """Energy of every token of `metric` [B, T, d] (prefix tokens already removed): [B, T] float32.
 
-    The metric is L2-normalised here, so `S = k k^T` holds cosine similarities (1 on the diagonal:
+    The metric is L2-normalised here (unless `normalized` says its rows already have unit norm), so `S = k k^T` holds cosine similarities (1 on the diagonal:
     every token counts itself). Then `E_i = mean_j f(S_ij)` with
       - "elu" (vision):     f(s) = s - m            if s > m, else alpha * (exp(s - m) - 1);
       - "gaussian" (text):  f(s) = exp(-0.5 * ((1 - s) / sigma)^2), sigma = 1 - m. The reference text
@@ -33,13 +34,13 @@ def energy_score(metric: Tensor, margin: float, alpha: float = 1.0, kernel: str 
         raise ConfigError(f"energy kernel={kernel!r} is invalid; allowed: {', '.join(KERNELS)}")
     if kernel == "gaussian" and not margin < 1:
         raise ConfigError(f"energy margin={margin!r} is invalid for the gaussian kernel; allowed: below 1")
-    k = F.normalize(metric.float(), dim=-1)
+    k = metric if normalized else F.normalize(metric.float(), dim=-1)
     sim = k @ k.transpose(-1, -2)
     if kernel == "elu":
         # ELU(z) = max(z, 0) + alpha * (exp(min(z, 0)) - 1), averaged term by term: the same value as
         # F.elu(...).mean(), at half the cost on CPUs, where F.elu is not vectorised
         z = sim - margin
-        return z.clamp(min=0).mean(dim=-1) + alpha * (z.clamp(max=0).exp().mean(dim=-1) - 1)
+        return z.clamp(min=0).mean(dim=-1).add_(z.clamp(max=0).exp_().mean(dim=-1), alpha=alpha).sub_(alpha)
     sigma = 1.0 - margin
     return ((1.0 - sim) / sigma).square().mul(-0.5).exp().mean(dim=-1)
 

@@ -33,17 +33,14 @@ def matching_macs(num_prefix: int, num_tokens: int, dim: int) -> int:
     return len(range(n)[a]) * len(range(n)[b]) * dim
 
 
-def _best_edges(a: Tensor, b: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+def _best_edges(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """The core of ToMe's matching between normalised sets A [B, Na, d] and B [B, Nb, d].
 
-    Every A token finds its most similar B token; the `r` A tokens with the best such edges merge.
-    Returns the merged A tokens [B, r] (best edge first), the unmerged ones [B, Na - r] in their
-    order in A, and each merged token's B partner [B, r].
+    Every A token finds its most similar B token. Returns the A tokens ordered by that edge, best
+    first [B, Na] (the caller merges the first r), and each A token's B partner [B, Na].
     """
-    node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
-    edges = node_max.argsort(dim=-1, descending=True, stable=True)
-    merged = edges[:, :r]
-    return merged, edges[:, r:].sort(dim=-1).values, node_idx.gather(1, merged)
+    node_max, node_idx = torch.bmm(a, b.transpose(1, 2)).max(dim=-1)
+    return node_max.argsort(dim=-1, descending=True, stable=True), node_idx
 
 
 @torch.no_grad()
@@ -54,18 +51,25 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Matching
     Output order: prefix tokens, unmerged A tokens in their original order, then B tokens.
     Returns None when nothing is merged.
     """
+    # Written for the fewest operations (each costs its dispatch, which dominates at batch 1): A and
+    # B are strided views of the normalised metric, and token indices are computed from positions.
     batch, n, _ = metric.shape
     sa, sb = alternate_split(num_prefix, n - num_prefix)
-    m = F.normalize(metric[:, num_prefix:].float(), dim=-1)
-    a, b = m[:, sa], m[:, sb]
-    r = min(r, a.shape[1])
-    if r <= 0 or b.shape[1] == 0:
+    num_a = len(range(n - num_prefix)[sa])
+    r = min(r, num_a)
+    if r <= 0 or num_a == n - num_prefix:
         return None
-    merged, unmerged, partner = _best_edges(a, b, r)
-    position = torch.arange(n, device=metric.device)
-    a_pos, b_pos = position[num_prefix:][sa], position[num_prefix:][sb]
-    reps = torch.cat([position[:num_prefix].expand(batch, -1), a_pos[unmerged], b_pos.expand(batch, -1)], dim=1)
-    return Matching(reps, a_pos[merged], num_prefix + a.shape[1] - r + partner, n)
+    a_start, b_start = num_prefix + sa.start, num_prefix + sb.start
+    m = F.normalize(metric.float(), dim=-1)
+    edges, partner = _best_edges(m[:, a_start::2], m[:, b_start::2])
+    token = edges.mul(2).add_(a_start)  # the A tokens by edge, as token indices
+    slots = partner.gather(1, edges[:, :r]).add_(num_prefix + num_a - r)
+    reps = torch.cat([
+        torch.arange(num_prefix, device=metric.device).expand(batch, -1),
+        token[:, r:].sort(dim=-1).values,
+        torch.arange(b_start, n, 2, device=metric.device).expand(batch, -1),
+    ], dim=1)
+    return Matching(reps, token[:, :r], slots, n)
 
 
 def ordered_split_sizes(num_candidates: int) -> tuple[int, int]:
@@ -81,10 +85,11 @@ def ordered_bipartite_matching(
     order: Tensor,
     num_candidates: int | None = None,
     split: str = "alternate",
+    normalized: bool = False,
 ) -> Matching | None:
     """ToMe's matching on the non-prefix tokens taken in `order` instead of by position.
 
-    metric:         [B, N, d], normalised here.
+    metric:         [B, N, d], normalised here unless `normalized` says its rows have unit norm already.
     order:          [B, N - num_prefix] long, a permutation of the non-prefix tokens (0 = first non-prefix).
     num_candidates: only the first this many tokens of `order` take part (default all); the rest are
                     kept unchanged (PiToMe's protected tokens).
@@ -105,19 +110,21 @@ def ordered_bipartite_matching(
     r = min(r, num_a)
     if r <= 0 or num_b == 0:
         return None
-    kept_idx, cand_idx = order[:, cands:], order[:, :cands]
+    token = order + num_prefix  # token indices, so that no index is offset twice
+    kept_idx, cand_idx = token[:, cands:], token[:, :cands]
     if split == "alternate":
         a_idx, b_idx = cand_idx[:, 0::2], cand_idx[:, 1::2]
     else:
         a_idx, b_idx = cand_idx[:, :num_a], cand_idx[:, num_a:]
-    m = F.normalize(metric[:, num_prefix:].float(), dim=-1)
+    m = metric if normalized else F.normalize(metric.float(), dim=-1)
     a = m.gather(1, a_idx.unsqueeze(-1).expand(-1, -1, dim))
     b = m.gather(1, b_idx.unsqueeze(-1).expand(-1, -1, dim))
-    merged, unmerged, partner = _best_edges(a, b, r)
+    edges, partner = _best_edges(a, b)
     first_a = num_prefix + tokens - cands
+    slots = partner.gather(1, edges[:, :r]).add_(first_a + num_a - r)
     prefix = torch.arange(num_prefix, device=metric.device).expand(batch, -1)
-    reps = torch.cat([prefix, num_prefix + kept_idx, num_prefix + a_idx.gather(1, unmerged), num_prefix + b_idx], dim=1)
-    return Matching(reps, num_prefix + a_idx.gather(1, merged), first_a + num_a - r + partner, n)
+    reps = torch.cat([prefix, kept_idx, a_idx.gather(1, edges[:, r:].sort(dim=-1).values), b_idx], dim=1)
+    return Matching(reps, a_idx.gather(1, edges[:, :r]), slots, n)
 
 
 def ordered_matching_macs(num_candidates: int, dim: int) -> int:

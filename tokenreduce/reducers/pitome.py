@@ -6,6 +6,7 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from tokenreduce.core.energy import KERNELS, energy_macs, energy_score, layer_margin
@@ -164,13 +165,14 @@ class PiToMe(TokenReducer):
         keys = signals.keys
         tokens, dim = keys.shape[1] - num_prefix, keys.shape[-1]
         margin = layer_margin(self.resolved_margin, layer, num_layers)
-        with torch.no_grad():
-            energy = energy_score(keys[:, num_prefix:], margin, self.alpha, kernel=self.energy)
+        with torch.no_grad():  # normalised once for the energy and the matching
+            unit = F.normalize(keys.float(), dim=-1)
+            energy = energy_score(unit[:, num_prefix:], margin, self.alpha, kernel=self.energy, normalized=True)
             order = energy.argsort(dim=-1, descending=True, stable=True)
         protect, split = MODE_MATCHING[self.layer_mode(layer, num_layers)]
         candidates = 2 * removal if protect else tokens
         assignment = ordered_bipartite_matching(
-            keys, removal, num_prefix, order, num_candidates=candidates, split=split
+            unit, removal, num_prefix, order, num_candidates=candidates, split=split, normalized=True
         )
         state.add_macs(energy_macs(tokens, dim) + ordered_matching_macs(min(candidates, tokens), dim))
         return state.merge(x, assignment, self.mode)
