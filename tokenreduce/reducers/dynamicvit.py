@@ -11,14 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.profiler import record_function
 
 from tokenreduce.core.macs import linear_macs
 from tokenreduce.core.merge import keep_assignment
 from tokenreduce.core.schedule import Schedule, no_cap
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, check_number, check_numbers
-from tokenreduce.reducers.base import REDUCE_SCOPE, TokenReducer, register_reducer
+from tokenreduce.reducers.base import TokenReducer, reduce_scope, register_reducer
 from tokenreduce.reducers.pruning import top_tokens
 
 # keys of ReductionState.extras written by a training pass
@@ -132,7 +131,7 @@ class DynamicViT(TokenReducer):
             return ops.plain(x, state.attn_bias(x.dtype))
         stage = self.stages.index(layer)
         num_prefix = state.num_prefix
-        with record_function(REDUCE_SCOPE):
+        with reduce_scope():
             patches = x[:, num_prefix:]
             scores = self.predictors[stage](patches)[..., 0]
             state.add_macs(patches.shape[1] * linear_macs(self.predictors[stage]))

@@ -9,7 +9,6 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.profiler import record_function
 
 from tokenreduce.core.matching import alternate_split, matching_macs
 from tokenreduce.core.merge import Assignment, combine_attention
@@ -18,10 +17,10 @@ from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, check_flag, check_number
 from tokenreduce.reducers.base import (
     ATTN,
-    REDUCE_SCOPE,
     REMOVAL_COUNT,
     Strength,
     TokenReducer,
+    reduce_scope,
     register_reducer,
 )
 
@@ -255,7 +254,7 @@ class MCTF(TokenReducer):
         h = ops.attn_input(x)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode == 1):
             probs = ops.attn_logits(*ops.attn_qk(h), state.attn_bias(x.dtype)).softmax(dim=-1)
-        with record_function(REDUCE_SCOPE):
+        with reduce_scope():
             assignment, merge_mode, weights = self._match(x, probs, state, removal)
             if self.mode == 1:
                 probs = combine_attention(probs, state.sizes, assignment, merge_mode, weights)
@@ -273,6 +272,6 @@ class MCTF(TokenReducer):
         x, signals = ops.attention(x, state.attn_bias(x.dtype), self.needs)
         x = ops.mlp(x)
         state.records[-1].tokens_mlp = x.shape[1]
-        with record_function(REDUCE_SCOPE):
+        with reduce_scope():
             assignment, merge_mode, weights = self._match(x, signals.attn, state, removal)
             return state.merge(x, assignment, merge_mode, weights=weights)
