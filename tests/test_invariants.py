@@ -173,3 +173,23 @@ def test_torch_compile_gives_the_same_output_in_one_graph(name):
         want = model(x)
         got = torch.compile(model, fullgraph=name not in NOT_ONE_GRAPH)(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, param, values", [("tome", "ratio", (0.9, 0.93)), ("pitome", "ratio", (0.9, 0.93)),
+                                                 ("evit", "ratio", (0.7, 0.8)), ("tome", "r", (4, 6))])
+def test_two_models_that_differ_in_a_setting_compile_in_one_process(name, param, values):
+    """torch.compile turns a number that differs between two compilations of the same code into a
+    symbolic input; the schedule must still resolve to the second model's own counts."""
+    torch._dynamo.reset()
+    for value in values:
+        params = {**SETTINGS.get(name, {}), param: value}
+        params.pop("r" if param == "ratio" else "ratio", None)
+        model = tokenreduce.apply(make_model("test_vit"), name, **params)
+        x = images_for(model)
+        with torch.no_grad():
+            want = model(x)
+            tokens = tokenreduce.stats(model)["tokens"]
+            got = torch.compile(model, fullgraph=True)(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert tokenreduce.stats(model)["tokens"] == tokens

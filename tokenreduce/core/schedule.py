@@ -92,6 +92,10 @@ class Schedule:
         object.__setattr__(self, "r", r)
         object.__setattr__(self, "inflect", inflect)
         object.__setattr__(self, "layers", layers)
+        # torch.compile makes a float attribute that differs between two compiled models a symbolic
+        # input, whose floor below it cannot trace; read back from its text (`float` of a string
+        # folds), the ratio stays a constant of each graph
+        object.__setattr__(self, "_ratio_text", None if self.ratio is None else repr(float(self.ratio)))
 
     @property
     def removes_nothing(self) -> bool:
@@ -118,7 +122,7 @@ class Schedule:
         if self.layers is not None and layer not in self.layers:
             return 0
         if self.ratio is not None:
-            return keep_ratio_removal(tokens, self.ratio)
+            return keep_ratio_removal(tokens, float(self._ratio_text))
         if isinstance(self.r, list):
             return self.r[layer] if layer < len(self.r) else 0
         if isinstance(self.r, float):
