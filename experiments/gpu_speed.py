@@ -5,6 +5,9 @@ slicing), eager and under torch.compile.
 
     python experiments/gpu_speed.py --out DIR [--models vit_base_patch16_224 vit_large_patch16_224]
         [--batches 1 32 256] [--r 13] [--rounds 10] [--compile-batches 256] [--no-tests]
+        [--device cuda] [--dtype bfloat16]
+
+`--device cpu --dtype float32` measures the same comparison on the CPU (the CUDA tests then skip).
 
 Writes DIR/gpu_speed.json (rows, device and versions) and DIR/gpu_speed.md (the table), and prints
 the table. Every case of one (model, batch, compiled) is timed in the same interleaved rounds;
@@ -26,7 +29,7 @@ import timm
 import torch
 
 import tokenreduce
-from tokenreduce.engine.speed import images_per_second, time_forward
+from tokenreduce.engine.speed import compiling_many, images_per_second, interleaved_model_times
 from tokenreduce.reducers.limit import SpeedLimit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,14 +108,9 @@ def build_cases(model_name: str, r: int, images: torch.Tensor, device: str, dtyp
 
 
 def time_cases(cases: dict, images: torch.Tensor, rounds: int) -> dict[str, float]:
-    times = {name: [] for name in cases}
     with torch.inference_mode():
-        for model in cases.values():
-            time_forward(model, images, repeats=0, warmup=2)
-        for _ in range(rounds):
-            for name, model in cases.items():
-                times[name] += time_forward(model, images, repeats=1, warmup=0)
-    return {name: images_per_second(len(images), t) for name, t in times.items()}
+        times = interleaved_model_times(list(cases.values()), images, warmup=2, rounds=rounds)
+    return {name: images_per_second(len(images), t) for name, t in zip(cases, times, strict=True)}
 
 
 def measure(model_name: str, batch: int, r: int, rounds: int, compiled: bool, device: str, dtype: torch.dtype,
@@ -124,8 +122,9 @@ def measure(model_name: str, batch: int, r: int, rounds: int, compiled: bool, de
         blocks_diff = (cases["blocks"](images).float() - reference).abs().max().item()
     started = time.perf_counter()
     if compiled:
-        cases = {name: torch.compile(model) for name, model in cases.items()}
-    speed = time_cases(cases, images, rounds)
+        cases = {name: torch.compile(model, dynamic=False) for name, model in cases.items()}
+    with compiling_many(len(cases)):
+        speed = time_cases(cases, images, rounds)
     base = speed["unreduced"]
     return {"model": model_name, "batch": batch, "compiled": compiled, "r": r, "images_per_s": speed,
             "speedup": {k: v / base for k, v in speed.items()},
@@ -162,13 +161,16 @@ def main(argv=None) -> int:
     parser.add_argument("--r", type=int, default=13)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--no-tests", action="store_true")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, to check the script")
     args = parser.parse_args(argv)
-    device, dtype, img_size = "cuda", torch.bfloat16, 224
+    device, dtype, img_size = args.device, getattr(torch, args.dtype), 224
     if args.smoke:
         args.models, device, dtype, img_size = ["test_vit"], "cpu", torch.float32, 160
-    elif not torch.cuda.is_available():
-        print("gpu_speed: no CUDA device; allowed: a machine with a GPU, or --smoke", file=sys.stderr)
+    elif device == "cuda" and not torch.cuda.is_available():
+        print("gpu_speed: --device cuda but no CUDA device; allowed: a machine with a GPU, --device cpu or --smoke",
+              file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"environment": environment(device), "tests": None, "rows": []}

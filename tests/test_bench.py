@@ -11,9 +11,24 @@ import tokenreduce
 from tokenreduce.adapters.timm_vit import block_costs
 from tokenreduce.bench import demo
 from tokenreduce.bench.__main__ import main as bench_main
-from tokenreduce.bench.harness import Case, format_rows, peak_memory_mb, reducer_share, run
-from tokenreduce.engine.speed import throughput, time_forward
+from tokenreduce.bench.harness import (
+    Case,
+    build,
+    compiled_models,
+    format_rows,
+    peak_memory_mb,
+    reducer_share,
+    run,
+)
+from tokenreduce.engine.speed import (
+    compiling_many,
+    interleaved_model_times,
+    interleaved_times,
+    throughput,
+    time_forward,
+)
 from tokenreduce.errors import ConfigError
+from tokenreduce.reducers.base import create_reducer
 from tokenreduce.reducers.limit import SpeedLimit
 
 
@@ -33,6 +48,41 @@ def test_time_forward_runs_warmup_then_repeats():
     assert model.calls == 5 and len(times) == 3 and all(t >= 0 for t in times)
 
 
+class NamedProbe(torch.nn.Module):
+    def __init__(self, name, calls):
+        super().__init__()
+        self.name, self.calls = name, calls
+
+    def forward(self, x):
+        self.calls.append(self.name)
+        return x
+
+
+def test_interleaved_model_times_warm_each_up_then_take_turns():
+    calls = []
+    models = [NamedProbe("a", calls), NamedProbe("b", calls)]
+    times = interleaved_model_times(models, torch.zeros(1), warmup=2, rounds=3)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert [len(t) for t in times] == [3, 3] and all(t >= 0 for row in times for t in row)
+
+
+def test_compiling_many_allows_a_compilation_per_model_and_restores_the_limit():
+    before = torch._dynamo.config.recompile_limit
+    with compiling_many(30):
+        assert torch._dynamo.config.recompile_limit >= 30
+        assert torch._dynamo.config.accumulated_recompile_limit >= 30
+    assert torch._dynamo.config.recompile_limit == before
+
+
+def test_interleaved_times_place_each_reducer_before_its_own_passes():
+    model = make_model("test_vit")
+    reducers = [create_reducer("none"), create_reducer("tome", r=4)]
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(tokenreduce.reducer_of(m)))
+    times = interleaved_times(model, reducers, images_for(model)[:1], warmup=1, rounds=2)
+    assert seen == reducers + reducers * 2 and [len(t) for t in times] == [2, 2]
+
+
 def test_throughput_is_batch_over_median_time():
     timing = throughput(CountingModel(), torch.zeros(8, 1), repeats=3, warmup=0)
     median = sorted(timing.seconds_per_batch)[1]
@@ -49,6 +99,18 @@ def test_reducer_share_is_a_fraction_and_zero_without_reduction():
     assert reducer_share(model, x) == 0
 
 
+def test_the_reduce_scope_is_opened_only_while_a_profiler_records():
+    from contextlib import nullcontext
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from tokenreduce.reducers.base import reduce_scope
+
+    assert isinstance(reduce_scope(), nullcontext)
+    with profile(activities=[ProfilerActivity.CPU]):
+        assert isinstance(reduce_scope(), record_function)
+
+
 def test_run_compares_every_case_with_the_baseline():
     rows = run("test_vit", [Case("tome r=10", "tome", {"r": 10})], batch=2, img_size=160, rounds=2, memory=False)
     base, tome = rows
@@ -61,6 +123,22 @@ def test_run_compares_every_case_with_the_baseline():
     table = format_rows(rows)
     assert "tome r=10" in table and "baseline" in table and table.count("\n") == 3
     assert "of limit" in table.splitlines()[0] and "MAC ratio" in table.splitlines()[0]
+
+
+@pytest.mark.slow
+def test_compiled_rows_time_compiled_copies_that_compute_what_the_eager_cases_compute():
+    rows = run("test_vit", [Case("tome r=10", "tome", {"r": 10})], batch=2, img_size=160, rounds=1, memory=False,
+               compile=True)
+    assert [row["case"] for row in rows] == ["baseline", "tome r=10"] and rows[1]["tokens_out"] == 101 - 6 * 10
+    assert all(row["images_per_s"] > 0 and row["limit_images_per_s"] > 0 for row in rows)
+    model = build("test_vit", Case("", "none"), torch.float32, "cpu")
+    tome = create_reducer("tome", r=10)
+    (compiled,) = compiled_models(model, [tome])
+    x = images_for(model)[:2]
+    with torch.inference_mode():
+        want = tokenreduce.apply(model, tome)(x)
+        torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-5)
+    assert tokenreduce.reducer_of(compiled._orig_mod) is not tome  # a copy: the compiled model owns its own
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "macs_table.py"
@@ -66,3 +67,14 @@ def test_the_gpu_script_runs_its_smoke_mode_and_writes_its_table(tmp_path):
         assert set(row["speedup"]) == {"unreduced", "ours", "blocks", "limit"} and row["speedup"]["unreduced"] == 1
         assert row["blocks_max_diff"] < 1e-4  # the blocks-patching ToMe computes what ours does
     assert "| test_vit | 2 | False |" in (tmp_path / "gpu_speed.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_the_gpu_script_refuses_cuda_without_a_gpu_and_names_the_alternatives(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("gpu_speed", ROOT / "experiments" / "gpu_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--out", str(tmp_path), "--no-tests"]) == 2
+    message = capsys.readouterr().err
+    assert "--device cuda" in message and "--device cpu" in message and "--smoke" in message
+    assert not (tmp_path / "gpu_speed.json").exists()

@@ -21,15 +21,17 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--compile", action="store_true",
+                        help="time every case and limit under torch.compile (a compilation each, minutes on a CPU)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     cases = [case for name in (args.suite or sorted(SUITES)) for case in SUITES[name]]
     rows = []
     for batch in args.batch:
         print(f"model={args.model} batch={batch} img={args.img_size} dtype={args.dtype} device={args.device} "
-              f"threads={torch.get_num_threads()} rounds={args.rounds} (random weights)")
+              f"threads={torch.get_num_threads()} rounds={args.rounds}{' compiled' if args.compile else ''} (random weights)")
         rows += (batch_rows := run(args.model, cases, batch, args.img_size, args.dtype, args.device, args.rounds,
-                                   memory=not args.no_memory))
+                                   memory=not args.no_memory, compile=args.compile))
         print(format_rows(batch_rows) + "\n", flush=True)
     if args.json:
         with open(args.json, "w") as f:

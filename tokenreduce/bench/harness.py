@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from contextlib import contextmanager
+from copy import deepcopy
 from dataclasses import dataclass, field
 
 import timm
@@ -20,7 +21,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tokenreduce
-from tokenreduce.engine.speed import images_per_second, interleaved_times
+from tokenreduce.engine.speed import (
+    compiling_many,
+    images_per_second,
+    interleaved_model_times,
+    interleaved_times,
+)
 from tokenreduce.reducers.base import REDUCE_SCOPE, create_reducer
 from tokenreduce.reducers.limit import SpeedLimit
 
@@ -115,10 +121,14 @@ def _status_mb(field: str) -> float:
 
 
 def run(model_name: str, cases: list[Case], batch: int = 16, img_size: int = 224, dtype: str = "float32",
-        device: str = "cpu", rounds: int = 5, memory: bool = True) -> list[dict]:
+        device: str = "cpu", rounds: int = 5, memory: bool = True, compile: bool = False) -> list[dict]:
     """Measure the baseline, every case and every case's limit (`SpeedLimit`) in the same
     interleaved rounds, on one model whose reducer is swapped; one row per case with ratios
-    against the baseline."""
+    against the baseline.
+
+    compile: time each of them under `torch.compile` instead, as a model of its own (a compiled
+    model is specialised to its reducer); MACs, tokens and the reducer's share still come from the
+    eager pass."""
     torch_dtype = getattr(torch, dtype)
     all_cases = [BASELINE] + [c for c in cases if c != BASELINE]
     model = build(model_name, BASELINE, torch_dtype, device)
@@ -138,7 +148,12 @@ def run(model_name: str, cases: list[Case], batch: int = 16, img_size: int = 224
             "peak_mb": peak_memory_mb(model_name, case, batch, img_size, dtype, device) if memory else None,
         })
     with torch.inference_mode():
-        times = interleaved_times(model, reducers + limits[1:], images, warmup=1, rounds=rounds)
+        if compile:
+            models = compiled_models(model, reducers + limits[1:])
+            with compiling_many(len(models)):
+                times = interleaved_model_times(models, images, warmup=2, rounds=rounds)
+        else:
+            times = interleaved_times(model, reducers + limits[1:], images, warmup=1, rounds=rounds)
     tokenreduce.remove(model)
     limit_times = times[:1] + times[len(reducers):]  # the baseline is its own limit
     base = rows[0]
@@ -152,6 +167,17 @@ def run(model_name: str, cases: list[Case], batch: int = 16, img_size: int = 224
         row["mac_ratio"] = base["gmacs"] / row["gmacs"]
         row["of_ideal"] = row["speedup"] / row["mac_ratio"]
     return rows
+
+
+def compiled_models(model, reducers: list) -> list:
+    """`torch.compile` of a copy of `model` with each reducer placed, with static shapes (run them
+    inside `compiling_many`). Every reducer but `random` compiles to one graph;
+    `random`'s own generator breaks the graph, and the time between its pieces is then part of its
+    figure."""
+    compiled = []
+    for reducer in reducers:
+        compiled.append(torch.compile(tokenreduce.apply(deepcopy(model), deepcopy(reducer)), dynamic=False))
+    return compiled
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 from dataclasses import dataclass
 
@@ -65,14 +66,38 @@ def interleaved_times(model: nn.Module, reducers: list, images: torch.Tensor, wa
     `rounds` interleaved rounds after `warmup` passes each, so that machine noise hits all alike."""
     from tokenreduce.api import apply
 
-    for reducer in reducers:
-        apply(model, reducer)
-        time_forward(model, images, repeats=0, warmup=warmup)
-    times = [[] for _ in reducers]
-    for _ in range(rounds):
-        for reducer, spent in zip(reducers, times, strict=True):
+    def with_reducer(reducer):
+        def timed(repeats: int, warmup: int) -> list[float]:
             apply(model, reducer)
-            spent += time_forward(model, images, repeats=1, warmup=0)
+            return time_forward(model, images, repeats=repeats, warmup=warmup)
+        return timed
+
+    return _interleaved([with_reducer(r) for r in reducers], warmup, rounds)
+
+
+def interleaved_model_times(models: list[nn.Module], images: torch.Tensor, warmup: int, rounds: int
+                            ) -> list[list[float]]:
+    """Seconds of one pass of each of `models` (e.g. compiled ones, which cannot swap reducers) in
+    `rounds` interleaved rounds after `warmup` passes each."""
+    return _interleaved([functools.partial(time_forward, m, images) for m in models], warmup, rounds)
+
+
+@contextlib.contextmanager
+def compiling_many(count: int):
+    """Let torch.compile compile the same code once for each of `count` models (its default stops
+    recompiling after 8 and runs the rest eagerly). Compile them with `dynamic=False`: otherwise a
+    model that differs from an earlier one in a token count is compiled as a dynamic-shape graph."""
+    with torch._dynamo.config.patch(recompile_limit=count + 8, accumulated_recompile_limit=64 * (count + 8)):
+        yield
+
+
+def _interleaved(timers: list, warmup: int, rounds: int) -> list[list[float]]:
+    for timed in timers:
+        timed(repeats=0, warmup=warmup)
+    times = [[] for _ in timers]
+    for _ in range(rounds):
+        for timed, spent in zip(timers, times, strict=True):
+            spent += timed(repeats=1, warmup=0)
     return times
 
 
