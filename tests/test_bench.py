@@ -32,35 +32,27 @@ from tokenreduce.reducers.base import create_reducer
 from tokenreduce.reducers.limit import SpeedLimit
 
 
-class CountingModel(torch.nn.Module):
-    def __init__(self):
+class CallProbe(torch.nn.Module):
+    """Records its name in `calls` (a list it may share with other probes) at every pass."""
+
+    def __init__(self, name="model", calls=None):
         super().__init__()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return x
-
-
-def test_time_forward_runs_warmup_then_repeats():
-    model = CountingModel()
-    times = time_forward(model, torch.zeros(4, 1), repeats=3, warmup=2)
-    assert model.calls == 5 and len(times) == 3 and all(t >= 0 for t in times)
-
-
-class NamedProbe(torch.nn.Module):
-    def __init__(self, name, calls):
-        super().__init__()
-        self.name, self.calls = name, calls
+        self.name, self.calls = name, [] if calls is None else calls
 
     def forward(self, x):
         self.calls.append(self.name)
         return x
 
 
+def test_time_forward_runs_warmup_then_repeats():
+    model = CallProbe()
+    times = time_forward(model, torch.zeros(4, 1), repeats=3, warmup=2)
+    assert len(model.calls) == 5 and len(times) == 3 and all(t >= 0 for t in times)
+
+
 def test_interleaved_model_times_warm_each_up_then_take_turns():
     calls = []
-    models = [NamedProbe("a", calls), NamedProbe("b", calls)]
+    models = [CallProbe("a", calls), CallProbe("b", calls)]
     times = interleaved_model_times(models, torch.zeros(1), warmup=2, rounds=3)
     assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
     assert [len(t) for t in times] == [3, 3] and all(t >= 0 for row in times for t in row)
@@ -84,7 +76,7 @@ def test_interleaved_times_place_each_reducer_before_its_own_passes():
 
 
 def test_throughput_is_batch_over_median_time():
-    timing = throughput(CountingModel(), torch.zeros(8, 1), repeats=3, warmup=0)
+    timing = throughput(CallProbe(), torch.zeros(8, 1), repeats=3, warmup=0)
     median = sorted(timing.seconds_per_batch)[1]
     assert timing.images_per_s == pytest.approx(8 / median)
     assert (timing.batch_size, timing.dtype, timing.device) == (8, "float32", "cpu")

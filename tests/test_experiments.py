@@ -9,14 +9,18 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "macs_table.py"
 
 
-def load_macs_table():
-    spec = importlib.util.spec_from_file_location("macs_table", SCRIPT)
+def load_script(name: str):
+    """experiments/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_macs_table():
+    return load_script("macs_table")
 
 
 @pytest.mark.parametrize("index", [i for i, row in enumerate(load_macs_table().ROWS) if row[4] is not None])
@@ -47,18 +51,14 @@ def test_the_table_prints_every_row(capsys):
 
 
 def test_the_attention_kernel_comparison_times_each_kernel_and_checks_its_output():
-    spec = importlib.util.spec_from_file_location("attention_kernels", ROOT / "experiments" / "attention_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("attention_kernels")
     rows = module.measure("test_vit", r=4, batch=1, rounds=1, device="cpu", dtype="float32", compile_=False)
     assert [row["kernel"] for row in rows] == ["mask", "channel", "flex"] and rows[0]["vs_mask"] == 1
     assert all(row["images_per_s"] > 0 and row["max_diff"] < 1e-4 for row in rows)
 
 
 def test_the_gpu_script_runs_its_smoke_mode_and_writes_its_table(tmp_path):
-    spec = importlib.util.spec_from_file_location("gpu_speed", ROOT / "experiments" / "gpu_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("gpu_speed")
     assert module.main(["--out", str(tmp_path), "--smoke", "--no-tests", "--batches", "1", "2", "--rounds", "1",
                         "--r", "4", "--compile-batches"]) == 0
     rows = json.loads((tmp_path / "gpu_speed.json").read_text())["rows"]
@@ -71,9 +71,7 @@ def test_the_gpu_script_runs_its_smoke_mode_and_writes_its_table(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_the_gpu_script_refuses_cuda_without_a_gpu_and_names_the_alternatives(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("gpu_speed", ROOT / "experiments" / "gpu_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("gpu_speed")
     assert module.main(["--out", str(tmp_path), "--no-tests"]) == 2
     message = capsys.readouterr().err
     assert "--device cuda" in message and "--device cpu" in message and "--smoke" in message

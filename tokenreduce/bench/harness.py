@@ -147,15 +147,15 @@ def run(model_name: str, cases: list[Case], batch: int = 16, img_size: int = 224
             "reducer_share": reducer_share(model, images) if case.reducer != "none" else 0.0,
             "peak_mb": peak_memory_mb(model_name, case, batch, img_size, dtype, device) if memory else None,
         })
+    timed = reducers + limits[1:]  # the baseline is its own limit
     with torch.inference_mode():
         if compile:
-            models = compiled_models(model, reducers + limits[1:])
-            with compiling_many(len(models)):
-                times = interleaved_model_times(models, images, warmup=2, rounds=rounds)
+            with compiling_many(len(timed)):
+                times = interleaved_model_times(compiled_models(model, timed), images, warmup=2, rounds=rounds)
         else:
-            times = interleaved_times(model, reducers + limits[1:], images, warmup=1, rounds=rounds)
+            times = interleaved_times(model, timed, images, warmup=1, rounds=rounds)
     tokenreduce.remove(model)
-    limit_times = times[:1] + times[len(reducers):]  # the baseline is its own limit
+    limit_times = times[:1] + times[len(reducers):]
     base = rows[0]
     for row, spent, limit_spent in zip(rows, times[: len(reducers)], limit_times, strict=True):
         row["images_per_s"] = images_per_second(batch, spent)
@@ -174,10 +174,7 @@ def compiled_models(model, reducers: list) -> list:
     inside `compiling_many`). Every reducer but `random` compiles to one graph;
     `random`'s own generator breaks the graph, and the time between its pieces is then part of its
     figure."""
-    compiled = []
-    for reducer in reducers:
-        compiled.append(torch.compile(tokenreduce.apply(deepcopy(model), deepcopy(reducer)), dynamic=False))
-    return compiled
+    return [torch.compile(tokenreduce.apply(deepcopy(model), deepcopy(reducer)), dynamic=False) for reducer in reducers]
 
 
 def format_rows(rows: list[dict]) -> str:

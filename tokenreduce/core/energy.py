@@ -23,8 +23,9 @@ def energy_score(metric: Tensor, margin: float, alpha: float = 1.0, kernel: str 
                  normalized: bool = False) -> Tensor:
     """Energy of every token of `metric` [B, T, d] (prefix tokens already removed): [B, T] float32.
 
-    The metric is L2-normalised here (unless `normalized` says its rows already have unit norm), so `S = k k^T` holds cosine similarities (1 on the diagonal:
-    every token counts itself). Then `E_i = mean_j f(S_ij)` with
+    The metric is L2-normalised here (unless `normalized` says its rows already have unit norm), so
+    `S = k k^T` holds cosine similarities (1 on the diagonal: every token counts itself). Then
+    `E_i = mean_j f(S_ij)` with
       - "elu" (vision):     f(s) = s - m            if s > m, else alpha * (exp(s - m) - 1);
       - "gaussian" (text):  f(s) = exp(-0.5 * ((1 - s) / sigma)^2), sigma = 1 - m. The reference text
         code also multiplies by the Gaussian's normalising constant, which changes no ordering and is
