@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from hf_checks import check_flash_attention_refused, check_missing_transformers_refused
 from reduction_checks import parameters_without_gradient
 from test_invariants import NEEDS_CLASS_TOKEN
 from test_invariants import SETTINGS as INVARIANT_SETTINGS
@@ -342,20 +343,11 @@ def test_an_unsupported_transformers_class_names_itself_and_the_supported_ones()
 
 
 def test_an_attention_implementation_without_a_float_mask_is_refused():
-    model = make("ViTModel")
-    model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(UnsupportedModelError, match="attn_implementation='flash_attention_2'; supported: 'eager'"):
-        tokenreduce.apply(model, "tome", r=2)
-    assert not hasattr(model, "_tokenreduce")
+    check_flash_attention_refused(make("ViTModel"))
 
 
 def test_missing_transformers_says_how_to_install_it(monkeypatch):
-    model = make("ViTForImageClassification")
-    for name in hf_vit.MODULES:
-        monkeypatch.setitem(sys.modules, name, None)  # an import of it now fails
-    with pytest.raises(ConfigError, match=r"install it with pip install 'tokenreduce\[hf\]'"):
-        tokenreduce.apply(model, "tome", r=2)
-    assert not hasattr(model, "_tokenreduce")
+    check_missing_transformers_refused(make("ViTForImageClassification"), hf_vit.MODULES, monkeypatch)
 
 
 def test_the_adapter_works_without_transformers_and_imports_it_only_for_its_models(monkeypatch):

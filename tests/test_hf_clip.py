@@ -8,6 +8,7 @@ import inspect
 
 import pytest
 import torch
+from hf_checks import check_flash_attention_refused, check_missing_transformers_refused
 from reduction_checks import parameters_without_gradient
 from test_hf_adapter import _brute_force_groups, _flop_counter_macs
 from test_invariants import NEEDS_CLASS_TOKEN
@@ -15,7 +16,7 @@ from test_invariants import SETTINGS as INVARIANT_SETTINGS
 
 import tokenreduce
 from tokenreduce.adapters import adapter_for, hf_clip
-from tokenreduce.errors import ConfigError, UnsupportedModelError
+from tokenreduce.errors import ConfigError
 
 transformers = pytest.importorskip("transformers")
 
@@ -341,11 +342,7 @@ def test_text_towers_are_the_text_adapters(name):
 
 
 def test_an_attention_implementation_without_a_float_mask_is_refused():
-    model = make("SiglipVisionModel")
-    model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(UnsupportedModelError, match="attn_implementation='flash_attention_2'; supported: 'eager'"):
-        tokenreduce.apply(model, "tome", r=2)
-    assert not hasattr(model, "_tokenreduce")
+    check_flash_attention_refused(make("SiglipVisionModel"))
 
 
 def test_an_image_classifier_is_refused_naming_the_supported_classes():
@@ -359,11 +356,4 @@ def test_an_image_classifier_is_refused_naming_the_supported_classes():
 
 
 def test_missing_transformers_says_how_to_install_it(monkeypatch):
-    import sys
-
-    model = make("SiglipVisionModel")
-    for name in hf_clip.MODULES:
-        monkeypatch.setitem(sys.modules, name, None)  # an import of it now fails
-    with pytest.raises(ConfigError, match=r"install it with pip install 'tokenreduce\[hf\]'"):
-        tokenreduce.apply(model, "tome", r=2)
-    assert not hasattr(model, "_tokenreduce")
+    check_missing_transformers_refused(make("SiglipVisionModel"), hf_clip.MODULES, monkeypatch)

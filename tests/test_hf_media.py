@@ -7,6 +7,7 @@ import inspect
 
 import pytest
 import torch
+from hf_checks import check_flash_attention_refused, check_missing_transformers_refused
 from reduction_checks import parameters_without_gradient
 from test_hf_adapter import _brute_force_groups, _flop_counter_macs
 from test_invariants import NEEDS_CLASS_TOKEN
@@ -310,19 +311,8 @@ def test_refused_ast_arguments_are_named_before_any_compute(kwargs, words):
 
 
 def test_an_attention_implementation_without_a_float_mask_is_refused():
-    model = make("ASTModel")
-    model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(UnsupportedModelError, match="attn_implementation='flash_attention_2'; supported: 'eager'"):
-        tokenreduce.apply(model, "tome", r=2)
-    assert not hasattr(model, "_tokenreduce")
+    check_flash_attention_refused(make("ASTModel"))
 
 
 def test_missing_transformers_says_how_to_install_it(monkeypatch):
-    import sys
-
-    model = make("VideoMAEModel")
-    for name in hf_media.MODULES:
-        monkeypatch.setitem(sys.modules, name, None)  # an import of it now fails
-    with pytest.raises(ConfigError, match=r"install it with pip install 'tokenreduce\[hf\]'"):
-        tokenreduce.apply(model, "tome", r=2)
-    assert not hasattr(model, "_tokenreduce")
+    check_missing_transformers_refused(make("VideoMAEModel"), hf_media.MODULES, monkeypatch)
