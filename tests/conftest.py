@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 # timm's own test models: class token; registers + LayerScale + avg pool; registers + map pool;
 # RMSNorm + avg pool. Each builds and runs on a CPU in milliseconds.
@@ -42,3 +44,13 @@ def run(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(params=TINY_MODELS)
 def tiny_model(request):
     return make_model(request.param)
+
+
+def counted_flops(model: torch.nn.Module, *args, **kwargs) -> int:
+    """FLOPs of `model(*args, **kwargs)` as FlopCounterMode counts them (2 per multiply-accumulate),
+    attention through the math kernel, which it decomposes into matrix products. It runs with
+    gradients enabled: FlopCounterMode's module tracker failed under no_grad on some models."""
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        model(*args, **kwargs)
+    return counter.get_total_flops()

@@ -2,10 +2,8 @@
 
 import pytest
 import torch
-from conftest import images_for, make_model
+from conftest import counted_flops, images_for, make_model
 from test_invariants import SETTINGS as INVARIANT_SETTINGS
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce
 from tokenreduce.adapters.timm_vit import block_costs
@@ -177,10 +175,7 @@ def test_the_limit_has_the_case_token_counts_and_macs_without_the_reducers_own(n
     assert [r.tokens_mlp for r in model._tokenreduce.last_state.records] == [r.tokens_mlp for r in state.records]
     assert limit["macs_parts"]["blocks"] == backbone and limit["macs_parts"]["reducer"] == 0
     assert limit["macs"] == case["macs"] - case["macs_parts"]["reducer"] - (case["macs_parts"]["blocks"] - backbone)
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH), counter:
-        model(x)
-    assert limit["macs"] * 2 * len(x) == counter.get_total_flops()
+    assert limit["macs"] * 2 * len(x) == counted_flops(model, x)
 
 
 def test_the_limit_keeps_the_first_tokens_and_adds_no_bias():

@@ -4,6 +4,7 @@ RoPE positions that follow the tokens, the invariants of methods.md, every reduc
 import pytest
 import timm
 import torch
+from conftest import counted_flops
 from merge_checks import check_every_merge
 from reduction_checks import (
     check_batch_independence,
@@ -18,8 +19,6 @@ from test_invariants import DROPS_TOKENS, NEEDS_CLASS_TOKEN
 from test_invariants import SETTINGS as INVARIANT_SETTINGS
 from timm.layers import apply_rot_embed_cat
 from timm.models.eva import Eva
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce
 from tokenreduce.adapters.timm_eva import TimmEvaAdapter, describe, grid_coords, rope_embed
@@ -290,10 +289,8 @@ def test_bfloat16_runs_with_the_same_token_counts(name, reducer):
 @pytest.mark.parametrize("reducer", ["tome", "mctf", "dynamicvit"])
 def test_analytic_macs_equal_flop_counter(name, reducer):
     model = tokenreduce.apply(make_eva(name), reducer, **SETTINGS[reducer])
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH), counter:
-        model(images(model))
-    assert tokenreduce.stats(model)["macs"] * 2 * 2 == counter.get_total_flops()
+    flops = counted_flops(model, images(model))
+    assert tokenreduce.stats(model)["macs"] * 2 * 2 == flops
 
 
 def test_intermediates_carry_the_reduced_tokens():

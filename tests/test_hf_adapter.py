@@ -7,12 +7,11 @@ import sys
 
 import pytest
 import torch
+from conftest import counted_flops
 from hf_checks import check_flash_attention_refused, check_missing_transformers_refused
 from reduction_checks import parameters_without_gradient
 from test_invariants import NEEDS_CLASS_TOKEN
 from test_invariants import SETTINGS as INVARIANT_SETTINGS
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce
 from tokenreduce.adapters import adapter_for, adapters, hf_vit
@@ -281,10 +280,8 @@ def test_tome_equals_a_plain_loop(name, attn):
 
 # --- cost ---------------------------------------------------------------------------------------------
 def _flop_counter_macs(model, x) -> tuple[int, int]:
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH), counter:  # (FlopCounterMode's module tracker fails under no_grad)
-        model(x)
-    return tokenreduce.stats(model)["macs"], counter.get_total_flops() // 2 // 2  # per image, per MAC
+    flops = counted_flops(model, x)
+    return tokenreduce.stats(model)["macs"], flops // 2 // 2  # per image, per MAC
 
 
 @pytest.mark.parametrize("attn", IMPLS)

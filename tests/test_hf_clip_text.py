@@ -9,13 +9,12 @@ import inspect
 
 import pytest
 import torch
+from conftest import counted_flops
 from hf_checks import check_flash_attention_refused
 from reduction_checks import parameters_without_gradient
 from test_hf_adapter import _brute_force_groups
 from test_invariants import PER_SAMPLE_DRAW
 from test_invariants import SETTINGS as INVARIANT_SETTINGS
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce
 from tokenreduce.adapters import adapter_for, adapters, hf_clip, hf_clip_text, hf_text
@@ -473,22 +472,15 @@ def test_a_copy_and_transformers_checkpointing_give_the_same_gradients(reducer):
 
 
 # --- cost ---------------------------------------------------------------------------------------------
-def _flops(model, batch) -> int:
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH), counter:  # (FlopCounterMode's module tracker fails under no_grad)
-        model(**batch)
-    return counter.get_total_flops()
-
-
 @pytest.mark.parametrize("attn", IMPLS)
 @pytest.mark.parametrize("name", CONFIGS)
 def test_analytic_macs_equal_flop_counter(name, attn):
     model = make(name, attn)
     for reducer, params in [("none", {}), ("tome", {"r": 3}), ("mctf", SETTINGS["mctf"])]:
         tokenreduce.apply(model, reducer, **params)
-        flops = _flops(model, unpadded(batch=2))
+        flops = counted_flops(model, **unpadded(batch=2))
         assert tokenreduce.stats(model)["macs"] * 2 * 2 == flops, reducer
-        flops = _flops(model, tokens())  # padding costs nothing
+        flops = counted_flops(model, **tokens())  # padding costs nothing
         assert sum(g["macs"] * len(g["images"]) for g in tokenreduce.stats(model)["groups"]) * 2 == flops, reducer
 
 

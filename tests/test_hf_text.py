@@ -7,12 +7,11 @@ import inspect
 
 import pytest
 import torch
+from conftest import counted_flops
 from hf_checks import check_flash_attention_refused
 from reduction_checks import parameters_without_gradient
 from test_invariants import NEEDS_CLASS_TOKEN, PER_SAMPLE_DRAW
 from test_invariants import SETTINGS as INVARIANT_SETTINGS
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce
 from tokenreduce.adapters import adapter_for, hf_text
@@ -369,13 +368,6 @@ def test_mean_pool_is_the_mean_over_input_tokens_of_their_merged_tokens():
 
 
 # --- cost ---------------------------------------------------------------------------------------------
-def _flops(model, batch) -> int:
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH), counter:  # (FlopCounterMode's module tracker fails under no_grad)
-        model(**batch)
-    return counter.get_total_flops()
-
-
 @pytest.mark.parametrize("attn", IMPLS)
 @pytest.mark.parametrize("name", CLASSES)
 def test_analytic_macs_equal_flop_counter(name, attn):
@@ -383,7 +375,7 @@ def test_analytic_macs_equal_flop_counter(name, attn):
     batch = unpadded(name, batch=2, length=20)
     for reducer, params in [("none", {}), ("tome", {"r": 4})]:
         tokenreduce.apply(model, reducer, **params)
-        flops = _flops(model, batch)
+        flops = counted_flops(model, **batch)
         assert tokenreduce.stats(model)["macs"] * 2 * 2 == flops, reducer
 
 
@@ -391,7 +383,7 @@ def test_analytic_macs_equal_flop_counter(name, attn):
 def test_padding_costs_nothing(reducer):
     """The FLOPs of a padded batch are the sum of its sequences' MACs."""
     model = tokenreduce.apply(make("BertForSequenceClassification", "sdpa"), reducer, **SETTINGS[reducer])
-    flops = _flops(model, tokens("BertForSequenceClassification"))
+    flops = counted_flops(model, **tokens("BertForSequenceClassification"))
     stats = tokenreduce.stats(model)
     assert sum(g["macs"] * len(g["images"]) for g in stats["groups"]) * 2 == flops
 

@@ -5,11 +5,9 @@ A new reducer gets these checks by adding one acting setting to SETTINGS.
 
 import pytest
 import torch
-from conftest import TINY_MODELS, images_for, make_model
+from conftest import TINY_MODELS, counted_flops, images_for, make_model
 from merge_checks import check_every_merge
 from reduction_checks import check_bfloat16
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce
 from tokenreduce.errors import ConfigError
@@ -153,10 +151,8 @@ def test_analytic_macs_equal_flop_counter(name, model_name):
     predictors, pooling attention, head), so the two agree exactly."""
     model = reduced(name, model_name)
     x = images_for(model, batch=2)
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH), counter:  # (FlopCounterMode's module tracker fails under no_grad)
-        model(x)
-    assert tokenreduce.stats(model)["macs"] * 2 * 2 == counter.get_total_flops()
+    flops = counted_flops(model, x)
+    assert tokenreduce.stats(model)["macs"] * 2 * 2 == flops
 
 
 # torch.compile(fullgraph=True) cannot trace these, and why (docs/benchmarks.md)

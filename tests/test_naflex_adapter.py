@@ -4,6 +4,7 @@ gets alone; padding never merges, never counts in sizes or MACs; removal counts 
 import pytest
 import timm
 import torch
+from conftest import counted_flops
 from reduction_checks import (
     check_bfloat16,
     check_refused,
@@ -14,8 +15,6 @@ from test_invariants import NEEDS_CLASS_TOKEN, PER_SAMPLE_DRAW
 from test_invariants import SETTINGS as INVARIANT_SETTINGS
 from timm.data.naflex_dataset import NaFlexCollator
 from timm.models.naflexvit import batch_patchify
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce
 from tokenreduce.adapters import adapter_for
@@ -121,21 +120,17 @@ def test_padded_macs_equal_flop_counter(reducer):
     """Padding costs nothing: the FLOPs of the batch are the sum of its images' MACs."""
     model = tokenreduce.apply(make(), reducer, **SETTINGS[reducer])
     batch, _ = batch_of(SIZES[:3])  # 48, 20, 48 patches: the mean MACs are whole
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
-        model(batch)
+    flops = counted_flops(model, batch)
     stats = tokenreduce.stats(model)
     total = sum(g["macs"] * len(g["images"]) for g in stats["groups"])
-    assert total * 2 == counter.get_total_flops()
+    assert total * 2 == flops
     assert abs(stats["macs"] * 3 - total) <= 3
 
 
 def test_analytic_macs_on_images_equal_flop_counter():
     model = tokenreduce.apply(make(), "tome", r=6)
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
-        model(torch.randn(2, 3, 96, 112))
-    assert tokenreduce.stats(model)["macs"] * 2 * 2 == counter.get_total_flops()
+    flops = counted_flops(model, torch.randn(2, 3, 96, 112))
+    assert tokenreduce.stats(model)["macs"] * 2 * 2 == flops
 
 
 def test_gradients_reach_every_parameter_on_a_padded_batch():

@@ -7,10 +7,8 @@ import math
 import pytest
 import timm
 import torch
-from conftest import TINY_MODELS, images_for, make_model, narrow_vit_b_geometry
+from conftest import TINY_MODELS, counted_flops, images_for, make_model, narrow_vit_b_geometry
 from reduction_checks import check_invariants, duplicate_pairs_through_two_blocks, groups, record_layers
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce
 from tokenreduce.core.energy import energy_score, layer_margin
@@ -395,11 +393,9 @@ def test_analytic_macs_equal_flop_counter(name):
     """The energy's T x T similarities and the A x B matching scores are counted as reducer MACs."""
     model = tokenreduce.apply(make_model(name), "pitome", ratio=0.75)
     x = images_for(model, batch=2)
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH), counter:
-        model(x)
+    flops = counted_flops(model, x)
     stats = tokenreduce.stats(model)
-    assert stats["macs"] * 2 * 2 == counter.get_total_flops()
+    assert stats["macs"] * 2 * 2 == flops
     dim = model.blocks[0].attn.head_dim
     p = model.num_prefix_tokens
     modes = preset_layer_modes("deit", len(model.blocks))

@@ -7,6 +7,7 @@ import math
 import pytest
 import timm
 import torch
+from conftest import counted_flops
 from merge_checks import check_every_merge
 from reduction_checks import (
     check_batch_independence,
@@ -22,8 +23,6 @@ from test_invariants import SETTINGS as INVARIANT_SETTINGS
 from timm.layers import RelPosMlp
 from timm.models.beit import Beit
 from timm.models.vision_transformer_relpos import VisionTransformerRelPos
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce
 from tokenreduce.adapters import adapter_for
@@ -326,10 +325,8 @@ def test_bfloat16_runs_with_the_same_token_counts(name, reducer):
 def test_analytic_macs_equal_flop_counter(name, reducer):
     """At batch 1, where an MLP bias (evaluated once per pass) costs what one image costs."""
     model = tokenreduce.apply(make(name), reducer, **SETTINGS[reducer])
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH), counter:
-        model(images(batch=1))
-    assert tokenreduce.stats(model)["macs"] * 2 == counter.get_total_flops()
+    flops = counted_flops(model, images(batch=1))
+    assert tokenreduce.stats(model)["macs"] * 2 == flops
 
 
 # --- claims and refusals --------------------------------------------------------------------------------
