@@ -9,6 +9,7 @@ from tokenreduce.adapters import (  # noqa: F401  (registers the adapters)
     hf_media,
     hf_text,
     hf_vit,
+    sentence_transformers,
     timm_eva,
     timm_naflex,
     timm_relpos,

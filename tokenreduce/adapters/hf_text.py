@@ -23,6 +23,10 @@ embeddings) and attention does not depend on the order of the tokens, so the mov
 It is put back last among the sequence's tokens at the end. The reducers that rank tokens by the
 class token's attention use the first token as the class token.
 
+A SentenceTransformer takes the reducer itself (the sentence_transformers adapter, which patches its
+base model here and its Pooling there); a base model reduced on its own is refused when a
+sentence-transformers Transformer module runs it, as that Pooling would misread its tokens.
+
 `transformers` is imported only when a model's class comes from it (as in hf_vit).
 """
 
@@ -80,6 +84,9 @@ NUM_PREFIX = 2  # the first token, and the last real token placed right after it
 # named arguments of the forwards that a reduced model takes (any other one must be None)
 INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "labels", "use_cache")
 PASSED = ("return_dict",)  # keyword arguments passed on (output_* are refused by name, the rest too)
+# the key, in a base model's __dict__, of its link to the token-reduced SentenceTransformer it runs in
+# (set by the sentence_transformers adapter, whose Pooling then reads the reduced tokens' sizes)
+PIPELINE_LINK = "_tr_pipeline"
 
 
 def _family_class(cls: type) -> type | None:
@@ -306,6 +313,29 @@ def check_text_reducer(model: nn.Module, counts: Tensor) -> None:
                           "sequences have one length, or eval mode")
 
 
+def _refuse_sentence_pipeline(model: nn.Module) -> None:
+    """Refuse a pass that a sentence-transformers Transformer module runs on a base model reduced on its
+    own: the SentenceTransformer's Pooling would read the reduced tokens with the input's attention mask,
+    which no longer fits them, and average every token, padding included, with equal weights."""
+    if "sentence_transformers" not in sys.modules or PIPELINE_LINK in model.__dict__:
+        return
+    # the Transformer module calls the model's forward directly (or through nn.Module.__call__): a few
+    # frames up; its class is looked at before any attribute, so no other caller's property runs
+    frame = sys._getframe(2)
+    for _ in range(6):
+        if frame is None:
+            return
+        caller = frame.f_locals.get("self")
+        if type(caller).__module__.startswith("sentence_transformers.") and getattr(caller, "auto_model",
+                                                                                    None) is model:
+            raise ConfigError(f"a {model._tokenreduce.original_class.__name__} that carries a reducer of its own is "
+                              "run by a sentence-transformers Transformer module, whose Pooling would average its reduced "
+                              "tokens with the input's attention mask (padding included, sizes ignored); allowed: "
+                              "the reducer applied to the SentenceTransformer itself (tokenreduce.remove(model[0]."
+                              "auto_model), then tokenreduce.apply(model, ...))")
+        frame = frame.f_back
+
+
 class _ReducedHFText:
     """Methods placed in front of the model's own class by `patch` (the adapter adds a `forward` that
     keeps the class's own signature and calls `_tr_forward`)."""
@@ -314,6 +344,8 @@ class _ReducedHFText:
         arguments, extra = _bind(original, self, args, kwargs)
         _check_arguments(self, arguments, extra)
         family, head = _spec(self)
+        if head == "base":
+            _refuse_sentence_pipeline(self)
         encoder = _encoder(self, head)
         tokens = arguments["input_ids"] if arguments.get("input_ids") is not None else arguments["inputs_embeds"]
         batch, length = tokens.shape[:2]
@@ -417,3 +449,10 @@ class HFTextAdapter(HFViTAdapter):  # hf_vit's patching: the forward keeps its s
     claimed_class = staticmethod(_family_class)
     model_info = staticmethod(describe)
     model_macs = staticmethod(pass_macs)
+
+    def unpatch(self, model: nn.Module) -> None:
+        if PIPELINE_LINK in model.__dict__:  # its SentenceTransformer's Pooling reads its passes
+            raise ConfigError(f"this {model._tokenreduce.original_class.__name__} is the transformers model of a "
+                              "token-reduced SentenceTransformer; allowed: tokenreduce.remove or tokenreduce.apply on "
+                              "the SentenceTransformer")
+        super().unpatch(model)
