@@ -8,10 +8,13 @@ import time
 import pytest
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
+from timm.data import create_transform, resolve_data_config
 
 import tokenreduce
 from tokenreduce import models
+from tokenreduce.data.fashion_mnist import FashionMNISTDataModule
 from tokenreduce.errors import ConfigError
 from tokenreduce.models.fmnist import WEIGHTS
 
@@ -31,6 +34,32 @@ def test_fmnist_vit_geometry_meets_the_published_schedules():
     assert model.num_classes == 10 and model.pretrained_cfg["input_size"] == (1, 32, 32)
     with torch.no_grad():
         assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+
+
+def fmnist_images(count: int = 6) -> torch.Tensor:
+    """uint8 [count, 28, 28] grey images with every value 0..255, no zero border."""
+    return torch.randint(0, 256, (count, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+
+
+def test_fmnist_vit_project_transform_pads_28_to_32_and_normalises():
+    model = models.create_model("fmnist_vit", pretrained=False)
+    images = fmnist_images()
+    datamodule = FashionMNISTDataModule()
+    datamodule.bind_model(model)
+    expected = torch.zeros(len(images), 1, 32, 32)  # 2 zero pixels each side, then Fashion-MNIST's mean and std
+    expected[:, 0, 2:30, 2:30] = images.float() / 255
+    expected = (expected - 0.2860) / 0.3530
+    torch.testing.assert_close(datamodule.shaper(images), expected)
+
+
+def test_fmnist_vit_timms_standard_transform_is_the_projects():
+    model = models.create_model("fmnist_vit", pretrained=False)
+    transform = create_transform(**resolve_data_config({}, model=model))
+    images = fmnist_images()
+    theirs = torch.stack([transform(Image.fromarray(image.numpy(), mode="L")) for image in images])
+    datamodule = FashionMNISTDataModule()
+    datamodule.bind_model(model)
+    assert torch.equal(theirs, datamodule.shaper(images))
 
 
 def test_fmnist_vit_is_pretrained_by_default_from_the_shipped_file():

@@ -2,7 +2,8 @@
 
 A timm `VisionTransformer` for 1-channel 32x32 input (the 28x28 images zero-padded): 4x4 patches,
 so 64 patch tokens and a class token, 8 blocks of width 128 with 4 heads. Registered with timm, so
-`timm.create_model("fmnist_vit", pretrained=True)` loads the weights shipped in this package.
+`timm.create_model("fmnist_vit", pretrained=True)` loads the weights shipped in this package, and
+timm's standard evaluation transform pads a 28x28 image as the project does (`crop_pct`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ default_cfgs = generate_default_cfgs({
         "input_size": (1, 32, 32),
         "fixed_input_size": True,
         "interpolation": "bilinear",
-        "crop_pct": 1.0,
+        # timm's eval transform resizes to floor(32 / crop_pct) = 28, a no-op on a 28x28 image, then
+        # center-crops to 32, which pads 2 zero pixels each side: the padding the model was trained with
+        "crop_pct": 32 / 28,
         "mean": FMNIST_MEAN,
         "std": FMNIST_STD,
         "first_conv": "patch_embed.proj",
