@@ -319,3 +319,120 @@ def test_adapter_options_name_the_method_and_share_the_baseline(tmp_path):
     assert rows["dest"]["params"] == "r=8" and rows["mean"]["params"] == "r=8 merged_position=mean"
     assert rows["mean"]["baseline"] == rows["dest"]["baseline"] == str(tmp_path / "base")
     assert rows["mean"]["method"] == "tome merged_position=mean" and rows["dest"]["method"] == "tome"
+
+
+# --- the data in the protocol: its root, subset and image count ------------------------------------------
+def imagenet(root: str, images: int) -> dict:
+    return {"name": "imagenet", "root": root, "splits": {"train": "train", "val": "val", "test": "val"},
+            "num_classes": 1000, "images": {"val": images}}
+
+
+@pytest.mark.parametrize("other, words", [
+    (imagenet("/data/imagenet-v2", 50000), "root=/data/imagenet-v2"),  # another folder
+    (imagenet("/data/imagenet", 500), "val, 500 images"),  # a subset of the same folder
+])
+def test_runs_on_other_data_are_another_protocol_with_its_own_baseline(tmp_path, other, words):
+    record(tmp_path, "a0", "none", {}, 0.80, 100.0, 4.0, dataset=imagenet("/data/imagenet", 50000),
+           finished="2025-01-01T00:00:01")
+    record(tmp_path, "a1", "tome", {"r": 2}, 0.79, 150.0, 3.2, dataset=imagenet("/data/imagenet", 50000),
+           finished="2025-01-01T00:00:02")
+    record(tmp_path, "b0", "none", {}, 0.70, 120.0, 4.0, dataset=other, finished="2025-01-01T00:00:03")
+    record(tmp_path, "b1", "tome", {"r": 2}, 0.69, 180.0, 3.2, dataset=other, finished="2025-01-01T00:00:04")
+    rows = {r["run_name"]: r for r in table_rows(find_records([tmp_path]))}
+    assert [rows[n]["protocol"] for n in ("a0", "a1", "b0", "b1")] == ["p1", "p1", "p2", "p2"]
+    assert rows["a1"]["baseline"] == str(tmp_path / "a0") and rows["a1"]["speedup"] == pytest.approx(1.5)
+    assert rows["b1"]["baseline"] == str(tmp_path / "b0") and rows["b1"]["speedup"] == pytest.approx(1.5)
+    notes = [x for x in collect([tmp_path], tmp_path / "report", plots=False)["markdown"].read_text().splitlines()
+             if x.startswith("- p")]
+    assert notes[0].startswith("- p1: vit_x (timm:vit_x), evaluate on imagenet val, 50000 images; data: "
+                               "root=/data/imagenet splits=train:train,val:val,test:val num_classes=1000; measured: ")
+    assert words in notes[1] and words not in notes[0]
+
+
+def test_data_modules_describe_their_resolved_root_and_evaluated_images(tmp_path, monkeypatch):
+    import timm
+    from test_data import make_folder
+    from test_fashion_mnist import tiny_dataset
+
+    from tokenreduce.data import FashionMNISTDataModule, ImageFolderDataModule, SyntheticDataModule
+
+    make_folder(tmp_path / "folder")
+    monkeypatch.chdir(tmp_path)
+    model = timm.create_model("test_vit", img_size=32, num_classes=2)
+    folder = ImageFolderDataModule(root="folder/../folder", num_workers=0)  # one folder, whatever its spelling
+    folder.bind_model(model)
+    assert folder.describe()["root"] == str((tmp_path / "folder").resolve()) and folder.describe()["images"] == {}
+    folder.setup("validate")
+    assert folder.describe()["images"] == {"val": 6}
+
+    tiny_dataset(tmp_path / "fm", test=6)
+    fashion = FashionMNISTDataModule(root="fm", val_size=2, test_samples=5)
+    fashion.bind_model(timm.create_model("test_vit", img_size=32, num_classes=10))
+    fashion.setup("test")
+    described = fashion.describe()
+    assert described["root"] == str((tmp_path / "fm").resolve()) and described["images"] == {"val": 2, "test": 5}
+
+    synthetic = SyntheticDataModule(val_samples=5, seed=3, signal=0.5, num_classes=2, input_size=(3, 8, 8))
+    synthetic.setup("validate")
+    assert {k: synthetic.describe()[k] for k in ("seed", "signal", "images")} == {
+        "seed": 3, "signal": 0.5, "images": {"val": 5, "test": 5}}
+
+
+def test_evaluations_of_different_image_counts_are_not_compared(tmp_path):
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tokenreduce.engine.config import compose
+    from tokenreduce.engine.run import run
+
+    small = ["experiment=smoke", "trainer.enable_progress_bar=false", "data.train_samples=8", "data.batch_size=4",
+             "measure.warmup=0", "measure.repeats=1"]
+    for name, reducer, images in (("a", ["reducer=none", "~reducer.r"], 4), ("b", [], 4), ("c", [], 8)):
+        GlobalHydra.instance().clear()
+        run(compose([*small, *reducer, f"data.val_samples={images}"]), tmp_path / name)
+    GlobalHydra.instance().clear()
+    rows = {Path(r["output_dir"]).name: r for r in table_rows(find_records([tmp_path]))}
+    assert (rows["a"]["images"], rows["b"]["images"], rows["c"]["images"]) == (4, 4, 8)
+    assert rows["b"]["protocol"] == "p1" and rows["b"]["baseline"] == str(tmp_path / "a")
+    assert rows["c"]["protocol"] == "p2" and rows["c"]["baseline"] is None and rows["c"]["speedup"] is None
+
+
+# --- timing marks: unsteady rounds, a loaded machine, speed-ups across processes -------------------------
+def test_speedups_across_processes_and_doubtful_timings_are_marked(tmp_path):
+    steady = {**MEASURE, "spread": 0.02, "load_before": 0.5, "load_after": 1.0, "cores": 2}
+    record(tmp_path, "0", "none", {}, 0.80, 100.0, 4.0, measure=steady, finished="2025-01-01T00:00:01")
+    record(tmp_path, "1", "tome", {"r": 8}, 0.78, 150.0, 2.5, measure=steady, finished="2025-01-01T00:00:02")
+    record(tmp_path, "2", "tome", {"r": 13}, 0.75, 40.0, 2.0, measure={**steady, "spread": 0.4, "load_after": 3.5},
+           finished="2025-01-01T00:00:03")
+    written = collect([tmp_path], tmp_path / "report", plots=False)
+    lines = written["markdown"].read_text().splitlines()
+    by_params = {line.split(" | ")[5]: line.split(" | ")[8:10] for line in lines[2:5]}  # images/s, speedup
+    assert by_params == {"-": ["100.0", "1.0000"], "r=8": ["150.0", "1.5000 *"], "r=13": ["40.0 ~!", "0.4000 ~!*"]}
+    assert lines[-1].startswith("Marks: ~ the timing rounds disagree") and "* a speed-up across processes" in lines[-1]
+    with open(written["csv"]) as f:
+        rows = {r["run_name"]: r for r in csv.DictReader(f)}
+    assert float(rows["2"]["speedup"]) == pytest.approx(0.4)  # the number itself stays a number
+    assert [(rows[n]["timing_marks"], rows[n]["speedup_marks"]) for n in "012"] == [("", ""), ("", "*"), ("~!", "~!*")]
+    assert (float(rows["2"]["spread"]), float(rows["2"]["load_after"]), rows["2"]["cores"]) == (0.4, 3.5, "2")
+
+
+def test_a_speedup_over_an_unsteady_baseline_carries_its_marks(tmp_path):
+    record(tmp_path, "0", "none", {}, 0.80, 100.0, 4.0, measure={**MEASURE, "spread": 0.5},
+           finished="2025-01-01T00:00:01")
+    record(tmp_path, "1", "tome", {"r": 8}, 0.78, 150.0, 2.5, finished="2025-01-01T00:00:02")  # an older record
+    rows = {r["run_name"]: r for r in table_rows(find_records([tmp_path]))}
+    assert (rows["0"]["timing_marks"], rows["0"]["speedup_marks"]) == ("~", "~")  # against itself: not across
+    assert (rows["1"]["timing_marks"], rows["1"]["speedup_marks"]) == ("", "~*")
+
+
+def test_a_transformers_task_protocol_names_its_split_and_resolved_folders(tmp_path, monkeypatch):
+    from tokenreduce.data.hf_sets import CaptionSet
+    from tokenreduce.engine.hf_tasks import _describe
+
+    monkeypatch.chdir(tmp_path)
+    captions = CaptionSet([Path("a.jpg")], ["a dog"], [0], [[0]])
+    data = {"name": "flickr30k", "root": "images", "annotations": "ann.json", "split": "val"}
+    assert _describe(data, captions) == (f"flickr30k val {tmp_path.resolve() / 'images'} "
+                                         f"{tmp_path.resolve() / 'ann.json'} (1 images, 1 captions)")
+    # the same annotations with other images, or another split of the same count, are other data
+    assert len({_describe(data, captions), _describe({**data, "root": "other"}, captions),
+                _describe({**data, "split": "test"}, captions)}) == 3

@@ -60,6 +60,12 @@ def test_compare_writes_table_plots_and_maps(tmp_path, capsys):
     assert record["protocol"]["images"] == 5 and record["protocol"]["weights"] == "random"
     assert record["protocol"]["adapter_options"] == {}
     assert len(record["rows"]) == 7
+    # every timing with its rounds' spread and the machine's load; the table with its marks' legend
+    assert set(record["protocol"]["load"]) == {"load_before", "load_after", "cores", "threads"}
+    assert all(row["spread"] >= 0 and row["marks"] in ("", "~", "!", "~!") for row in record["rows"])
+    table = (out / "table.md").read_text().splitlines()
+    assert f"fashion_mnist test images in {root.resolve()}; " in table[0] and "load average" in table[0]
+    assert table[-1].startswith("Timing marks: ~ the timing rounds disagree") and table[-1] in printed
     for name in ("table.md", PLOT_MACS, PLOT_SPEED, MERGE_MAPS):
         assert (out / name).stat().st_size > 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from tokenreduce.data import (
     ImageFolderDataModule,
@@ -16,6 +16,7 @@ from tokenreduce.data import (
     check_split,
     model_data_config,
 )
+from tokenreduce.data.folder import UnreadableImageError, load_rgb
 from tokenreduce.errors import ConfigError
 
 
@@ -128,6 +129,41 @@ def test_image_folder_checks_the_head_against_the_classes(tmp_path):
     evaluation.check("validate")  # evaluation reads only val
     with pytest.raises(ConfigError, match="train does not exist"):
         evaluation.check("fit")
+
+
+def truncated_folder(root: Path) -> Path:
+    """A folder of noisy JPEGs whose val/cat/img0.jpg lost the last half of its bytes (its header intact)."""
+    make_folder(root)
+    noise = torch.randint(0, 256, (40, 50, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    bad = root / "val" / "cat" / "img0.jpg"
+    Image.fromarray(noise.numpy()).save(bad)
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    return bad
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_image_is_an_error_naming_its_file(tmp_path, workers):
+    bad = truncated_folder(tmp_path)
+    dm = ImageFolderDataModule(root=str(tmp_path), batch_size=8, num_workers=workers)
+    dm.bind_model(timm.create_model("test_vit", img_size=32, num_classes=2))
+    dm.setup("validate")
+    with pytest.raises(UnreadableImageError, match=f"the image {bad} cannot be read .*truncated") as caught:
+        next(iter(dm.val_dataloader()))
+    assert isinstance(caught.value, ConfigError) and "\n" not in str(caught.value)  # one line, from a worker too
+
+
+def test_load_truncated_images_does_not_let_a_truncated_image_pass(tmp_path, monkeypatch):
+    bad = truncated_folder(tmp_path)
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(UnreadableImageError, match=f"the image {bad} cannot be read"):
+        load_rgb(str(bad))
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the setting is left as it was
+    (tmp_path / "notes.jpg").write_text("not an image")
+    with pytest.raises(UnreadableImageError, match="notes.jpg cannot be read"):
+        load_rgb(str(tmp_path / "notes.jpg"))
+    good = load_rgb(str(tmp_path / "val" / "cat" / "img1.jpg"))
+    assert good.mode == "RGB" and good.size == (50, 40)
 
 
 def test_model_data_config_follows_img_size():

@@ -116,6 +116,68 @@ def test_last_checkpoint_holds_the_final_step_when_the_best_is_early(tmp_path):
     assert record.evaluated == f"checkpoint:{Path(record.best_checkpoint).resolve()}"
 
 
+def test_a_resumed_finetune_keeps_the_best_checkpoint_from_before_the_interruption(tmp_path, monkeypatch):
+    import lightning as L
+
+    import tokenreduce.engine.run as engine
+    from tokenreduce.engine.callbacks import LatestCheckpoint, RunInterrupted
+
+    # the validation loss falls as the model learns, so with mode=max the first epoch stays the best;
+    # the stop comes in the second
+    args = [*FINETUNE, "checkpoint.monitor=val/loss", "checkpoint.mode=max"]
+    whole = run(compose(args), tmp_path / "whole")
+
+    class StopAtStep6(L.Callback):  # as if Ctrl-C came during step 6 (runs before the checkpoint callbacks)
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 6:
+                next(c for c in trainer.callbacks if isinstance(c, LatestCheckpoint)).received = "SIGINT"
+
+    build_callbacks = engine.build_callbacks
+    monkeypatch.setattr(engine, "build_callbacks", lambda *a, **k: [StopAtStep6(), *build_callbacks(*a, **k)])
+    with pytest.raises(RunInterrupted):
+        run(compose(args), tmp_path / "stopped")
+    monkeypatch.undo()
+    stopped = tmp_path / "stopped" / "checkpoints"
+    assert sorted(p.name for p in stopped.iterdir()) == ["best-epoch000-step4.ckpt", "last.ckpt"]
+    before = {p: p.read_bytes() for p in (tmp_path / "stopped").rglob("*") if p.is_file()}
+
+    resumed = run(compose([*args, f"ckpt_path={stopped / 'last.ckpt'}"]), tmp_path / "resumed")
+    best = Path(resumed.best_checkpoint)
+    assert best == tmp_path / "resumed" / "checkpoints" / "best-epoch000-step4.ckpt"  # a copy in the new run
+    assert resumed.evaluated == f"checkpoint:{best.resolve()}"
+    assert Path(whole.best_checkpoint).name == best.name
+    assert (resumed.loss, resumed.top1, resumed.top5) == pytest.approx((whole.loss, whole.top1, whole.top5), rel=1e-6)
+    assert weights(best)[1] == 4
+    for name, value in weights(Path(whole.best_checkpoint))[0].items():
+        torch.testing.assert_close(weights(best)[0][name], value, rtol=0, atol=1e-6, msg=name)
+    assert {p: p.read_bytes() for p in (tmp_path / "stopped").rglob("*") if p.is_file()} == before
+
+
+def test_the_earlier_best_checkpoints_are_copied_with_their_scores(tmp_path):
+    from tokenreduce.engine.callbacks import BestCheckpoints
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    scores = {"a.ckpt": 0.3, "b.ckpt": 0.1, "c.ckpt": 0.2, "d.ckpt": 0.05}
+    for name in ("a.ckpt", "b.ckpt", "c.ckpt"):  # d.ckpt was deleted by hand
+        (earlier / name).write_bytes(name.encode())
+    before = {p: p.read_bytes() for p in earlier.iterdir()}
+    state = {"dirpath": str(earlier), "best_model_path": str(earlier / "d.ckpt"),
+             "best_model_score": torch.tensor(0.05),
+             "best_k_models": {str(earlier / n): torch.tensor(v) for n, v in scores.items()}}
+    best = BestCheckpoints(dirpath=str(tmp_path / "new"), monitor="val/loss", mode="min", save_top_k=2)
+    with pytest.warns(UserWarning, match="d.ckpt of the run resumed from are gone"):
+        best.load_state_dict(state)
+    new = tmp_path / "new"
+    # the best two of those left, by hand: b (0.1) then c (0.2)
+    assert sorted(p.name for p in new.iterdir()) == ["b.ckpt", "c.ckpt"]
+    assert (new / "b.ckpt").read_bytes() == b"b.ckpt" and (new / "c.ckpt").read_bytes() == b"c.ckpt"
+    assert best.best_k_models == {str(new / "b.ckpt"): pytest.approx(0.1), str(new / "c.ckpt"): pytest.approx(0.2)}
+    assert best.best_model_path == str(new / "b.ckpt") and float(best.best_model_score) == pytest.approx(0.1)
+    assert best.kth_best_model_path == str(new / "c.ckpt") and float(best.kth_value) == pytest.approx(0.2)
+    assert {p: p.read_bytes() for p in earlier.iterdir()} == before
+
+
 def test_evaluating_a_checkpoint_records_those_weights(tmp_path):
     trained = run(compose([*FINETUNE, "trainer.max_epochs=1"]), tmp_path / "trained")
     evaluated = run(compose([*FINETUNE, "task=evaluate", f"ckpt_path={trained.best_checkpoint}"]), tmp_path / "eval")

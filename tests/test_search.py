@@ -4,6 +4,7 @@ reproducibility and exact resumption, the engine task's files, and `reducer=<fil
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import asdict
 
 import pytest
@@ -14,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 import tokenreduce
 from tokenreduce.cost import reducer_macs
-from tokenreduce.engine.config import FILE_REDUCER, compose, reducer_file_arguments
+from tokenreduce.engine.config import command_line_arguments, compose
 from tokenreduce.engine.record import (
     DIFFRATE_STATE,
     SEARCH_JSON,
@@ -190,7 +191,7 @@ def test_bad_spaces_are_refused(kwargs, message):
 # --- the engine task ---------------------------------------------------------------------------
 TASK = ["experiment=smoke", "reducer=none", "~reducer.r", "task=search", "budget.macs=0.6", "search.steps=3", "search.images=8",
         "search.batch_size=4", "search.test_images=8", "data.val_samples=8", "data.batch_size=4",
-        "trainer.enable_progress_bar=false", "measure.warmup=0", "measure.repeats=2", "measure.batch_size=2"]
+        "measure.warmup=0", "measure.repeats=2", "measure.batch_size=2"]
 
 
 @pytest.fixture()
@@ -201,7 +202,7 @@ def fresh_hydra():
 
 
 def test_the_task_writes_a_loadable_reducer_and_resumes(tmp_path, fresh_hydra, capsys):
-    run(compose(TASK), tmp_path / "a")
+    run(compose(TASK), tmp_path / "a", overrides=TASK)
     for name in (SEARCH_STATE, SEARCH_JSON, SEARCH_TABLE, SEARCHED_REDUCER):
         assert (tmp_path / "a" / name).is_file()
     result = json.loads((tmp_path / "a" / SEARCH_JSON).read_text())
@@ -219,11 +220,17 @@ def test_the_task_writes_a_loadable_reducer_and_resumes(tmp_path, fresh_hydra, c
     out = capsys.readouterr().out
     assert "search step 3/3" in out and "reducer=" in out
 
-    # the file runs as a reducer config, through the command line's reducer=<file>
-    args = reducer_file_arguments([f"reducer={tmp_path / 'a' / SEARCHED_REDUCER}", "task=evaluate"])
-    assert args[0] == f"reducer={FILE_REDUCER.removesuffix('.yaml')}" and args[1].startswith("hydra.searchpath=")
-    folder = args[1].split("file://")[1].rstrip("]")
-    assert yaml.safe_load(open(f"{folder}/reducer/{FILE_REDUCER}")) == searched
+    # the command it prints evaluates the file as the reducer, on the search's model and data
+    command = next(line for line in out.splitlines() if line.startswith("evaluate it with: "))
+    args = shlex.split(command.removeprefix("evaluate it with: "))
+    assert args[:3] == ["python", "-m", "tokenreduce"] and "task=evaluate" in args
+    assert not any(a.startswith(("search.", "budget.", "task=search")) for a in args)
+    assert result["evaluate_command"] == command.removeprefix("evaluate it with: ")
+    evaluated = run(compose(args[3:]), tmp_path / "evaluated")
+    assert evaluated.task == "evaluate" and evaluated.reducer == "tome"
+    assert {k: evaluated.reducer_params[k] for k in searched if k != "name"} == {
+        k: v for k, v in searched.items() if k != "name"}
+    assert evaluated.tokens_out == held["searched"]["tokens_out"]
 
     # resuming the finished search with more steps continues it; other settings are refused
     run(compose([*TASK, "search.steps=5", f"search.resume={tmp_path / 'a'}"]), tmp_path / "b")
@@ -282,14 +289,14 @@ def test_diffrate_searches_through_the_task_and_resumes_from_its_saved_state(tmp
         run(compose([*task, "search.layers=[1,2]"]), tmp_path / "d")
 
 
-def test_reducer_file_arguments_refuse_a_missing_file_and_leave_other_arguments(tmp_path):
-    assert reducer_file_arguments(["reducer=tome", "reducer.r=3"]) == ["reducer=tome", "reducer.r=3"]
+def test_command_line_arguments_refuse_a_missing_file_and_leave_other_arguments(tmp_path):
+    assert command_line_arguments(["reducer=tome", "reducer.r=3"]) == ["reducer=tome", "reducer.r=3"]
     with pytest.raises(ConfigError, match="no such file"):
-        reducer_file_arguments([f"reducer={tmp_path / 'missing.yaml'}"])
+        command_line_arguments([f"reducer={tmp_path / 'missing.yaml'}"])
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump({"name": "tome", "r": 2}))
     with pytest.raises(ConfigError, match="not both"):
-        reducer_file_arguments([f"reducer={path}", "hydra.searchpath=[file:///x]"])
+        command_line_arguments([f"reducer={path}", "hydra.searchpath=[file:///x]"])
     assert asdict(Candidate(("tome",), (1,)))  # a plain dataclass, serialisable
 
 

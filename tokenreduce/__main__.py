@@ -22,14 +22,29 @@ from tokenreduce.engine.config import config_source
 from tokenreduce.errors import ConfigError
 
 
+def main() -> None:
+    """The command (`python -m tokenreduce`, the `tokenreduce` script): the command line turned into
+    Hydra's (`command_line_arguments`: `experiment=null`, `reducer=<file>`), then the run."""
+    from tokenreduce.engine.config import command_line_arguments
+
+    try:
+        sys.argv[1:] = command_line_arguments(sys.argv[1:])
+    except ConfigError as err:
+        print(f"tokenreduce: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=config_source(), config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     # heavy imports only once Hydra has parsed the command line
     from tokenreduce.engine.callbacks import RunInterrupted
+    from tokenreduce.engine.console import survive_lost_reader
     from tokenreduce.engine.hydra_callbacks import discard_refused_run
     from tokenreduce.engine.run import run
 
     _one_console_handler()
+    survive_lost_reader()
     hydra_cfg = HydraConfig.get()
     output_dir = hydra_cfg.runtime.output_dir
     try:
@@ -55,11 +70,4 @@ def _one_console_handler() -> None:
 
 
 if __name__ == "__main__":
-    from tokenreduce.engine.config import reducer_file_arguments
-
-    try:
-        sys.argv[1:] = reducer_file_arguments(sys.argv[1:])
-    except ConfigError as err:
-        print(f"tokenreduce: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     main()

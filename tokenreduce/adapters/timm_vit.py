@@ -269,11 +269,13 @@ def run_blocks(model: nn.Module, x: Tensor, extra, take: set[int] | None = None,
     """Run the blocks with reduction; return the tokens, the pass's state and the taken intermediates.
 
     `extra` is what the family's embedding produced besides the tokens (see `_ReducedViT._tr_embed`).
+    A batch of no images runs every block unreduced, so it gives the unpatched model's empty output.
     """
     reducer: TokenReducer = model.token_reducer
     num_prefix = model.num_prefix_tokens
     depth = len(model.blocks)
-    removals = reducer.removal_counts(depth, x.shape[1] - num_prefix)
+    # reducers rank, pair and gather the tokens of each image, which no reducer defines for no image
+    removals = [0] * depth if x.shape[0] == 0 else reducer.removal_counts(depth, x.shape[1] - num_prefix)
     state = ReductionState.start(x, num_prefix, removals, reducer.prop_attn, reducer.trace_source)
     model._tr_start(state, extra)
     checkpointing = bool(model.grad_checkpointing) and torch.is_grad_enabled() and not torch.jit.is_scripting()
@@ -281,7 +283,7 @@ def run_blocks(model: nn.Module, x: Tensor, extra, take: set[int] | None = None,
     for i, blk in enumerate(model.blocks[: depth if last is None else last + 1]):
         ops = model._tr_block_ops(blk, state, extra, checkpointing)
         state.begin_layer(x.shape[1])
-        if reducer.acts_at(i, removals[i]):
+        if x.shape[0] and reducer.acts_at(i, removals[i]):
             x = reducer.block_forward(ops, x, state, i, removals[i])
         else:
             x = ops.plain(x, state.attn_bias(x.dtype))

@@ -75,12 +75,12 @@ class Schedule:
             r = check_numbers(who, "r", r, low=0, integer=True)
         elif r is not None:
             r = check_number(who, "r", r, low=0, integer=True)
-        if r is not None and self.ratio is not None:
-            raise ConfigError(f"{who}: give either r={self.r!r} or ratio={self.ratio!r}, not both")
-        if self.ratio is not None:
+        if self.ratio is not None:  # each value's range first: "not both" only for two valid values
             ratio = self.ratio
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
                 raise ConfigError(f"{who}: ratio={ratio!r} is invalid; allowed: a keep ratio in (0, 1]")
+        if r is not None and self.ratio is not None:
+            raise ConfigError(f"{who}: give either r={self.r!r} or ratio={self.ratio!r}, not both")
         if inflect is not None:
             if not isinstance(r, int):
                 raise ConfigError(f"{who}: inflect={inflect!r} needs a single integer r, got r={self.r!r}")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from tokenreduce.data.splits import SplitLoaders
+from tokenreduce.data.splits import SplitLoaders, resolved
 from tokenreduce.data.transforms import model_data_config
 from tokenreduce.errors import ConfigError, check_number
 
@@ -226,8 +226,9 @@ class FashionMNISTDataModule(SplitLoaders, L.LightningDataModule):
             load_split(self.root, split, self.download)
 
     def describe(self) -> dict:
-        return {"name": self.name, "root": self.root, "val_size": self.val_size,
-                "test_samples": self.test_samples or SPLIT_SIZES["test"], "num_classes": self.num_classes}
+        return {"name": self.name, "root": resolved(self.root), "val_size": self.val_size,
+                "test_samples": self.test_samples or SPLIT_SIZES["test"], "num_classes": self.num_classes,
+                "images": self.eval_sizes()}
 
     def bind_model(self, model: nn.Module) -> None:
         model_classes = getattr(model, "num_classes", None)

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from PIL import Image, ImageFile
 from timm.data import create_transform
 from torch import nn
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from tokenreduce.data.splits import SplitLoaders
+from tokenreduce.data.splits import SplitLoaders, resolved
 from tokenreduce.data.transforms import model_data_config
 from tokenreduce.errors import ConfigError
 
@@ -41,6 +42,32 @@ def check_split(root: str | None, split: str, key: str = "data.root") -> Path:
     if not any(_has_image(entry.path) for entry in classes):
         raise ConfigError(f"{key}={root}: the class folders in {path} hold no images ({', '.join(IMG_EXTENSIONS)})")
     return path
+
+
+class UnreadableImageError(ConfigError):
+    """An image file that PIL cannot decode: truncated, corrupt, or not an image."""
+
+    def __init__(self, message: str):
+        # in a DataLoader worker the error comes back rebuilt from "Caught ... Original Traceback ...":
+        # keep only this error's own line, so that it still reads as one line naming the file
+        if message.startswith("Caught "):
+            message = message.rstrip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """The image at `path` in RGB, read strictly: a truncated or corrupt file raises an error naming
+    it, even where PIL's ImageFile.LOAD_TRUNCATED_IMAGES is set (which would fill the rest grey)."""
+    lenient = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with open(path, "rb") as file:
+            return Image.open(file).convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise UnreadableImageError(f"data.root: the image {path} cannot be read ({err}); replace it or remove it "
+                                   "from the folder") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 def _has_image(folder: str) -> bool:
@@ -83,8 +110,8 @@ class ImageFolderDataModule(SplitLoaders, L.LightningDataModule):
             check_split(self.root, self.splits[split])
 
     def describe(self) -> dict:
-        return {"name": self.name, "root": str(self.root), "splits": dict(self.splits),
-                "num_classes": self.num_classes}
+        return {"name": self.name, "root": resolved(self.root), "splits": dict(self.splits),
+                "num_classes": self.num_classes, "images": self.eval_sizes()}
 
     def bind_model(self, model: nn.Module) -> None:
         """Resolve the transforms from the model and check its head against the class folders."""
@@ -107,7 +134,7 @@ class ImageFolderDataModule(SplitLoaders, L.LightningDataModule):
         path = check_split(self.root, split)
         transform = create_transform(**self.data_config, is_training=training, **(self.augment if training else {}))
         try:
-            return ImageFolder(str(path), transform=transform)
+            return ImageFolder(str(path), transform=transform, loader=load_rgb)
         except FileNotFoundError as err:
             raise ConfigError(f"data.root={self.root}: {err}") from None
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from torch.utils.data import DataLoader
 
 from tokenreduce.data.resumable import ResumableLoader
@@ -34,3 +37,12 @@ class SplitLoaders:
 
     def _loader_options(self, training: bool) -> dict:
         return {"num_workers": getattr(self, "num_workers", 0)}
+
+    def eval_sizes(self) -> dict[str, int]:
+        """The number of images of each evaluation split ("val", "test") set up so far, for `describe`."""
+        return {split: len(getattr(self, f"{split}_set")) for split in ("val", "test") if hasattr(self, f"{split}_set")}
+
+
+def resolved(root) -> str | None:
+    """`root` as an absolute path without `~` or symlinks, so one folder has one name in every record."""
+    return str(Path(os.path.expanduser(str(root))).resolve()) if root not in (None, "") else None

@@ -90,7 +90,8 @@ class SyntheticDataModule(SplitLoaders, L.LightningDataModule):
     def describe(self) -> dict:
         return {"name": self.name, "train_samples": self.train_samples, "val_samples": self.val_samples,
                 "num_classes": self.num_classes,
-                "input_size": list(self.input_size) if self.input_size else None}
+                "input_size": list(self.input_size) if self.input_size else None, "seed": self.seed,
+                "signal": self.signal, "images": self.eval_sizes()}
 
     def bind_model(self, model: nn.Module) -> None:
         """Take the input size and, unless configured, the number of classes from the model."""

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import os
+import shutil
 import signal
 import threading
 from pathlib import Path
+from weakref import proxy
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, Checkpoint, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 
 from tokenreduce.api import stats
 from tokenreduce.data.resumable import ResumableLoader
-from tokenreduce.engine.record import CHECKPOINT_DIR
+from tokenreduce.engine.record import CHECKPOINT_DIR, staged_file
 
 LAST_CHECKPOINT = "last.ckpt"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what SLURM sends before a time limit
@@ -58,8 +60,8 @@ class LatestCheckpoint(Checkpoint):
     (the step, optimizer, scheduler and the loader's position), after which the run stops with
     `RunInterrupted`. A second Ctrl-C stops at once, keeping the last checkpoint written.
 
-    It is written to a temporary file and renamed, so an interruption while saving never leaves a
-    half-written `last.ckpt`.
+    It is written with `save_checkpoint`, so an interruption or a full disk while saving never leaves
+    a half-written `last.ckpt`.
     """
 
     def __init__(self, dirpath: str | Path):
@@ -113,10 +115,7 @@ class LatestCheckpoint(Checkpoint):
         return received
 
     def save(self, trainer: L.Trainer) -> None:
-        partial = self.path.with_name(self.path.name + ".partial")
-        trainer.save_checkpoint(partial)
-        if trainer.is_global_zero:
-            os.replace(partial, self.path)
+        save_checkpoint(trainer, self.path)
         trainer.strategy.barrier("LatestCheckpoint.save")
 
     def _save(self, trainer: L.Trainer, stop: bool) -> None:
@@ -133,11 +132,83 @@ class LatestCheckpoint(Checkpoint):
         self._save(trainer, stop=self._stop_requested(trainer))
 
 
+def save_checkpoint(trainer: L.Trainer, path: str | Path, weights_only: bool = False) -> None:
+    """`trainer.save_checkpoint` to a temporary file that rank 0 (which alone writes it) then renames
+    to `path`, replacing an earlier one; a failed save leaves neither `path` nor the temporary."""
+    with staged_file(path, replace=True, commit=trainer.is_global_zero) as temporary:
+        trainer.save_checkpoint(temporary, weights_only)
+
+
+class BestCheckpoints(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint`, writing each checkpoint with `save_checkpoint`, and carrying
+    the best checkpoints over when a fine-tune resumes into a new run directory.
+
+    Lightning forgets the earlier best scores there (only `best_model_path` is reloaded), so the
+    "best" evaluated at the end would be the best since the resume. Instead the earlier best files
+    are copied into this run's directory (the earlier one is left as it is) and their scores kept,
+    so the best is the best of the whole fine-tune, as in an uninterrupted run.
+    """
+
+    _writes = True  # whether this process writes checkpoints (rank 0)
+    _stage = "fit"
+
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key, so that checkpoints saved with plain ModelCheckpoint resume the same way
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._writes, self._stage = trainer.is_global_zero, stage
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        # Lightning's own, with save_checkpoint for trainer.save_checkpoint
+        save_checkpoint(trainer, filepath, self.save_weights_only)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self._stage != "fit":  # evaluating a checkpoint (the best, after fitting): this run's best stays
+            return
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            super().load_state_dict(state_dict)
+            return
+        scores = dict(state_dict.get("best_k_models") or {})
+        if not scores and state_dict.get("best_model_path"):
+            scores = {state_dict["best_model_path"]: state_dict["best_model_score"]}
+        gone = [p for p in scores if not Path(p).is_file()]
+        if gone:
+            rank_zero_warn(f"the best checkpoint(s) {', '.join(gone)} of the run resumed from are gone: the best "
+                           "checkpoint of this run is the best of those left and those saved from now on")
+        ranked = sorted((p for p in scores if p not in gone), key=lambda p: float(scores[p]),
+                        reverse=self.mode == "max")
+        self.best_k_models = {}
+        for earlier in ranked if self.save_top_k < 0 else ranked[: self.save_top_k]:
+            copy = Path(self.dirpath) / Path(earlier).name
+            if self._writes:
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                with staged_file(copy) as temporary:
+                    shutil.copyfile(earlier, temporary)
+            self.best_k_models[str(copy)] = scores[earlier]
+        if not self.best_k_models:
+            self.best_model_path = ""
+            return
+        best, worst = (min, max) if self.mode == "min" else (max, min)
+        self.best_model_path = best(self.best_k_models, key=self.best_k_models.get)
+        self.best_model_score = self.best_k_models[self.best_model_path]
+        if len(self.best_k_models) == self.save_top_k:  # as Lightning sets them once k are kept
+            self.kth_best_model_path = worst(self.best_k_models, key=self.best_k_models.get)
+            self.kth_value = self.best_k_models[self.kth_best_model_path]
+
+
 def checkpoint_callback(output_dir: str | Path, monitor: str = "val/top1", mode: str = "max", save_top_k: int = 1,
                         save_last: bool = True) -> list[Checkpoint]:
     """The best `save_top_k` checkpoints by `monitor`, and with `save_last` a `LatestCheckpoint`."""
     dirpath = Path(output_dir) / CHECKPOINT_DIR
-    best = ModelCheckpoint(
+    best = BestCheckpoints(
         dirpath=str(dirpath),
         filename="best-epoch{epoch:03d}-step{step}",
         auto_insert_metric_name=False,

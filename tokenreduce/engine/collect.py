@@ -7,14 +7,18 @@ PATH: run or sweep directories (searched for `result.json`) or `result.json` fil
 to the first PATH (its folder when it is a file).
 
 Numbers are compared only within a protocol: runs with the same model, weights, task, dataset,
-split and measuring protocol (dtype, autocast, batch size, device), see `protocol_key`. Protocols
-are numbered p1, p2, ... in the order of their oldest run. Each run's speedup and MAC ratio are
-against its protocol's baseline, the newest run with reducer "none" (a baseline's own are 1.0),
-named in the `baseline` column; a protocol without a baseline has none.
+data (its resolved root and the data module's other settings), split, number of evaluated images and
+measuring protocol (dtype, autocast, batch size, device), see `protocol_key`. Protocols are numbered
+p1, p2, ... in the order of their oldest run. Each run's speedup and MAC ratio are against its
+protocol's baseline, the newest run with reducer "none" (a baseline's own are 1.0), named in the
+`baseline` column; a protocol without a baseline has none. Such a speed-up is measured across
+processes (the run's images/s and the baseline's were timed in two runs) and marked ACROSS; timings
+whose rounds disagree or that ran on a loaded machine are marked too (`tokenreduce.engine.speed`).
 
 Written into --out:
   results.csv   one row per run, grouped by protocol, with every column (`COLUMNS`)
-  results.md    the table, then one line per protocol: what it is and what its ratios are against
+  results.md    the table, then one line per protocol: what it is and what its ratios are against,
+                then the legend of the marks
   accuracy_vs_throughput.png, accuracy_vs_macs.png
                 top-1 against images/s and GMACs per image (`tokenreduce.viz.plot_tradeoff`): one
                 line per method (reducer and non-default parameters other than its strength), its
@@ -40,6 +44,7 @@ from pathlib import Path
 
 from tokenreduce.engine.config import non_default_params
 from tokenreduce.engine.record import RECORD_JSON, write_new
+from tokenreduce.engine.speed import TIMING_LEGEND, timing_marks, union_marks
 from tokenreduce.errors import ConfigError
 from tokenreduce.reducers import reducer_class
 
@@ -49,11 +54,19 @@ TABLE_CSV = "results.csv"
 TABLE_MD = "results.md"
 BASELINE = "none"
 PLOTS = {"throughput": ("images_per_s", "accuracy_vs_throughput"), "macs": ("gmacs", "accuracy_vs_macs")}  # x, stem
+ACROSS = "*"  # the mark of a speed-up whose two images/s were timed in different processes
 # the fields of `protocol_key`, in its order; they are columns too
-PROTOCOL = ("model", "weights", "task", "dataset", "split", "dtype", "autocast", "batch_size", "device")
+PROTOCOL = ("model", "weights", "task", "dataset", "data", "split", "images", "dtype", "autocast", "batch_size",
+            "device")
 COLUMNS = ("protocol", "model", "weights", "task", "reducer", "params", "top1", "top5", "images_per_s", "speedup",
            "gmacs", "mac_ratio", "tokens_out", "dataset", "split", "dtype", "autocast", "batch_size", "device",
-           "baseline", "run_name", "output_dir")
+           "baseline", "run_name", "output_dir", "data", "images", "spread", "load_before", "load_after", "cores",
+           "timing_marks", "speedup_marks")
+# Markdown cells followed by their marks
+MARKED = {"images_per_s": "timing_marks", "speedup": "speedup_marks"}
+LEGEND = (f"Marks: {TIMING_LEGEND}; {ACROSS} a speed-up across processes: the run's images/s over its baseline's, "
+          "timed in two runs, so a load that differed between them is in the ratio (task=compare times them side by "
+          "side in one process).")
 MARKDOWN_COLUMNS = ("protocol", "model", "weights", "task", "reducer", "params", "top1", "top5", "images_per_s",
                     "speedup", "gmacs", "mac_ratio", "tokens_out", "baseline")
 
@@ -96,11 +109,25 @@ def _read(file: Path) -> dict:
 
 
 def protocol_key(record: dict) -> tuple:
-    """What two runs must share for their accuracies and speeds to be compared (fields: `PROTOCOL`)."""
+    """What two runs must share for their accuracies and speeds to be compared (fields: `PROTOCOL`):
+    among them the data, as its module describes it (`describe()`: the resolved root, subset and
+    generator settings), and the number of images of the evaluated split."""
     measure = record.get("measure") or {}
     dataset = record.get("dataset") or {}
-    return (record.get("model"), record.get("weights"), record.get("task"), dataset.get("name"), record.get("split"),
-            measure.get("dtype"), measure.get("autocast"), measure.get("batch_size"), measure.get("device"))
+    images = (dataset.get("images") or {}).get(record.get("split"))
+    return (record.get("model"), record.get("weights"), record.get("task"), dataset.get("name"), _data_label(dataset),
+            record.get("split"), images, measure.get("dtype"), measure.get("autocast"), measure.get("batch_size"),
+            measure.get("device"))
+
+
+def _data_label(dataset: dict) -> str:
+    """The data module's description other than its name and image counts, as `key=value` words."""
+    def word(value) -> str:
+        if isinstance(value, dict):
+            return ",".join(f"{k}:{v}" for k, v in value.items())
+        return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    return " ".join(f"{k}={word(v)}" for k, v in dataset.items() if k not in ("name", "images") and v is not None)
 
 
 def protocols(records: list[dict]) -> dict[str, tuple[tuple, list[dict]]]:
@@ -126,6 +153,13 @@ def table_rows(records: list[dict]) -> list[dict]:
             # a baseline is compared only with itself, never with another baseline
             against = record if record.get("reducer") == BASELINE else base
             ips, gmacs = record.get("images_per_s"), record.get("gmacs")
+            measure = record.get("measure") or {}
+            marks = timing_marks(measure)
+            speedup = _ratio(ips, against and against.get("images_per_s"))
+            if speedup is not None and against is not record:  # as doubtful as the less steady of its timings
+                speedup_marks = union_marks(marks, timing_marks(against.get("measure") or {})) + ACROSS
+            else:
+                speedup_marks = marks if speedup is not None else ""
             rows.append({
                 "protocol": number,
                 **dict(zip(PROTOCOL, key, strict=True)),
@@ -134,7 +168,7 @@ def table_rows(records: list[dict]) -> list[dict]:
                 "top1": record.get("top1"),
                 "top5": record.get("top5"),
                 "images_per_s": ips,
-                "speedup": _ratio(ips, against and against.get("images_per_s")),
+                "speedup": speedup,
                 "gmacs": gmacs,
                 "mac_ratio": _ratio(against and against.get("gmacs"), gmacs),
                 "tokens_out": record.get("tokens_out"),
@@ -143,6 +177,9 @@ def table_rows(records: list[dict]) -> list[dict]:
                 "output_dir": record["output_dir"],
                 "reducer_params": record.get("reducer_params") or {},
                 "method": _method(record),
+                **{k: measure.get(k) for k in ("spread", "load_before", "load_after", "cores")},
+                "timing_marks": marks if ips is not None else "",
+                "speedup_marks": speedup_marks,
             })
     return rows
 
@@ -179,10 +216,12 @@ def _params_label(params: dict) -> str:
 
 
 def describe(key: tuple, sep: str = "; ") -> str:
-    """A protocol in words: what was run, then how images/s was measured."""
+    """A protocol in words: what was run, on which data, then how images/s was measured."""
     p = dict(zip(PROTOCOL, key, strict=True))
     measured = ", ".join(f"{k} {p[k]}" for k in ("dtype", "autocast", "batch_size", "device") if p[k] is not None)
-    return f"{p['model']} ({p['weights']}), {p['task']} on {p['dataset']} {p['split']}{sep}measured: {measured or '-'}"
+    images = f", {p['images']} images" if p["images"] is not None else ""
+    return (f"{p['model']} ({p['weights']}), {p['task']} on {p['dataset']} {p['split']}{images}{sep}"
+            f"data: {p['data'] or '-'}{sep}measured: {measured or '-'}")
 
 
 def protocol_notes(records: list[dict]) -> list[str]:
@@ -210,8 +249,12 @@ def _cell(value) -> str:
 
 
 def format_markdown(rows: list[dict], columns: tuple[str, ...] = MARKDOWN_COLUMNS) -> str:
+    """The rows as a Markdown table, images/s and speed-ups followed by their marks (`LEGEND`)."""
+    def cell(row: dict, column: str) -> str:
+        return f"{_cell(row[column])} {row.get(MARKED.get(column), '')}".rstrip()
+
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(row, c) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -265,7 +308,8 @@ def collect(paths: list[str | Path], out_dir: str | Path, plots: bool = True) ->
                           "report, which is never overwritten: pick another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_new(planned["csv"], csv_text(rows))
-    write_new(planned["markdown"], format_markdown(rows) + "\n\n" + "\n".join(protocol_notes(records)) + "\n")
+    write_new(planned["markdown"], format_markdown(rows) + "\n\n" + "\n".join(protocol_notes(records)) + "\n\n"
+              + LEGEND + "\n")
     if charts:
         from tokenreduce import viz  # matplotlib only when plotting
 

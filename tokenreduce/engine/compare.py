@@ -26,14 +26,24 @@ from tokenreduce.cost import match_macs, probe_pass, searchable
 from tokenreduce.data.transforms import model_data_config
 from tokenreduce.engine.config import plain
 from tokenreduce.engine.record import COMPARISON_CSV as TABLE_CSV
-from tokenreduce.engine.record import COMPARISON_JSON, write_new
+from tokenreduce.engine.record import COMPARISON_JSON, save_figure, write_new
 from tokenreduce.engine.record import COMPARISON_TABLE as TABLE_MD
-from tokenreduce.engine.speed import check_measure, images_per_second, interleaved_times
+from tokenreduce.engine.speed import (
+    TIMING_LEGEND,
+    Load,
+    check_measure,
+    images_per_second,
+    interleaved_times,
+    load_average,
+    spread,
+    timing_marks,
+    union_marks,
+)
 from tokenreduce.errors import ConfigError, check_number
 from tokenreduce.reducers.base import create_reducer, reducer_class
 
 PLOT_MACS, PLOT_SPEED, MERGE_MAPS = "accuracy_vs_macs.png", "accuracy_vs_speed.png", "merge_maps.png"
-CSV_COLUMNS = ("reducer", "params", "mac_fraction", "top1", "speedup", "tokens")
+CSV_COLUMNS = ("reducer", "params", "mac_fraction", "top1", "speedup", "tokens", "spread", "marks")
 
 
 @dataclass
@@ -96,6 +106,8 @@ class Setting:
     images_per_s: float | None = None
     tokens: int | None = None
     times: list[float] = field(default_factory=list)
+    spread: float | None = None  # (max - min) / median of its timing rounds
+    marks: str = ""  # its speed-up's timing marks (`timing_marks`): its own and the baseline's
 
 
 def settings_from(cfg: DictConfig) -> CompareSettings:
@@ -123,14 +135,22 @@ def top1_accuracy(model: nn.Module, loader, limit: int | None = None) -> tuple[f
     return correct / max(total, 1), total
 
 
-def time_settings(model: nn.Module, settings: list[Setting], images: torch.Tensor, warmup: int, rounds: int) -> None:
-    """Images/s of every setting, timed in `rounds` interleaved rounds on the same images."""
+def time_settings(model: nn.Module, settings: list[Setting], images: torch.Tensor, warmup: int, rounds: int) -> Load:
+    """Images/s of every setting, timed in `rounds` interleaved rounds on the same images, its rounds'
+    spread and its speed-up's marks; returns the machine's load around the timing."""
     reducers = [create_reducer(s.reducer, **s.params) for s in settings]
+    before = load_average()
     for setting, times in zip(settings, interleaved_times(model, reducers, images, warmup, rounds), strict=True):
         setting.times += times
+    load = Load.since(before)
     for setting in settings:  # the baseline comes first, so its images/s is there for the others
         setting.images_per_s = images_per_second(len(images), setting.times)
         setting.speedup = setting.images_per_s / settings[0].images_per_s
+        setting.spread = spread(setting.times)
+        # a speed-up is as doubtful as the less steady of its two timings
+        setting.marks = union_marks(timing_marks({"spread": setting.spread, **load.as_record()}),
+                                    timing_marks({"spread": settings[0].spread, **load.as_record()}))
+    return load
 
 
 def format_params(params: dict) -> str:
@@ -144,20 +164,21 @@ def _short(value) -> str:
 
 
 def markdown_table(settings: list[Setting]) -> str:
+    """The table, then the legend of its timing marks."""
     base = settings[0].top1
     lines = ["| reducer | params | MAC fraction | top-1 (%) | change | images/s vs baseline | tokens out |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for s in settings:
         change = "-" if s.reducer == "none" else f"{100 * (s.top1 - base):+.2f}"
         lines.append(f"| {s.reducer} | {format_params(s.params)} | {s.mac_fraction:.3f} | {100 * s.top1:.2f} | "
-                     f"{change} | {s.speedup:.2f}x | {s.tokens} |")
-    return "\n".join(lines)
+                     f"{change} | {f'{s.speedup:.2f}x {s.marks}'.rstrip()} | {s.tokens} |")
+    return "\n".join(lines) + f"\n\nTiming marks: {TIMING_LEGEND}."
 
 
 def rows(settings: list[Setting]) -> list[dict]:
     """One dict per setting with the CSV's columns (params as a dict)."""
     return [{"reducer": s.reducer, "params": s.params, "mac_fraction": s.mac_fraction, "top1": s.top1,
-             "speedup": s.speedup, "tokens": s.tokens} for s in settings]
+             "speedup": s.speedup, "tokens": s.tokens, "spread": s.spread, "marks": s.marks} for s in settings]
 
 
 def csv_text(settings: list[Setting]) -> str:
@@ -196,15 +217,19 @@ def run_compare(cfg: DictConfig, settings_cfg: CompareSettings, output_dir: Path
     input_size = tuple(model_data_config(model)["input_size"])
     generator = torch.Generator().manual_seed(cfg.seed)
     timing_images = torch.randn(mcfg["batch_size"], *input_size, generator=generator).to(device=device, dtype=dtype)
-    time_settings(model, settings, timing_images, warmup=mcfg["warmup"], rounds=mcfg["repeats"])
+    load = time_settings(model, settings, timing_images, warmup=mcfg["warmup"], rounds=mcfg["repeats"])
 
     protocol = {
         "model": model_name, "weights": weights, "dataset": datamodule.describe(), "split": cfg.eval_split,
         "images": count, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
         "threads": torch.get_num_threads(), "timing_batch": mcfg["batch_size"], "timing_rounds": mcfg["repeats"],
-        "seed": cfg.seed, "adapter_options": changed_options,
+        "seed": cfg.seed, "adapter_options": changed_options, "load": load.as_record(),
     }
-    _write_outputs(output_dir, settings, protocol, settings_cfg, model, loader)
+    where = f" in {protocol['dataset']['root']}" if protocol["dataset"].get("root") else ""
+    header = (f"{model_name} ({weights}) on {count} {protocol['dataset'].get('name', '')} {cfg.eval_split} images"
+              f"{where}; images/s measured at batch {mcfg['batch_size']}, {protocol['dtype']}, {device}, "
+              f"{protocol['threads']} threads, {mcfg['repeats']} interleaved rounds; {load.words()}")
+    _write_outputs(output_dir, header, settings, protocol, settings_cfg, model, loader)
     tokenreduce.remove(model)
     elapsed = time.perf_counter() - started
     write_new(output_dir / COMPARISON_JSON, json.dumps({
@@ -213,21 +238,18 @@ def run_compare(cfg: DictConfig, settings_cfg: CompareSettings, output_dir: Path
         "rows": [{**row, "target": s.target, "images_per_s": s.images_per_s} for row, s in zip(rows(settings), settings,
                                                                                               strict=True)],
     }, indent=2) + "\n")
-    print(f"{model_name} ({weights}) on {count} {protocol['dataset'].get('name', '')} {cfg.eval_split} images; "
-          f"images/s measured at batch {mcfg['batch_size']}, {protocol['dtype']}, {device}, "
-          f"{protocol['threads']} threads, {mcfg['repeats']} interleaved rounds\n")
+    print(header + "\n")
     print(markdown_table(settings))
     print(f"\n{len(settings)} settings in {elapsed:.0f} s")
     print(f"results: {output_dir}")
     return settings
 
 
-def _write_outputs(output_dir: Path, settings, protocol, settings_cfg, model, loader) -> None:
+def _write_outputs(output_dir: Path, header: str, settings, protocol, settings_cfg, model, loader) -> None:
     from tokenreduce import viz
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_new(output_dir / TABLE_MD, f"{protocol['model']} ({protocol['weights']}), {protocol['images']} images of "
-               f"{protocol['dataset'].get('name', '?')} {protocol['split']}\n\n{markdown_table(settings)}\n")
+    write_new(output_dir / TABLE_MD, f"{header}\n\n{markdown_table(settings)}\n")
     write_new(output_dir / TABLE_CSV, csv_text(settings))
     plot_rows = rows(settings)
     title = f"{protocol['model']}, {protocol['images']} {protocol['dataset'].get('name', '')} images"
@@ -238,4 +260,4 @@ def _write_outputs(output_dir: Path, settings, protocol, settings_cfg, model, lo
         chosen = {f"{s.reducer}": (s.reducer, s.params) for s in settings
                   if s.target is not None and math.isclose(s.target, settings_cfg.merge_map_fraction)}
         figure = viz.merge_maps(model, images, chosen)
-        figure.savefig(output_dir / MERGE_MAPS, dpi=110, bbox_inches="tight")
+        save_figure(figure, output_dir / MERGE_MAPS, dpi=110, bbox_inches="tight")

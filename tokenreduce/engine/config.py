@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import re
 from pathlib import Path
 
@@ -39,46 +40,93 @@ def config_files_dir() -> Path:
     return Path(source)
 
 
-def reducer_file_arguments(args: list[str]) -> list[str]:
-    """The command line with `reducer=<file>.yaml` (a reducer config outside conf/reducer/, e.g. the
-    reducer.yaml a search wrote) turned into a config Hydra can find: the file is copied into a
-    temporary config group folder added to `hydra.searchpath`."""
-    import atexit
-    import shutil
-    import tempfile
+OPTIONAL_GROUPS = ("experiment", "sweep")  # defaults that `GROUP=null` leaves out, as documented
+FILE_GROUP = "reducer_file"  # the config group through which a reducer file is merged last
 
+
+def command_line_arguments(args: list[str]) -> list[str]:
+    """The command line as Hydra takes it: `experiment=null` (or `sweep=null`) leaves that default
+    out (Hydra itself only takes `~experiment`), and `reducer=<file>.yaml` loads a reducer config
+    file (`reducer_file_config`)."""
     out, folder = [], None
     for arg in args:
         key, _, value = arg.partition("=")
+        if key in OPTIONAL_GROUPS and value == "null":
+            out.append(f"~{key}")
+            continue
         if key.lstrip("+") != "reducer" or not value.endswith((".yaml", ".yml")):
             out.append(arg)
             continue
-        path = Path(value).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"reducer={value}: no such file; allowed: a reducer config file, or a name from "
-                              f"{config_files_dir() / 'reducer'}")
         if folder is not None:
             raise ConfigError(f"reducer={value}: a second reducer file; allowed: one")
         if any(a.startswith("hydra.searchpath=") for a in args):
             raise ConfigError(f"reducer={value} adds its own hydra.searchpath; allowed: not both")
-        folder = Path(tempfile.mkdtemp(prefix="tokenreduce-conf-"))
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        (folder / "reducer").mkdir()
-        shutil.copyfile(path, folder / "reducer" / FILE_REDUCER)
-        out += [f"{key}={Path(FILE_REDUCER).stem}", f"hydra.searchpath=[file://{folder}]"]
+        folder = reducer_file_config(value)
+        stem = Path(FILE_REDUCER).stem
+        out += [f"{key}={stem}", f"+{FILE_GROUP}@reducer={stem}", f"hydra.searchpath=[file://{folder}]"]
     return out
+
+
+def reducer_file_config(value: str) -> Path:
+    """A temporary config folder holding the reducer file `value` as the option `from_file` of the
+    groups `reducer` and `reducer_file`. The file configures the reducer and nothing else: a mapping
+    of `name` and that reducer's parameters, checked here, with every parameter it leaves out at its
+    default. Chosen as the reducer and merged again after the experiment, it is the whole reducer:
+    an experiment's own reducer settings do not leak into it (the command line's still apply)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import yaml
+
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"reducer={value}: no such file; allowed: a reducer config file, or a name from "
+                          f"{config_files_dir() / 'reducer'}")
+    text = path.read_text()
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        where = str(err).replace('"<unicode string>"', str(path))
+        raise ConfigError(f"reducer={value}: not valid YAML ({' '.join(where.split())})") from None
+    if re.search(r"^\s*#\s*@package", text, re.MULTILINE):
+        raise ConfigError(f"reducer={value}: a '# @package' line; allowed: a reducer config only (name and its "
+                          "parameters), which configures the reducer and nothing else")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ConfigError(f"reducer={value}: {type(spec).__name__} without a name; allowed: a mapping with the "
+                          "reducer's name and its parameters")
+    try:
+        defaults = reducer_defaults(spec["name"])
+    except ConfigError as err:
+        raise ConfigError(f"reducer={value}: {err}") from None
+    unknown = sorted(set(spec) - {"name"} - set(defaults))
+    if unknown:
+        raise ConfigError(f"reducer={value}: {unknown[0]} is not a parameter of {spec['name']}; allowed: "
+                          f"{', '.join(defaults) or 'no parameters'}")
+    whole = {"name": spec["name"]}
+    for key, default in defaults.items():
+        if key in spec:
+            whole[key] = spec[key]
+        elif default is not inspect.Parameter.empty:
+            whole[key] = list(default) if isinstance(default, tuple) else default
+    folder = Path(tempfile.mkdtemp(prefix="tokenreduce-conf-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    for group in ("reducer", FILE_GROUP):
+        (folder / group).mkdir()
+        (folder / group / FILE_REDUCER).write_text(f"# from {path.resolve()}\n" + yaml.safe_dump(whole, sort_keys=False))
+    return folder
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
     """The configuration `python -m tokenreduce OVERRIDES...` would run, composed in-process
-    (for tests and notebooks). Hydra's `hydra:` node is left out."""
+    (for tests and notebooks), `command_line_arguments` included. Hydra's `hydra:` node is left out."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_files_dir()), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+        return hydra_compose(config_name=config_name, overrides=command_line_arguments(list(overrides or [])))
 
 
 def plain(node):
@@ -163,6 +211,48 @@ def default_run_name(model_name: str, reducer_name: str, params: dict) -> str:
         changed = params
     parts += [f"{k}={_fmt(v)}" for k, v in changed.items()]
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", "-".join(parts))
+
+
+# settings each task does not read: given on the command line, they are refused rather than ignored
+_TRAINING = ("optim", "loss", "checkpoint")
+_EVALUATION_ONLY = ("compare", "search", "budget", "text_reducer")
+UNUSED_SETTINGS = {
+    "evaluate": (*_TRAINING, *_EVALUATION_ONLY),
+    "finetune": _EVALUATION_ONLY,
+    "compare": ("reducer", "text_reducer", "trainer", "logger", "run_name", *_TRAINING, "search", "budget"),
+    "search": ("reducer", "text_reducer", "trainer", "logger", "run_name", *_TRAINING, "compare"),
+    **{task: ("ckpt_path", "eval_split", "trainer", *_TRAINING, "compare", "search", "budget") for task in HF_TASKS},
+}
+WHY_UNUSED = {
+    "compare": "it compares compare.reducers, each at compare.mac_fractions, and times on measure.device",
+    "search": "it searches search.reducer and times on measure.device",
+}
+
+
+def top_key(override: str) -> str:
+    """The top-level setting a command-line override sets: `reducer.r=2` -> reducer,
+    `reducer@text_reducer=tome` -> text_reducer, `~optim.lr` -> optim."""
+    key = override.lstrip("+~").split("=", 1)[0]
+    return key.split("@")[-1].split(".")[0]
+
+
+def check_settings_used(cfg: DictConfig, task: str, overrides: list[str] | None = None) -> None:
+    """Every setting given is honoured, or refused by name: the command line's settings that `task`
+    does not read, a reducer under compare/search, a checkpoint where the task cannot load one."""
+    unused = UNUSED_SETTINGS[task]
+    why = WHY_UNUSED.get(task, "")
+    for override in overrides or []:
+        key = top_key(override)
+        if key in unused and key not in ("reducer", "text_reducer"):  # those two: by their value, below
+            raise ConfigError(f"{override.lstrip('+~')} is not used by task={task}"
+                              f"{f': {why}' if why else ''}; remove it, or choose the task that uses it")
+    for key in ("reducer", "text_reducer"):
+        if key in unused and key in cfg and reducer_spec(cfg[key])[0] != "none":
+            raise ConfigError(f"{key}={reducer_spec(cfg[key])[0]} is not used by task={task}"
+                              f"{f': {why}' if why else ''}; allowed: {key}=none")
+    if "ckpt_path" in unused and cfg.get("ckpt_path") is not None:
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not used by task={task}: its model loads from model.hf; "
+                          "allowed: null")
 
 
 def check_task(cfg: DictConfig) -> str:

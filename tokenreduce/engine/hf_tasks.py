@@ -32,10 +32,11 @@ from torch import Tensor, nn
 
 import tokenreduce
 from tokenreduce.data import hf_sets
+from tokenreduce.data.splits import resolved
 from tokenreduce.engine.config import build_reducer, default_run_name, non_default_params, plain, reducer_spec
 from tokenreduce.engine.loggers import build_loggers, check_loggers, finish_loggers
 from tokenreduce.engine.record import TASK_SUMMARY, TASKS_JSON, TASKS_TABLE, write_new
-from tokenreduce.engine.speed import check_measure, synchronize
+from tokenreduce.engine.speed import LOADED, Load, check_measure, load_average, synchronize, timing_marks
 from tokenreduce.errors import ConfigError, check_number
 
 IMAGE_TEXT_TASKS = ("retrieval", "zeroshot")  # a dual encoder's tasks: its text tower takes `text_reducer`
@@ -415,23 +416,34 @@ def _settings(cfg: DictConfig, task: str, overrides) -> list[tuple[str, dict, st
 
 
 # --- the run ---------------------------------------------------------------------------------------
-def run_task(cfg: DictConfig, task: str, output_dir: Path, overrides: list[str] | None = None) -> list[dict]:
-    """Evaluate the model unreduced and reduced on the task's data; write and print the results."""
-    started = time.perf_counter()
+def check_hf_task(cfg: DictConfig, task: str, overrides: list[str] | None = None) -> tuple:
+    """Every setting of a transformers task, checked before the model loads: (settings, model config,
+    its cached transformers config, data, dataset, resolved measure dtypes and device)."""
     settings = _settings(cfg, task, overrides)
     model_cfg = check_model_config(task, plain(cfg.model))
     check_loggers(plain(cfg.logger))
     config_of = cache(partial(load_config, model_cfg))  # read once: a hub id is looked up online
     data, dataset = check_data(task, plain(cfg.data), config_of)
     mcfg = plain(cfg.measure)
-    dtype, _, device = check_measure(mcfg["batch_size"], mcfg["dtype"], mcfg["autocast"], mcfg["device"],
-                                     mcfg["warmup"], mcfg["repeats"], probe=True)
+    measured = check_measure(mcfg["batch_size"], mcfg["dtype"], mcfg["autocast"], mcfg["device"], mcfg["warmup"],
+                             mcfg["repeats"], probe=True)
+    return settings, model_cfg, config_of, data, dataset, measured
+
+
+def run_task(cfg: DictConfig, task: str, output_dir: Path, overrides: list[str] | None = None,
+             checked: tuple | None = None) -> list[dict]:
+    """Evaluate the model unreduced and reduced on the task's data; write and print the results.
+    `checked`: what `check_hf_task` returned for this configuration, when it has run already."""
+    started = time.perf_counter()
+    checked = checked or check_hf_task(cfg, task, overrides)
+    settings, model_cfg, config_of, data, dataset, (dtype, _, device) = checked
     torch.manual_seed(cfg.seed)
     model, processor = load_model(task, model_cfg, config_of())
     model.to(device=device, dtype=dtype)
     towers = _towers(task, model)
     text_tower = towers["text"] if task in IMAGE_TEXT_TASKS else None
     rows = []
+    before = load_average()
     with torch.inference_mode():
         for reducer, params, text_reducer, text_params in settings:
             tokenreduce.apply(model, reducer, adapter_options=model_cfg["adapter_options"], **params)
@@ -446,13 +458,14 @@ def run_task(cfg: DictConfig, task: str, output_dir: Path, overrides: list[str] 
             for unit, meter in job.meters.items():
                 row.update(meter.summary(unit))
             rows.append(row)
+    load = Load.since(before)
     for tower in towers.values():
         tokenreduce.remove(tower)
     _relative(rows)
     protocol = {"task": task, "model": model_cfg["hf"], "class": model_cfg["hf_class"],
                 "weights": "pretrained" if model_cfg["pretrained"] else "random", "data": _describe(data, dataset),
                 "device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-                "batch_size": data["batch_size"], "seed": cfg.seed}
+                "batch_size": data["batch_size"], "seed": cfg.seed, "load": load.as_record()}
     table = markdown_table(task, rows)
     output_dir.mkdir(parents=True, exist_ok=True)
     elapsed = time.perf_counter() - started
@@ -460,7 +473,9 @@ def run_task(cfg: DictConfig, task: str, output_dir: Path, overrides: list[str] 
         "protocol": protocol, "rows": rows, "seconds": round(elapsed, 1),
         "finished": datetime.datetime.now().isoformat(timespec="seconds")}, indent=2) + "\n")
     header = (f"{task}: {protocol['model']} ({protocol['weights']}) on {protocol['data']}; {protocol['device']}, "
-              f"{protocol['dtype']}, batch {data['batch_size']}, {protocol['threads']} threads")
+              f"{protocol['dtype']}, batch {data['batch_size']}, {protocol['threads']} threads; {load.words()}"
+              + (f" ({LOADED} loaded: above the cores, so its speeds are doubtful)" if timing_marks(load.as_record())
+                 else ""))
     write_new(output_dir / TASKS_TABLE, f"{header}\n\n{table}\n")
     print(f"{header}\n\n{table}\n\nin {elapsed:.0f} s; results: {output_dir}")
     log_rows(cfg, output_dir, model_cfg.get("name") or Path(model_cfg["hf"]).name, rows)
@@ -483,12 +498,15 @@ def log_rows(cfg: DictConfig, output_dir: Path, model_name: str, rows: list[dict
 
 
 def _describe(data: dict, dataset) -> str:
-    where = data.get("annotations") or data.get("path") or data.get("root")
+    """The data in words: name, split, resolved files and folders, and what was evaluated; runs whose
+    words differ are different protocols in `collect_task_results`."""
+    where = " ".join(resolved(data[k]) for k in ("root", "annotations", "path") if data.get(k))
+    split = f" {data['split']}" if data.get("split") else ""
     if isinstance(dataset, hf_sets.CaptionSet):
         count = f"{len(dataset.images)} images, {len(dataset.captions)} captions"
     else:
         count = f"{len(dataset.items)} items, {len(dataset.class_names)} classes"
-    return f"{data.get('name', 'data')} {where} ({count})"
+    return f"{data.get('name', 'data')}{split} {where} ({count})"
 
 
 def _relative(rows: list[dict]) -> None:

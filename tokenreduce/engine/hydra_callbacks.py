@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sys
@@ -11,36 +12,57 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from tokenreduce.engine.collect import collect
-from tokenreduce.engine.record import CHECKPOINT_DIR, RECORD_JSON, TASKS_JSON, ensure_fresh
+from tokenreduce.engine.record import (
+    CHECKPOINT_DIR,
+    LOCK_FILE,
+    RECORD_JSON,
+    TASKS_JSON,
+    ensure_fresh,
+    hold_run_directory,
+)
 from tokenreduce.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 HYDRA_FILES = (".hydra",)  # and the job's *.log: all that a run refused before any compute leaves
 _new_dirs: set[Path] = set()  # run or sweep directories that did not exist when this process started them
+_holding = contextlib.ExitStack()  # the run or sweep directory this process holds (`hold_run_directory`)
 
 
 def discard_refused_run(output_dir: str | Path) -> bool:
     """Remove the run directory of a run refused before any compute: only when this run created it
-    and it holds nothing but Hydra's own files. True when removed."""
+    and it holds nothing but Hydra's own files. True when removed. The refused run's directory is
+    released first."""
+    _holding.close()
     output_dir = Path(output_dir).resolve()
     if not output_dir.is_dir() or not any(output_dir == new or new in output_dir.parents for new in _new_dirs):
         return False
     entries = list(output_dir.iterdir())
-    if any(e.name not in HYDRA_FILES and not (e.is_file() and e.suffix == ".log") for e in entries):
+    if any(e.name not in (*HYDRA_FILES, LOCK_FILE) and not (e.is_file() and e.suffix == ".log") for e in entries):
         return False
     shutil.rmtree(output_dir)
     return True
 
 
 def _refuse(err: ConfigError) -> None:
+    _holding.close()  # released, and removed where this run made it and it is still empty
     print(f"tokenreduce: error: {err}", file=sys.stderr)
     raise SystemExit(2)
 
 
 class FreshRunDirectory(Callback):
     """Stop before Hydra writes anything (its .hydra/ files, the log) into a directory that holds an
-    earlier run's results, which happens only when hydra.run.dir or hydra.sweep.dir is set by hand."""
+    earlier run's results, which happens only when hydra.run.dir or hydra.sweep.dir is set by hand,
+    or that another run holds (`hold_run_directory`, held from here until the run or multirun ends)."""
+
+    @staticmethod
+    def _hold(directory: Path) -> None:
+        # an earlier run of this process that ended with SystemExit (refused, interrupted) never reached on_run_end
+        _holding.close()
+        try:
+            _holding.enter_context(hold_run_directory(directory))
+        except ConfigError as err:
+            _refuse(err)
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         from tokenreduce.engine.run import launched_rank_zero
@@ -50,22 +72,33 @@ class FreshRunDirectory(Callback):
         run_dir = Path(config.hydra.run.dir)
         if not run_dir.exists():
             _new_dirs.add(run_dir.resolve())
+        self._hold(run_dir)
         try:
             ensure_fresh(run_dir)
         except ConfigError as err:
             _refuse(err)
 
+    def on_run_end(self, config: DictConfig, **kwargs) -> None:
+        _holding.close()
+
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from tokenreduce.engine.run import launched_rank_zero
+
+        if not launched_rank_zero():
+            return
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             _new_dirs.add(sweep_dir.resolve())
-            return
+        self._hold(sweep_dir)
         earlier = next(iter(sweep_dir.rglob(RECORD_JSON)), None) or next(iter(sweep_dir.rglob(CHECKPOINT_DIR)), None)
         if earlier is not None:
             _refuse(ConfigError(
                 f"the sweep directory {sweep_dir} already holds {earlier} from an earlier run; a run never "
                 "overwrites results: use a new hydra.sweep.dir (the default is a new timestamped folder)"
             ))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        _holding.close()
 
 
 class CollectOnMultirunEnd(Callback):
@@ -95,3 +128,27 @@ class CollectOnMultirunEnd(Callback):
             print(f"tokenreduce: results not collected: {err}", file=sys.stderr)
             return
         print(f"collected the runs of {sweep_dir}: " + ", ".join(str(p) for p in written.values()))
+
+
+class CheckEveryJob(Callback):
+    """Before a multirun's first job computes, compose every job's configuration and check it
+    (`run.prepare`): one wrong value among the sweep's is refused at once, not after the jobs
+    before it have run."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        from tokenreduce.engine.run import prepare
+
+        if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            return  # another sweeper chooses its jobs as it goes
+        parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        loader = GlobalHydra.instance().config_loader()
+        for number, job in enumerate(jobs):
+            try:
+                prepare(loader.load_sweep_config(config, list(job)), list(job))
+            except ConfigError as err:
+                _refuse(ConfigError(f"job {number} ({' '.join(job)}) of {len(jobs)}: {err}; no job has run"))

@@ -82,6 +82,17 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, lr: float, war
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+REDUCER_LOSS_PREFIX = "train/loss_"  # then a reducer's loss term, e.g. train/loss_consistency
+
+
+def logged_metrics(num_classes: int | None = None) -> list[str]:
+    """The metrics a fine-tune logs whatever its reducer (`ReductionModule`, `TokenStatsCallback`):
+    what `checkpoint.monitor` may name (with Lightning's own epoch and step). top5 only with more than
+    five classes (None: not known yet)."""
+    evaluation = ["val/loss", "val/top1"] + (["val/top5"] if num_classes is None or num_classes > 5 else [])
+    return [*evaluation, "val/gmacs", "val/tokens_out", "train/loss", "train/loss_main", "epoch", "step"]
+
+
 class ReductionModule(L.LightningModule):
     """Evaluates and fine-tunes a model that `tokenreduce.apply` has reduced.
 
@@ -157,7 +168,7 @@ class ReductionModule(L.LightningModule):
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         self.log("train/loss_main", main, batch_size=batch_size)
         for name, value in terms.items():
-            self.log(f"train/loss_{name}", value, batch_size=batch_size)
+            self.log(f"{REDUCER_LOSS_PREFIX}{name}", value, batch_size=batch_size)
         return total
 
     def configure_optimizers(self):

@@ -11,12 +11,15 @@ import datetime
 import importlib
 import os
 import shlex
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import lightning as L
 import timm
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
@@ -34,16 +37,26 @@ from tokenreduce.engine.compare import run_compare, settings_from
 from tokenreduce.engine.config import (
     HF_TASKS,
     build_reducer,
+    check_settings_used,
     check_task,
     default_run_name,
     plain,
     reducer_spec,
+    top_key,
 )
-from tokenreduce.engine.hf_tasks import run_task
+from tokenreduce.engine.console import tell
+from tokenreduce.engine.hf_tasks import check_hf_task, run_task
 from tokenreduce.engine.loggers import build_loggers, check_loggers, finish_loggers
-from tokenreduce.engine.module import LossSettings, OptimSettings, ReductionModule
-from tokenreduce.engine.record import RunRecord, ensure_fresh
+from tokenreduce.engine.module import (
+    REDUCER_LOSS_PREFIX,
+    LossSettings,
+    OptimSettings,
+    ReductionModule,
+    logged_metrics,
+)
+from tokenreduce.engine.record import RunRecord, ensure_fresh, hold_run_directory
 from tokenreduce.engine.speed import check_measure, measure
+from tokenreduce.engine.weights import check_fits, load_backbone, read_checkpoint
 from tokenreduce.errors import ConfigError
 
 STAGES = {"evaluate": "validate", "finetune": "fit", "compare": "validate", "search": "validate"}
@@ -131,6 +144,52 @@ def import_plugins(modules: list[str]) -> None:
                               "environment") from None
 
 
+def build_datamodule(data_cfg: DictConfig):
+    """The `data` config's data module; a ConfigError its constructor raises comes out as itself,
+    not wrapped in Hydra's "Error in call to target"."""
+    try:
+        return instantiate(data_cfg, _convert_="all")
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(f"data: {' '.join(str(err).split())}") from None
+
+
+def check_training_length(trainer_cfg: dict) -> None:
+    """A fine-tune's learning-rate schedule spans its whole length, which must be finite."""
+    epochs, steps = trainer_cfg.get("max_epochs"), trainer_cfg.get("max_steps")
+    if steps not in (None, -1):
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"trainer.max_steps={steps!r} is invalid; allowed: an integer >= 1, or -1 (no limit "
+                              "by steps)")
+        return
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"trainer.max_epochs={epochs!r} is invalid for task=finetune; allowed: an integer >= 1 "
+                          "(the learning-rate schedule needs a finite length), or a trainer.max_steps >= 1")
+
+
+def check_monitor(checkpoint_cfg: dict, num_classes: int | None = None) -> None:
+    """`checkpoint.monitor` must be a metric a fine-tune logs, and `checkpoint.mode` min or max."""
+    monitor, mode = checkpoint_cfg.get("monitor"), checkpoint_cfg.get("mode")
+    allowed = logged_metrics(num_classes)
+    if monitor is not None and monitor not in allowed and not str(monitor).startswith(REDUCER_LOSS_PREFIX):
+        raise ConfigError(f"checkpoint.monitor={monitor!r} is not a metric the fine-tune logs; allowed: "
+                          f"{', '.join(allowed)}, a reducer's {REDUCER_LOSS_PREFIX}<term>, or null (keep the latest)")
+    if mode not in ("min", "max"):
+        raise ConfigError(f"checkpoint.mode={mode!r} is invalid; allowed: min, max")
+
+
+def evaluate_command(overrides: list[str] | None) -> str:
+    """The start of the command that evaluates a searched reducer on the search's own model and data:
+    the search's settings less its own, with task=evaluate."""
+    if overrides is None:  # run in-process without its command line
+        return "python -m tokenreduce <the search's model and data settings> task=evaluate"
+    own = ("task", "search", "budget", "reducer", "compare", "hydra")
+    kept = [o for o in overrides if top_key(o) not in own]
+    return " ".join(["python -m tokenreduce", *map(shlex.quote, kept), "task=evaluate"])
+
+
 def launched_rank_zero() -> bool:
     """Whether this process is rank 0 of a distributed launch (or not distributed at all)."""
     return all(int(os.environ.get(key, "0") or 0) == 0 for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
@@ -155,20 +214,44 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
     `overrides` are the command line's (Hydra's) settings, from which an interrupted fine-tune's
     resume command is built. A fine-tune stopped by SIGINT or SIGTERM writes an "interrupted" record
     and raises `RunInterrupted`; a failure after the evaluation writes a "failed" record keeping the
-    metrics measured before it, then raises.
+    metrics measured before it, then raises. A second run into a directory that a run holds is
+    refused (`hold_run_directory`; rank 0 holds it for every rank).
     """
-    output_dir = Path(output_dir)
+    with hold_run_directory(output_dir) if launched_rank_zero() else nullcontext():
+        return _run(cfg, output_dir, overrides)
+
+
+@dataclass
+class Prepared:
+    """What a run checked and parsed from its configuration before any compute."""
+
+    task: str
+    reducer: object = None
+    reducer_name: str = "none"
+    reducer_params: dict = field(default_factory=dict)
+    optim: OptimSettings | None = None
+    loss: LossSettings | None = None
+    measure: dict = field(default_factory=dict)
+    compare: object = None
+    search: tuple | None = None
+    datamodule: object = None
+    checkpoint: dict | None = None  # the state dict of ckpt_path
+    hf_task: tuple | None = None  # what check_hf_task returned
+
+
+def prepare(cfg: DictConfig, overrides: list[str] | None = None) -> Prepared:
+    """Check every setting of a run before any model is built or any weight read: a ConfigError
+    names the first wrong one. A multirun checks every job this way before the first one runs."""
     task = check_task(cfg)
-    if launched_rank_zero():
-        ensure_fresh(output_dir)
+    check_settings_used(cfg, task, overrides)
     import_plugins(cfg.get("imports") or [])
     if task in HF_TASKS:
-        run_task(cfg, task, output_dir, overrides)
-        return None
+        return Prepared(task, hf_task=check_hf_task(cfg, task, overrides))
     reducer = build_reducer(cfg.reducer, overrides)
     reducer_name, reducer_params = reducer_spec(cfg.reducer)
     optim = _settings(OptimSettings, cfg.get("optim"), "optim")
     loss = _settings(LossSettings, cfg.get("loss"), "loss")
+    datamodule = build_datamodule(cfg.data)  # before measure: measure.batch_size defaults to data.batch_size
     mcfg = plain(cfg.measure)
     unknown = sorted(set(mcfg) - set(MEASURE_KEYS))
     if unknown:
@@ -176,34 +259,58 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
     check_measure(mcfg["batch_size"], mcfg["dtype"], mcfg["autocast"], mcfg["device"], mcfg["warmup"],
                   mcfg["repeats"], probe=bool(mcfg["enabled"]) or task == "compare")
     check_loggers(plain(cfg.logger))
+    if task == "finetune":
+        check_training_length(plain(cfg.trainer))
+        check_monitor(plain(cfg.checkpoint))
     compare_settings = settings_from(cfg) if task == "compare" else None
     search_settings = search_task.settings_from(cfg) if task == "search" else None
-    datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.shuffle_seed = cfg.seed
     if task not in ("compare", "search") or cfg.eval_split == "val":
         datamodule.check(STAGES[task])
     if cfg.eval_split == "test":
         datamodule.check("test")
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is not None and not Path(ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    checkpoint = read_checkpoint(ckpt_path) if ckpt_path is not None else None
+    return Prepared(task, reducer, reducer_name, reducer_params, optim, loss, mcfg, compare_settings, search_settings,
+                    datamodule, checkpoint)
+
+
+def _run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None) -> RunRecord | None:
+    output_dir = Path(output_dir)
+    task = check_task(cfg)
+    if launched_rank_zero():
+        ensure_fresh(output_dir)
+    ready = prepare(cfg, overrides)
+    if task in HF_TASKS:
+        run_task(cfg, task, output_dir, overrides, ready.hf_task)
+        return None
+    reducer, reducer_name, reducer_params = ready.reducer, ready.reducer_name, ready.reducer_params
+    optim, loss, mcfg, datamodule = ready.optim, ready.loss, ready.measure, ready.datamodule
+    ckpt_path = cfg.get("ckpt_path")
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg.model)
     model_cfg = plain(cfg.model)
-    if task == "compare":
+    if task in ("compare", "search"):
+        if ready.checkpoint is not None:
+            load_backbone(model, ready.checkpoint, ckpt_path, model_cfg["name"])
         datamodule.bind_model(model)
-        run_compare(cfg, compare_settings, output_dir, model, datamodule, weights_label(model_cfg, model),
-                    model_cfg["name"], model_cfg.get("adapter_options"))
-        return None
-    if task == "search":
-        datamodule.bind_model(model)
-        search_task.run_search(cfg, *search_settings, output_dir, model, datamodule, weights_label(model_cfg, model),
-                               model_cfg["name"], model_cfg.get("adapter_options"))
+        weights = weights_label(model_cfg, model, ckpt_path)
+        if task == "compare":
+            run_compare(cfg, ready.compare, output_dir, model, datamodule, weights, model_cfg["name"],
+                        model_cfg.get("adapter_options"))
+        else:
+            search_task.run_search(cfg, *ready.search, output_dir, model, datamodule, weights, model_cfg["name"],
+                                   model_cfg.get("adapter_options"), evaluate_command(overrides))
         return None
     tokenreduce.apply(model, reducer, adapter_options=model_cfg.get("adapter_options"))
     datamodule.bind_model(model)
     module = ReductionModule(model, num_classes=model.num_classes, optim=optim, loss=loss)
+    if ready.checkpoint is not None:
+        check_fits(ready.checkpoint, module.state_dict(), ckpt_path, model_cfg["name"])
+        ready.checkpoint = None  # Lightning reads the file itself
+    if task == "finetune":
+        check_monitor(plain(cfg.checkpoint), model.num_classes)
 
     run_name = cfg.get("run_name") or default_run_name(model_cfg["name"], reducer_name, reducer_params)
     loggers = build_loggers(plain(cfg.logger), output_dir, run_name)
@@ -224,11 +331,17 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
                 resume = resume_command(overrides, stop.checkpoint)
                 finish(weights=weights, evaluated=None, results=[], checkpoints=_checkpoints(trainer),
                        status="interrupted", error=str(stop), resume=resume, timed=False)
-                print(f"interrupted by {stop.signal_name} at step {stop.step}; resume with:\n  {resume}")
+                tell(f"interrupted by {stop.signal_name} at step {stop.step}; resume with:\n  {resume}")
                 raise
-            except Exception as err:
-                finish(weights=weights, evaluated=None, results=[], checkpoints=_checkpoints(trainer),
-                       status="failed", error=f"{type(err).__name__}: {err}", timed=False)
+            except BaseException as err:  # SystemExit too: Lightning exits on a second Ctrl-C, rich on a lost pipe
+                checkpoints = _checkpoints(trainer)
+                resume = resume_command(overrides, checkpoints["last"]) if checkpoints["last"] else None
+                finish(weights=weights, evaluated=None, results=[], checkpoints=checkpoints,
+                       status="failed" if isinstance(err, Exception) else "interrupted",
+                       error=f"{type(err).__name__}: {err}", resume=resume, timed=False)
+                if resume:
+                    tell(f"stopped by {type(err).__name__} at step {trainer.global_step}; resume from the latest "
+                         f"checkpoint with:\n  {resume}")
                 raise
             checkpoints = _checkpoints(trainer)
             if checkpoints["best"]:
@@ -294,9 +407,7 @@ def _finish(cfg, task, run_name, model, model_cfg, datamodule, reducer_name, red
         top5=_metric(results, f"{split}/top5"),
         loss=_metric(results, f"{split}/loss"),
         images_per_s=timing.images_per_s if timing else None,
-        measure={"batch_size": timing.batch_size, "dtype": timing.dtype, "autocast": timing.autocast,
-                 "device": timing.device, "warmup": mcfg.get("warmup"), "repeats": mcfg.get("repeats"),
-                 "seconds_per_batch": timing.seconds_per_batch} if timing else {},
+        measure=timing.as_record(warmup=mcfg.get("warmup"), repeats=mcfg.get("repeats")) if timing else {},
         precision=str(trainer.precision),
         gmacs=st["macs"] / 1e9,
         tokens_per_layer=list(st["tokens"]),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
+import pickle
 import signal
 import threading
 import time
@@ -38,6 +38,7 @@ from tokenreduce.engine.record import (
     SEARCH_STATE,
     SEARCH_TABLE,
     SEARCHED_REDUCER,
+    staged_file,
     write_new,
 )
 from tokenreduce.engine.speed import check_measure, images_per_second, time_forward
@@ -56,6 +57,7 @@ from tokenreduce.search.schedule import (
 )
 
 DIFFRATE_OPTIONS = ("lr", "flops_weight", "granularity")  # diffrate_search's own settings
+TORCH_LOAD_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation of torch.load")
 
 
 @dataclass
@@ -105,6 +107,7 @@ class SearchSettings:
         unknown = sorted(set(self.diffrate) - set(DIFFRATE_OPTIONS))
         if unknown:
             raise ConfigError(f"search.diffrate.{unknown[0]} is not a setting; allowed: {', '.join(DIFFRATE_OPTIONS)}")
+        self.diffrate_state = None  # what `resume` names for DiffRate's search (not a setting)
         if self.resume is not None:
             state_file = DIFFRATE_STATE if self.reducer == "diffrate" else SEARCH_STATE
             path = Path(self.resume)
@@ -113,6 +116,8 @@ class SearchSettings:
                 raise ConfigError(f"search.resume={self.resume}: no {state_file} there; allowed: the run directory "
                                   "of an earlier search, or its state file")
             self.resume = str(path)
+            if self.reducer == "diffrate":  # read now, so that a refused file fails before any compute
+                self.diffrate_state = _load_state(self.resume)
 
 
 @dataclass
@@ -204,12 +209,11 @@ def mac_budget_for_speed(search: ScheduleSearch, model: nn.Module, images: torch
 def _save_state(path: Path, state: str | dict) -> None:
     """Write a search state (JSON text, or a dict for torch.save) so that a crash mid-write never
     leaves half a state."""
-    temporary = path.with_suffix(".tmp")
-    if isinstance(state, str):
-        temporary.write_text(state)
-    else:
-        torch.save(state, temporary)
-    os.replace(temporary, path)
+    with staged_file(path, replace=True) as temporary:
+        if isinstance(state, str):
+            temporary.write_text(state)
+        else:
+            torch.save(state, temporary)
 
 
 def _progress(state: SearchState, steps: int, objective: str) -> None:
@@ -350,9 +354,8 @@ def diffrate_strategy(ctx: Context, budget: Budget) -> tuple[float, Found]:
     settings = ctx.settings
     options = dict(settings.diffrate)
     state_path = ctx.output_dir / DIFFRATE_STATE
-    saved = None
-    if settings.resume:
-        saved = torch.load(settings.resume, weights_only=False)
+    saved = settings.diffrate_state
+    if saved is not None:
         check_fingerprint(saved.get("fingerprint", {}), ctx.fingerprint)
         print(f"search: resuming {settings.resume} at step {saved['step']} of {settings.steps}", flush=True)
 
@@ -380,6 +383,20 @@ def diffrate_strategy(ctx: Context, budget: Budget) -> tuple[float, Found]:
                  if found["history"] else None})
 
 
+def _load_state(path: str) -> dict:
+    """A DiffRate search state as `_save_state` wrote it. Only tensors and plain values are read: a
+    file whose unpickling would build other objects (and so could run code) is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        # torch wraps the reason in advice to load with weights_only=False, which is what must not happen
+        detail = [line for line in lines if not line.startswith(TORCH_LOAD_ADVICE)] or lines or [type(err).__name__]
+        raise ConfigError(f"search.resume={path} is refused: torch.load(weights_only=True), which reads only "
+                          f"tensors and plain values, rejects it ({detail[0]}); allowed: the {DIFFRATE_STATE} of "
+                          "an earlier DiffRate search") from None
+
+
 def uniform_merge(ctx: Context, budget: float) -> tuple[str, dict]:
     """DiffRate's uniform counterpart: the same merge count in every layer but the first (which
     DiffRate never reduces), the weakest one within the budget."""
@@ -392,8 +409,10 @@ def uniform_merge(ctx: Context, budget: float) -> tuple[str, dict]:
 
 
 def run_search(cfg: DictConfig, settings: SearchSettings, budget: Budget, output_dir: Path, model: nn.Module,
-               datamodule, weights: str, model_name: str, adapter_options: dict | None = None) -> dict:
-    """Search, evaluate on the held-out split, and write the reducer config and the report."""
+               datamodule, weights: str, model_name: str, adapter_options: dict | None = None,
+               evaluate_with: str = "python -m tokenreduce task=evaluate") -> dict:
+    """Search, evaluate on the held-out split, and write the reducer config and the report.
+    `evaluate_with`: the command, less its reducer, that evaluates on the search's model and data."""
     started = time.perf_counter()
     output_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = {"model": model_name, "weights": weights, "dataset": datamodule.describe(),
@@ -418,6 +437,7 @@ def run_search(cfg: DictConfig, settings: SearchSettings, budget: Budget, output
         "start": None if found.start is None else {"reducer": searched_config(*found.start),
                                                    "calibration": found.start_score},
         "held_out": held_out, "seconds": round(time.perf_counter() - started, 1),
+        "evaluate_command": f"{evaluate_with} reducer={(output_dir / SEARCHED_REDUCER).resolve()}",
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     _write_outputs(output_dir, result)
@@ -480,8 +500,7 @@ def _write_outputs(output_dir: Path, result: dict) -> None:
     reducer = result["searched"]["reducer"]
     header = (f"# Searched by `python -m tokenreduce task=search` for {result['model']}: budget "
               f"{json.dumps(result['budget'])}, {result['objective']} on {result['calibration_images']} calibration "
-              f"images, seed {result['seed']}.\n# Load it with: python -m tokenreduce reducer={output_dir.resolve()}/"
-              f"{SEARCHED_REDUCER}\n")
+              f"images, seed {result['seed']}.\n# Evaluate it with: {result['evaluate_command']}\n")
     write_new(output_dir / SEARCHED_REDUCER, header + yaml.safe_dump(reducer, sort_keys=False,
                                                                        default_flow_style=None))
     write_new(output_dir / SEARCH_JSON, json.dumps(result, indent=2) + "\n")
@@ -489,4 +508,4 @@ def _write_outputs(output_dir: Path, result: dict) -> None:
     write_new(output_dir / SEARCH_TABLE, table + "\n")
     print("\n" + table)
     print(f"\nsearched reducer config: {output_dir / SEARCHED_REDUCER} ({result['seconds']:.0f} s)")
-    print(f"use it with: python -m tokenreduce reducer={(output_dir / SEARCHED_REDUCER).resolve()} ...")
+    print(f"evaluate it with: {result['evaluate_command']}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import os
 import time
 from dataclasses import dataclass
 
@@ -15,11 +16,81 @@ from torch import nn
 from tokenreduce.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SPREAD_LIMIT = 0.10  # (max - min) / median of a timing's rounds above which its rounds are said to disagree
+NOISY, LOADED = "~", "!"  # the marks of a timing whose rounds disagree, and of one timed on a loaded machine
+TIMING_LEGEND = (f"{NOISY} the timing rounds disagree: (max - min) / median of their seconds above "
+                 f"{SPREAD_LIMIT:.0%}; {LOADED} the machine was loaded: its 1-minute load average was above its "
+                 "core count before or after the timing")
 
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (runnable threads, this process's included), or None where
+    the system keeps none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+@dataclass(frozen=True)
+class Load:
+    """The 1-minute load average before and after a timing, the machine's cores and torch's threads."""
+
+    before: float | None
+    after: float | None
+    cores: int | None
+    threads: int
+
+    @classmethod
+    def since(cls, before: float | None) -> Load:
+        """The load now, beside `before`, read when the timing began."""
+        return cls(before, load_average(), os.cpu_count(), torch.get_num_threads())
+
+    def as_record(self) -> dict:
+        return {"load_before": self.before, "load_after": self.after, "cores": self.cores, "threads": self.threads}
+
+    def words(self) -> str:
+        """E.g. "load average 1.9 before timing, 2.4 after, 2 cores"."""
+        shown = ["-" if v is None else f"{v:.1f}" for v in (self.before, self.after)]
+        return f"load average {shown[0]} before timing, {shown[1]} after, {self.cores or '?'} cores"
+
+
+def spread(seconds: list[float]) -> float | None:
+    """(max - min) / median of the seconds of a timing's rounds: 0 when they agree; None without rounds."""
+    return (max(seconds) - min(seconds)) / _median(seconds) if seconds else None
+
+
+def timing_marks(measure: dict) -> str:
+    """The marks of a timing given as a record's `measure` (`Timing.as_record`): NOISY when its rounds
+    disagree (spread above SPREAD_LIMIT), LOADED when the load average before or after it exceeded the
+    cores; "" for a steady timing, and for a record without these readings."""
+    loads = [v for v in (measure.get("load_before"), measure.get("load_after")) if v is not None]
+    noisy = (measure.get("spread") or 0) > SPREAD_LIMIT
+    loaded = bool(loads and measure.get("cores")) and max(loads) > measure["cores"]
+    return (NOISY if noisy else "") + (LOADED if loaded else "")
+
+
+def union_marks(*marks: str) -> str:
+    """The marks found in any of `marks`, each once, in a fixed order."""
+    return "".join(m for m in (NOISY, LOADED) if any(m in each for each in marks))
+
+
+def marks_note(measure: dict) -> str:
+    """The marks of a timing with what they stand for in its numbers, e.g. "~! (rounds 35% apart, over
+    10%; load average 7.9 over 2 cores)"; "" when unmarked."""
+    marks = timing_marks(measure)
+    reasons = []
+    if NOISY in marks:
+        reasons.append(f"rounds {measure['spread']:.0%} apart, over {SPREAD_LIMIT:.0%}")
+    if LOADED in marks:
+        peak = max(v for v in (measure.get("load_before"), measure.get("load_after")) if v is not None)
+        reasons.append(f"load average {peak:.1f} over {measure['cores']} cores")
+    return f"{marks} ({'; '.join(reasons)})" if marks else ""
 
 
 @dataclass(frozen=True)
@@ -30,6 +101,22 @@ class Timing:
     dtype: str
     device: str
     autocast: str | None = None
+    load: Load | None = None  # the machine's load around the timing
+
+    @property
+    def spread(self) -> float | None:
+        return spread(self.seconds_per_batch)
+
+    def as_record(self, **settings) -> dict:
+        """The timing as a run record's `measure`: how it was measured (with `settings`, e.g. warmup and
+        repeats), the seconds of every round, their spread and the machine's load."""
+        return {"batch_size": self.batch_size, "dtype": self.dtype, "autocast": self.autocast, "device": self.device,
+                **settings, "seconds_per_batch": self.seconds_per_batch, "spread": self.spread,
+                **(self.load.as_record() if self.load else {})}
+
+    @property
+    def marks(self) -> str:
+        return timing_marks(self.as_record())
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -103,12 +190,17 @@ def _interleaved(timers: list, warmup: int, rounds: int) -> list[list[float]]:
 
 def images_per_second(batch_size: int, seconds_per_batch: list[float]) -> float:
     """Batch size over the median time: robust to the odd pass slowed by the machine."""
-    return batch_size / sorted(seconds_per_batch)[len(seconds_per_batch) // 2]
+    return batch_size / _median(seconds_per_batch)
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def throughput(model: nn.Module, images: torch.Tensor, repeats: int = 5, warmup: int = 1,
                autocast: torch.dtype | None = None) -> Timing:
-    """Images per second from the median of `repeats` timed forward passes."""
+    """Images per second from the median of `repeats` timed forward passes, with the machine's load."""
+    before = load_average()
     times = time_forward(model, images, repeats, warmup, autocast)
     return Timing(
         images_per_s=images_per_second(images.shape[0], times),
@@ -117,6 +209,7 @@ def throughput(model: nn.Module, images: torch.Tensor, repeats: int = 5, warmup:
         dtype=str(images.dtype).replace("torch.", ""),
         device=str(images.device),
         autocast=str(autocast).replace("torch.", "") if autocast is not None else None,
+        load=Load.since(before),
     )
 
 

@@ -96,6 +96,7 @@ class PiToMe(TokenReducer):
         who = self.name
         if r is not None:
             if ratio != DEFAULT_RATIO and ratio is not None:
+                Schedule(ratio=ratio, owner=who)  # a ratio out of range is named as such, before "not both"
                 raise ConfigError(f"{who}: give either r={r!r} or ratio={ratio!r}, not both")
             ratio = None
         elif ratio is None:

@@ -10,6 +10,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
 
+from tokenreduce.engine.record import save_figure
 from tokenreduce.errors import ConfigError
 from tokenreduce.reducers import reducer_class
 
@@ -79,7 +80,7 @@ def plot_tradeoff(rows: list[dict], x: str, path: str | Path | None = None, *, t
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     _place(ax, fig, labels, [] if baseline is None else [(baseline[x], baseline["top1"])])
     if target is not None:
-        fig.savefig(target, dpi=150)
+        save_figure(fig, target, dpi=150)
     return fig
 
 

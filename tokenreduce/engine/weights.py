@@ -1,0 +1,61 @@
+"""A run's weights from a Lightning checkpoint (`ckpt_path`): read without running code, and checked
+against the model before any compute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tokenreduce.errors import ConfigError
+
+MODULE_PREFIX = "model."  # ReductionModule keeps the model as `model`
+REDUCER_PREFIX = "token_reducer."  # a learned reducer's own weights (DynamicViT's predictors), inside the model
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of the Lightning checkpoint at `path`. It is read with `weights_only=True`
+    (tensors and plain values only: a pickled object would run code) and memory-mapped, so a large
+    file costs little here; a missing, truncated or foreign file is a ConfigError."""
+    if not Path(path).is_file():
+        raise ConfigError(f"ckpt_path={path}: no such checkpoint file")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # truncated zip, not a torch file, a pickled object
+        reason = " ".join(str(err).split()).split(". ")[0][:300]  # torch's first sentence says what is wrong
+        raise ConfigError(f"ckpt_path={path}: cannot be read as a checkpoint ({type(err).__name__}: {reason}); "
+                          "allowed: a checkpoint written by task=finetune") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("state_dict"), dict):
+        raise ConfigError(f"ckpt_path={path}: not a Lightning checkpoint (no state_dict); allowed: a checkpoint "
+                          "written by task=finetune")
+    return saved["state_dict"]
+
+
+def check_fits(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: str | Path,
+               model_name: str) -> None:
+    """A ConfigError unless `state` has exactly the keys of `expected`, with the same shapes."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{len(shapes)} of another shape (e.g. {k}: {tuple(state[k].shape)} in the file, "
+                        f"{tuple(expected[k].shape)} in the model)")
+    if problems:
+        raise ConfigError(f"ckpt_path={path} does not fit model {model_name}: weights {'; '.join(problems)}; "
+                          "allowed: a checkpoint of this model and reducer")
+
+
+def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, model_name: str) -> None:
+    """Load a fine-tune's weights into the unreduced `model` (what task=compare and task=search
+    start from): the checkpoint's model weights, without a learned reducer's own."""
+    weights = {k.removeprefix(MODULE_PREFIX): v for k, v in state.items()
+               if k.startswith(MODULE_PREFIX) and not k.startswith(MODULE_PREFIX + REDUCER_PREFIX)}
+    check_fits(weights, model.state_dict(), path, model_name)
+    model.load_state_dict(weights)
