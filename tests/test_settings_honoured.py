@@ -251,3 +251,20 @@ def test_ctrl_c_with_the_output_piped_still_writes_the_record_and_the_resume_com
     assert record.resume_command and f"ckpt_path={(tmp_path / 'run' / 'checkpoints' / 'last.ckpt').resolve()}" in (
         record.resume_command)
     assert record.resume_command in err  # said where it can still be read
+
+
+def test_an_unreadable_image_names_its_file_and_leaves_a_failed_record(tmp_path):
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp_path / "data" / "val" / label).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(tmp_path / "data" / "val" / label / f"{i}.jpg")
+    broken = tmp_path / "data" / "val" / "a" / "0.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])
+    overrides = ["experiment=smoke", "data=image_folder", f"data.root={tmp_path / 'data'}", "data.num_workers=0",
+                 "model.num_classes=2", "measure.enabled=false", "trainer.enable_progress_bar=false"]
+    with pytest.raises(ConfigError, match=f"the image {broken} cannot be read"):
+        run(compose(overrides), tmp_path / "run")
+    record = load_record(tmp_path / "run" / RECORD_JSON)
+    assert record.status == "failed" and str(broken) in record.error and record.top1 is None

@@ -14,7 +14,15 @@ from tokenreduce.engine.compare import Setting, csv_text, markdown_table, time_s
 from tokenreduce.engine.config import compose
 from tokenreduce.engine.record import RunRecord
 from tokenreduce.engine.run import run
-from tokenreduce.engine.speed import LOADED, NOISY, SPREAD_LIMIT, TIMING_LEGEND, marks_note, timing_marks
+from tokenreduce.engine.speed import (
+    LOADED,
+    NOISY,
+    SPREAD_LIMIT,
+    TIMING_LEGEND,
+    marks_note,
+    spread,
+    timing_marks,
+)
 
 UNSTEADY = [1.0, 1.2, 0.9]  # (1.2 - 0.9) / median 1.0 = 30 % apart
 STEADY = [1.0, 1.05, 1.0]  # 5 % apart
@@ -35,28 +43,38 @@ def fake_throughput(monkeypatch, seconds):
 
 
 def test_a_timing_records_its_spread_and_the_load(monkeypatch, machine):
-    machine += [3.0, 5.0]
+    machine += [3.0, 5.5]
     timing = fake_throughput(monkeypatch, UNSTEADY)
     assert timing.spread == pytest.approx(0.3)
     assert timing.images_per_s == pytest.approx(2.0)  # batch over the median, as before
-    assert (timing.load.before, timing.load.after, timing.load.cores) == (3.0, 5.0, 4)
+    assert (timing.load.before, timing.load.after, timing.load.cores) == (3.0, 5.5, 4)
     assert timing.load.threads == torch.get_num_threads()
     record = timing.as_record(warmup=1, repeats=3)
     assert list(record) == ["batch_size", "dtype", "autocast", "device", "warmup", "repeats", "seconds_per_batch",
                             "spread", "load_before", "load_after", "cores", "threads"]
-    assert record["spread"] == pytest.approx(0.3) and record["load_after"] == 5.0
-    assert timing.marks == NOISY + LOADED  # rounds 30 % apart, load 5 on 4 cores
+    assert record["spread"] == pytest.approx(0.3) and record["load_after"] == 5.5
+    assert timing.marks == NOISY + LOADED  # rounds 30 % apart, load 5.5 on 4 cores
 
 
 def test_a_steady_timing_on_an_idle_machine_is_not_marked(monkeypatch, machine):
-    machine += [1.0, 4.0]  # at the core count, not above it
+    machine += [1.0, 5.0]  # the core count + LOAD_MARGIN, not above it: this run's own threads count in it
     timing = fake_throughput(monkeypatch, STEADY)
     assert timing.spread == pytest.approx(0.05) and timing.marks == ""
 
 
+def test_the_spread_is_the_quartiles_over_the_median_so_one_slow_round_is_not_a_disagreement():
+    # five rounds: lower and upper quartile are the 2nd and 4th of the sorted seconds, the median the 3rd
+    assert spread([1.0, 1.02, 0.98, 1.6, 1.01]) == pytest.approx((1.02 - 1.0) / 1.01)
+    assert spread([1.0, 1.3, 0.8, 1.25, 1.1]) == pytest.approx((1.25 - 1.0) / 1.1)  # most rounds disagree
+    by_hand = sorted([0.5, 0.9, 0.6, 0.7, 0.55, 0.8, 0.65, 0.75, 0.95, 0.52])  # ten: the 3rd and 8th, median the 6th
+    assert spread(by_hand) == pytest.approx((by_hand[7] - by_hand[2]) / by_hand[5])
+    assert spread([2.0, 3.0]) == pytest.approx(1 / 3) and spread([]) is None  # two rounds: (max - min) / upper
+
+
 @pytest.mark.parametrize("measure, marks", [
     ({"spread": SPREAD_LIMIT}, ""), ({"spread": SPREAD_LIMIT + 0.001}, NOISY),
-    ({"spread": 0.0, "load_before": 2.5, "load_after": 1.0, "cores": 2}, LOADED),  # before counts too
+    ({"spread": 0.0, "load_before": 3.5, "load_after": 1.0, "cores": 2}, LOADED),  # before counts too
+    ({"spread": 0.0, "load_before": 2.1, "load_after": 2.9, "cores": 2}, ""),  # a quiet machine under its own run
     ({"spread": 0.0, "load_before": None, "load_after": None, "cores": 2}, ""),  # a system without load averages
     ({"batch_size": 8, "dtype": "float32"}, ""),  # a record written before spread and load were kept
     ({}, ""),

@@ -106,7 +106,7 @@ class Setting:
     images_per_s: float | None = None
     tokens: int | None = None
     times: list[float] = field(default_factory=list)
-    spread: float | None = None  # (max - min) / median of its timing rounds
+    spread: float | None = None  # its timing rounds' quartile spread over their median (speed.spread)
     marks: str = ""  # its speed-up's timing marks (`timing_marks`): its own and the baseline's
 
 

@@ -36,7 +36,15 @@ from tokenreduce.data.splits import resolved
 from tokenreduce.engine.config import build_reducer, default_run_name, non_default_params, plain, reducer_spec
 from tokenreduce.engine.loggers import build_loggers, check_loggers, finish_loggers
 from tokenreduce.engine.record import TASK_SUMMARY, TASKS_JSON, TASKS_TABLE, write_new
-from tokenreduce.engine.speed import LOADED, Load, check_measure, load_average, synchronize, timing_marks
+from tokenreduce.engine.speed import (
+    LOAD_MARGIN,
+    LOADED,
+    Load,
+    check_measure,
+    load_average,
+    synchronize,
+    timing_marks,
+)
 from tokenreduce.errors import ConfigError, check_number
 
 IMAGE_TEXT_TASKS = ("retrieval", "zeroshot")  # a dual encoder's tasks: its text tower takes `text_reducer`
@@ -474,7 +482,7 @@ def run_task(cfg: DictConfig, task: str, output_dir: Path, overrides: list[str] 
         "finished": datetime.datetime.now().isoformat(timespec="seconds")}, indent=2) + "\n")
     header = (f"{task}: {protocol['model']} ({protocol['weights']}) on {protocol['data']}; {protocol['device']}, "
               f"{protocol['dtype']}, batch {data['batch_size']}, {protocol['threads']} threads; {load.words()}"
-              + (f" ({LOADED} loaded: above the cores, so its speeds are doubtful)" if timing_marks(load.as_record())
+              + (f" ({LOADED} loaded: above the cores + {LOAD_MARGIN:g}, so its speeds are doubtful)" if timing_marks(load.as_record())
                  else ""))
     write_new(output_dir / TASKS_TABLE, f"{header}\n\n{table}\n")
     print(f"{header}\n\n{table}\n\nin {elapsed:.0f} s; results: {output_dir}")

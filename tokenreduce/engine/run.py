@@ -348,7 +348,12 @@ def _run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None) -
                 evaluated, eval_ckpt = f"checkpoint:{Path(checkpoints['best']).resolve()}", "best"
             else:
                 evaluated, eval_ckpt = "fine-tuned (final step, no checkpoint)", None
-        results = evaluate(module, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False)
+        try:
+            results = evaluate(module, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False)
+        except BaseException as err:  # e.g. an unreadable image: the run directory says what happened
+            finish(weights=weights, evaluated=evaluated, results=[], checkpoints=checkpoints, status="failed",
+                   error=f"{type(err).__name__}: {err}", timed=False)
+            raise
         return finish(weights=weights, evaluated=evaluated, results=results, checkpoints=checkpoints)
     finally:
         finish_loggers(loggers)

@@ -16,11 +16,14 @@ from torch import nn
 from tokenreduce.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SPREAD_LIMIT = 0.10  # (max - min) / median of a timing's rounds above which its rounds are said to disagree
+SPREAD_LIMIT = 0.10  # a timing's quartile spread (`spread`) above which its rounds are said to disagree
+# a load average above the cores by more than this is a loaded machine: a run's own threads keep the
+# average near the core count while it computes, so a quiet 2-core machine reads 2.0-2.3 (measured)
+LOAD_MARGIN = 1.0
 NOISY, LOADED = "~", "!"  # the marks of a timing whose rounds disagree, and of one timed on a loaded machine
-TIMING_LEGEND = (f"{NOISY} the timing rounds disagree: (max - min) / median of their seconds above "
-                 f"{SPREAD_LIMIT:.0%}; {LOADED} the machine was loaded: its 1-minute load average was above its "
-                 "core count before or after the timing")
+TIMING_LEGEND = (f"{NOISY} the timing rounds disagree: their spread (upper - lower quartile of the seconds, over "
+                 f"the median) is above {SPREAD_LIMIT:.0%}; {LOADED} the machine was loaded: its 1-minute load "
+                 f"average was above its core count + {LOAD_MARGIN:g} before or after the timing")
 
 
 def synchronize(device: torch.device) -> None:
@@ -61,17 +64,23 @@ class Load:
 
 
 def spread(seconds: list[float]) -> float | None:
-    """(max - min) / median of the seconds of a timing's rounds: 0 when they agree; None without rounds."""
-    return (max(seconds) - min(seconds)) / _median(seconds) if seconds else None
+    """(upper - lower quartile) / median of the seconds of a timing's rounds: 0 when they agree; None
+    without rounds. Quartiles, not the extremes: one round slowed by the machine moves the median
+    (what images/s reads) no more than the others do. With 2 or 3 rounds it is (max - min) / median."""
+    if not seconds:
+        return None
+    ordered = sorted(seconds)
+    count = len(ordered)
+    return (ordered[(3 * count - 1) // 4] - ordered[count // 4]) / _median(ordered)
 
 
 def timing_marks(measure: dict) -> str:
     """The marks of a timing given as a record's `measure` (`Timing.as_record`): NOISY when its rounds
     disagree (spread above SPREAD_LIMIT), LOADED when the load average before or after it exceeded the
-    cores; "" for a steady timing, and for a record without these readings."""
+    cores by more than LOAD_MARGIN; "" for a steady timing, and for a record without these readings."""
     loads = [v for v in (measure.get("load_before"), measure.get("load_after")) if v is not None]
     noisy = (measure.get("spread") or 0) > SPREAD_LIMIT
-    loaded = bool(loads and measure.get("cores")) and max(loads) > measure["cores"]
+    loaded = bool(loads and measure.get("cores")) and max(loads) > measure["cores"] + LOAD_MARGIN
     return (NOISY if noisy else "") + (LOADED if loaded else "")
 
 
