@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import timm
 import torch
@@ -54,3 +56,43 @@ def counted_flops(model: torch.nn.Module, *args, **kwargs) -> int:
     with sdpa_kernel(SDPBackend.MATH), counter:
         model(*args, **kwargs)
     return counter.get_total_flops()
+
+
+def cli(monkeypatch, *args: str) -> None:
+    """`python -m tokenreduce ARGS`, in this process (the command line's translation included)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tokenreduce.__main__ import main
+
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(sys, "argv", ["tokenreduce", *args])
+    try:
+        main()
+    finally:
+        GlobalHydra.instance().clear()
+
+
+# A ToMe that, at the training step SIGNAL_AT_STEP, sends its own process the signal SIGNAL (a
+# deterministic Ctrl-C or SLURM SIGTERM); with BATCH_LOG it logs a fingerprint of every batch; with
+# MARKER it first creates that file and waits a second (time for a test to close the output pipe).
+SIGNALLING_PLUGIN = '''
+import os, signal, time
+from tokenreduce import register_reducer
+from tokenreduce.reducers.tome import ToMe
+
+@register_reducer("test_signalling")
+class Signalling(ToMe):
+    steps = 0
+
+    def training_losses(self, context):
+        Signalling.steps += 1
+        if "BATCH_LOG" in os.environ:
+            with open(os.environ["BATCH_LOG"], "a") as f:
+                f.write(f"{float(context.images.double().sum()):.6f} {context.labels.tolist()}\\n")
+        if Signalling.steps == int(os.environ.get("SIGNAL_AT_STEP", 0)):
+            if "MARKER" in os.environ:
+                open(os.environ["MARKER"], "w").close()
+                time.sleep(1.0)
+            os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
+        return {}
+'''

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import cli
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 from torch import nn
@@ -59,18 +60,6 @@ def read_csv(path: Path) -> list[dict]:
 def snapshot(folder: Path) -> dict:
     return {str(p): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def cli(monkeypatch, *args: str) -> None:
-    """`python -m tokenreduce ARGS`, in this process."""
-    from tokenreduce.__main__ import main
-
-    GlobalHydra.instance().clear()
-    monkeypatch.setattr(sys, "argv", ["tokenreduce", *args])
-    try:
-        main()
-    finally:
-        GlobalHydra.instance().clear()
 
 
 # --- off-the-shelf evaluation ----------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SIGNALLING_PLUGIN
 from hydra.core.global_hydra import GlobalHydra
 from torch.utils.data import Dataset
 
@@ -29,25 +30,6 @@ FINETUNE = ["experiment=smoke_finetune", "trainer.enable_progress_bar=false", "d
             "trainer.max_epochs=3", "logger=csv"]
 STEPS_PER_EPOCH, EPOCHS = 4, 3
 
-# A ToMe that, at the training step given by an environment variable, sends its own process a
-# signal (a deterministic Ctrl-C or SLURM SIGTERM), and that logs a fingerprint of every batch.
-PLUGIN = '''
-import os, signal
-from tokenreduce import register_reducer
-from tokenreduce.reducers.tome import ToMe
-
-@register_reducer("test_signalling")
-class Signalling(ToMe):
-    steps = 0
-
-    def training_losses(self, context):
-        Signalling.steps += 1
-        with open(os.environ["BATCH_LOG"], "a") as f:
-            f.write(f"{float(context.images.double().sum()):.6f} {context.labels.tolist()}\\n")
-        if Signalling.steps == int(os.environ.get("SIGNAL_AT_STEP", 0)):
-            os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
-        return {}
-'''
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +53,7 @@ def weights(checkpoint: Path) -> dict:
 # mid-epoch (6 and 3) and at the last batch of an epoch (4)
 @pytest.mark.parametrize("signal_name, at_step", [("SIGINT", 6), ("SIGTERM", 3), ("SIGINT", 4)])
 def test_an_interrupted_finetune_resumes_exactly_where_it_stopped(tmp_path, signal_name, at_step):
-    (tmp_path / "signalling.py").write_text(PLUGIN)
+    (tmp_path / "signalling.py").write_text(SIGNALLING_PLUGIN)
     args = [*FINETUNE, "imports=[signalling]", "reducer=tome", "reducer.name=test_signalling", "reducer.r=2"]
     whole = tokenreduce_cli(tmp_path, [*args, "hydra.run.dir=whole"], BATCH_LOG=str(tmp_path / "whole.log"))
     assert whole.returncode == 0, whole.stderr[-3000:]

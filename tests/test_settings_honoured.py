@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import SIGNALLING_PLUGIN, cli
 from hydra.core.global_hydra import GlobalHydra
 
 from tokenreduce.engine.config import compose, reducer_spec
@@ -35,18 +36,6 @@ def clean_hydra(monkeypatch):
     GlobalHydra.instance().clear()
     yield
     GlobalHydra.instance().clear()
-
-
-def cli(monkeypatch, *args: str) -> None:
-    """`python -m tokenreduce ARGS`, in this process (the command line's translation included)."""
-    from tokenreduce.__main__ import main
-
-    GlobalHydra.instance().clear()
-    monkeypatch.setattr(sys, "argv", ["tokenreduce", *args])
-    try:
-        main()
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def reducer_file(folder: Path, spec: dict | str, name: str = "reducer.yaml") -> Path:
@@ -210,32 +199,16 @@ def test_experiment_null_leaves_the_bare_root_as_documented(tmp_path, monkeypatc
 
 
 # --- a console that loses its reader ---------------------------------------------------------------
-SIGNALLING = '''
-import os, signal, time
-from tokenreduce import register_reducer
-from tokenreduce.reducers.tome import ToMe
-
-@register_reducer("test_pipe_signalling")
-class Signalling(ToMe):
-    steps = 0
-
-    def training_losses(self, context):
-        Signalling.steps += 1
-        if Signalling.steps == 3:
-            open(os.environ["MARKER"], "w").close()  # the pipe's reader goes now, then Ctrl-C comes
-            time.sleep(1.0)
-            os.kill(os.getpid(), signal.SIGINT)
-        return {}
-'''
 
 
 def test_ctrl_c_with_the_output_piped_still_writes_the_record_and_the_resume_command(tmp_path):
     """As with `... | tee log`: Ctrl-C ends the reader too, and every later write to stdout fails."""
-    (tmp_path / "signalling.py").write_text(SIGNALLING)
+    (tmp_path / "signalling.py").write_text(SIGNALLING_PLUGIN)
     marker = tmp_path / "marker"
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "WANDB_MODE": "disabled", "MARKER": str(marker)}
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "WANDB_MODE": "disabled", "MARKER": str(marker),
+           "SIGNAL": "SIGINT", "SIGNAL_AT_STEP": "3"}
     args = [*FINETUNE, "trainer.enable_progress_bar=true", "trainer.max_epochs=3", "imports=[signalling]",
-            "reducer.name=test_pipe_signalling", f"hydra.run.dir={tmp_path / 'run'}"]
+            "reducer.name=test_signalling", f"hydra.run.dir={tmp_path / 'run'}"]
     with open(tmp_path / "stderr", "w") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "tokenreduce", *args], cwd=tmp_path, env=env,
                                    stdout=subprocess.PIPE, stderr=stderr)

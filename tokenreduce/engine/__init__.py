@@ -9,5 +9,8 @@
     callbacks.py       Lightning callbacks (checkpoints, tokens and MACs per evaluation)
     hydra_callbacks.py run-directory guard and multirun collection
     loggers.py         CSV log and W&B (offline without an API key)
-    config.py          where the Hydra config lives, composing it in-process, reducer specs, run names
+    config.py          where the Hydra config lives, composing it in-process, reducer specs, run names,
+                       the settings each task does not read
+    weights.py         a run's weights from a Lightning checkpoint, read safely and checked against the model
+    console.py         standard output that outlives its reader (a pipe closed by Ctrl-C)
 """

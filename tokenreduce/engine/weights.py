@@ -32,21 +32,30 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return saved["state_dict"]
 
 
+def state_mismatch(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                   allow_missing=()) -> tuple[list[str], list[str], list[str]]:
+    """The keys of `shapes` missing from `state` (but those in `allow_missing`), the keys of `state`
+    not in `shapes`, and the keys in both whose shapes differ; each sorted."""
+    missing = sorted(k for k in shapes if k not in state and k not in allow_missing)
+    unexpected = sorted(k for k in state if k not in shapes)
+    wrong = sorted(k for k in shapes if k in state and tuple(state[k].shape) != tuple(shapes[k]))
+    return missing, unexpected, wrong
+
+
 def check_fits(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: str | Path,
                model_name: str) -> None:
     """A ConfigError unless `state` has exactly the keys of `expected`, with the same shapes."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    shapes = {k: tuple(v.shape) for k, v in expected.items()}
+    missing, unexpected, wrong = state_mismatch(state, shapes)
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-    if shapes:
-        k = shapes[0]
-        problems.append(f"{len(shapes)} of another shape (e.g. {k}: {tuple(state[k].shape)} in the file, "
-                        f"{tuple(expected[k].shape)} in the model)")
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)} in the file, "
+                        f"{shapes[k]} in the model)")
     if problems:
         raise ConfigError(f"ckpt_path={path} does not fit model {model_name}: weights {'; '.join(problems)}; "
                           "allowed: a checkpoint of this model and reducer")

@@ -36,6 +36,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
+from tokenreduce.engine.weights import state_mismatch
 from tokenreduce.errors import ConfigError
 from tokenreduce.models import register_offline_model
 
@@ -260,10 +261,8 @@ def _check_resize(resizes: list, path: Path, onnx) -> None:
 
 
 def _shape_problems(state: dict[str, Tensor], shapes: dict[str, tuple[int, ...]], allow_missing=()) -> list[str]:
-    missing = sorted(k for k in shapes if k not in state and k not in allow_missing)
-    unexpected = sorted(k for k in state if k not in shapes)
-    wrong = sorted(f"{k} {tuple(state[k].shape)} (timm: {shapes[k]})" for k in shapes
-                   if k in state and tuple(state[k].shape) != shapes[k])
+    missing, unexpected, wrong = state_mismatch(state, shapes, allow_missing)
+    wrong = [f"{k} {tuple(state[k].shape)} (timm: {shapes[k]})" for k in wrong]
     problems = []
     if missing:
         problems.append(f"timm parameters not filled: {', '.join(missing)}")
