@@ -109,6 +109,16 @@ def test_compare_and_search_start_from_the_checkpoint_they_are_given(tmp_path, f
     assert json.loads((tmp_path / "random" / "comparison.json").read_text())["protocol"]["weights"] == "random"
     assert random_rows[0]["top1"] != baseline["top1"]
 
+    search = ["experiment=smoke", "task=search", "reducer=none", "~reducer.r", "data.train_samples=16",
+              "data.val_samples=12", "data.batch_size=4", "data.num_classes=4", "model.num_classes=4",
+              "budget.macs=0.7", "search.steps=1", "search.images=12", "search.batch_size=4", "search.test_images=12",
+              "measure.warmup=0", "measure.repeats=1", "measure.batch_size=2", f"ckpt_path={finetuned}"]
+    run(compose(search), tmp_path / "search")
+    searched = json.loads((tmp_path / "search" / "search.json").read_text())
+    assert searched["weights"] == f"checkpoint:{finetuned.resolve()}"
+    unreduced = next(row for row in searched["held_out"]["rows"] if row["schedule"] == "unreduced")
+    assert unreduced["top1"] == pytest.approx(evaluated.top1)  # the same 12 images through the same weights
+
 
 @pytest.mark.parametrize("overrides, phrase", [
     ([*COMPARE, "reducer=tome"], "reducer=tome is not used by task=compare"),
