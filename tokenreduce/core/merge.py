@@ -2,7 +2,7 @@
 
 A reducer decides *where* every token goes (an `Assignment`); the functions here decide *how* the
 tokens that share a slot become one. Merging, pruning and fusing all go through `combine`, so the
-weighted merge exists once.
+weighted merge exists once; `unmerge` takes the same assignment back, giving every token its slot.
 """
 
 from __future__ import annotations
@@ -177,6 +177,48 @@ def combine(
         max_norm = scatter_amax(norms, dest, n_out)
         total = total / total.norm(dim=-1, keepdim=True).clamp_min(mlerp_eps) * max_norm
     return total.to(x.dtype), new_sizes
+
+
+def unmerge(y: Tensor, assignment: Assignment, fill: Tensor | None = None) -> Tensor:
+    """The tokens [B, N, C] before `assignment`, from its slots `y` [B, n_out, C]: each token takes
+    its slot's row, in the input's order.
+
+    So a merged source gets its destination's (merged, perhaps since processed) value, a token
+    that kept a slot of its own (prefix tokens included) gets its own, and `unmerge(combine(x))`
+    is `x` wherever the members of a slot were equal (in MLERP up to rounding). A merged output
+    stands for each of its members whole (not a share by size), so sizes are not split back: the
+    sizes, positions and source map of the unmerged tokens are the ones that entered the merge,
+    which the caller keeps (the merged sizes gathered back would count a slot's patches once per
+    member).
+    fill: [B, N, C] values for tokens the assignment dropped (slot n_out), e.g. the block's input
+          so they pass it unchanged; without it a dropped token is refused, as there is no output
+          to give it.
+    """
+    dest, n_out = assignment.dest, assignment.n_out
+    b, n = dest.shape
+    if y.dim() != 3 or y.shape[:2] != (b, n_out):
+        raise ConfigError(f"unmerge: tokens of shape {tuple(y.shape)} is invalid; allowed: "
+                          f"({b}, {n_out}, C), one per slot of the assignment (batch {b}, "
+                          f"{n_out} slots from {n} tokens)")
+    c = y.shape[2]
+    if fill is not None and fill.shape != (b, n, c):
+        raise ConfigError(f"unmerge: fill of shape {tuple(fill.shape)} is invalid; allowed: ({b}, {n}, {c}), "
+                          "one per token before the merge")
+    width = n_out
+    if not assignment.represented:  # a zero row per image for the dropped tokens' index n_out
+        y, width = torch.cat([y, y.new_zeros(b, 1, c)], dim=1), n_out + 1
+    # one row gather over the flattened batch: each image's slots after the previous image's
+    rows = (dest + torch.arange(b, device=dest.device).unsqueeze(1) * width).flatten()
+    out = y.reshape(b * width, c).index_select(0, rows).view(b, n, c)
+    if assignment.represented:  # no token is dropped: nothing to check (and no host sync)
+        return out
+    dropped = (dest == n_out).unsqueeze(-1)
+    if fill is not None:
+        return torch.where(dropped, fill.to(out.dtype), out)
+    if bool(dropped.any()):
+        raise ConfigError(f"unmerge: the assignment drops {int(dropped.sum())} of {b * n} tokens, which "
+                          "have no slot to take; allowed: an assignment that drops none, or fill= values")
+    return out
 
 
 def combine_attention(
