@@ -12,7 +12,8 @@ from torch import nn
 
 import tokenreduce
 from tokenreduce.adapters import Adapter, ModelInfo, adapter_for, adapters, base, is_patched, register_adapter
-from tokenreduce.adapters.timm_vit import TimmBlockOps, pass_macs, run_blocks
+from tokenreduce.adapters.blocks import run_blocks
+from tokenreduce.adapters.timm_vit import TimmBlockOps, pass_macs
 from tokenreduce.errors import ConfigError, UnsupportedModelError
 
 

@@ -8,7 +8,7 @@ from conftest import TINY_MODELS, counted_flops, images_for, make_model, narrow_
 from reduction_checks import check_grad_checkpointing
 
 import tokenreduce
-from tokenreduce.adapters.timm_vit import _ReducedViT
+from tokenreduce.adapters.timm_vit import ReducedViT
 from tokenreduce.core.merge import source_matrix
 from tokenreduce.errors import ConfigError
 from tokenreduce.reducers.tome import ToMe
@@ -93,7 +93,7 @@ def test_apply_twice_replaces_the_reducer_without_double_patching():
     x = images_for(model)
     tokenreduce.apply(model, "tome", r=3)
     tokenreduce.apply(model, "tome", r=9)
-    assert type(model).__mro__.count(_ReducedViT) == 1
+    assert type(model).__mro__.count(ReducedViT) == 1
     assert tokenreduce.reducer_of(model).params()["r"] == 9
     fresh = tokenreduce.apply(make_model("test_vit"), "tome", r=9)
     with torch.no_grad():

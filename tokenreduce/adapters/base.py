@@ -1,94 +1,20 @@
-"""What a reducer may know about a model and do with one block, independent of the model family;
-and the registry of adapters, each placing reducers into one model family (docs/adapters.md)."""
+"""The registry of adapters, each placing reducers into one model family (docs/adapters.md).
+
+What a reducer may know about a model and do with one block is the contract in
+`tokenreduce.core.contract`, re-exported here."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
-from torch import Tensor, nn
+from torch import nn
 
+from tokenreduce.core.contract import BlockOps, BlockReducer, ModelInfo, Patch, is_patched
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, UnclaimedModelError
-from tokenreduce.reducers.base import Signals, TokenReducer
 
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """The facts about a model that reducers check themselves against."""
-
-    name: str
-    depth: int
-    num_prefix: int
-    has_class_token: bool
-    embed_dim: int
-    num_heads: int
-
-
-class BlockOps(Protocol):
-    """The steps of one transformer block, as a reducer calls them."""
-
-    def attention(self, x: Tensor, bias: Tensor | None, needs: frozenset[str]) -> tuple[Tensor, Signals]:
-        """The attention residual step `x + attn(x)`, with the signals the reducer asked for."""
-
-    def mlp(self, x: Tensor) -> Tensor:
-        """The MLP residual step `x + mlp(x)`."""
-
-    def plain(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        """The whole block, unchanged but for the proportional-attention bias."""
-
-    # The attention step in pieces, for reducers that act inside it (see TimmBlockOps).
-    @property
-    def training(self) -> bool:
-        """Whether the block runs in training mode."""
-
-    def attn_input(self, x: Tensor) -> Tensor:
-        """What the attention reads (the pre-norm output, or x in a post-norm block)."""
-
-    def attn_qk(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """Queries and keys [B, H, N, head_dim] of the attention input."""
-
-    def attn_values(self, h: Tensor) -> Tensor:
-        """Values [B, H, N, head_dim] of the attention input."""
-
-    def attn_logits(self, q: Tensor, k: Tensor, bias: Tensor | None) -> Tensor:
-        """Scaled q.k^T plus the additive bias, [B, H, N, N]."""
-
-    def attn_output(self, probs: Tensor, v: Tensor, h: Tensor) -> Tensor:
-        """The attention branch's output [B, N, C] from probabilities and values."""
-
-    def attn_residual(self, x: Tensor, y: Tensor) -> Tensor:
-        """x plus the attention branch's output, through the block's scaling and drop path."""
-
-
-# --- the patch a model carries ------------------------------------------------------------------
-@dataclass
-class Patch:
-    """What `apply` attached to a model: the adapter that placed the reducer, the model's original
-    class and facts, the adapter's options, and the last pass's state."""
-
-    adapter: Adapter
-    original_class: type
-    info: ModelInfo
-    options: dict = field(default_factory=dict)
-    last_state: ReductionState | None = field(default=None, repr=False)
-
-    def changed_options(self) -> dict:
-        """The adapter's options that differ from their defaults (what records and reports name)."""
-        return {key: value for key, value in self.options.items() if value != self.adapter.options[key][0]}
-
-    def sizes_for(self, x: Tensor) -> Tensor | None:
-        """The last pass's token sizes, if `x` has its batch and token count."""
-        state = self.last_state
-        if state is None or state.sizes is None or state.sizes.shape[:2] != x.shape[:2]:
-            return None
-        return state.sizes
-
-
-def is_patched(model: nn.Module) -> bool:
-    """Whether `tokenreduce.apply` placed a reducer into `model` (and `remove` has not taken it out)."""
-    return isinstance(getattr(model, "_tokenreduce", None), Patch)
+__all__ = ["Adapter", "BlockOps", "ModelInfo", "Patch", "adapter_for", "adapters", "is_patched", "register_adapter"]
 
 
 # --- adapters and their registry ----------------------------------------------------------------
@@ -133,7 +59,7 @@ class Adapter:
                                   f"{', '.join(map(repr, self.options[key]))}")
         return {key: options.get(key, allowed[0]) for key, allowed in self.options.items()}
 
-    def patch(self, model: nn.Module, reducer: TokenReducer, info: ModelInfo, options: dict) -> None:
+    def patch(self, model: nn.Module, reducer: BlockReducer, info: ModelInfo, options: dict) -> None:
         model._tokenreduce = Patch(adapter=self, original_class=type(model), info=info, options=options)
         model.token_reducer = reducer
         model.__class__ = self._reduced_class(type(model))
@@ -147,8 +73,13 @@ class Adapter:
         # one class per (adapter, model class), so patched models of a class share it
         key = (self.name, cls)
         if key not in _REDUCED_CLASSES:
-            _REDUCED_CLASSES[key] = type(f"TokenReduced{cls.__name__}", (self.reduced_methods, cls), {})
+            _REDUCED_CLASSES[key] = self.build_reduced_class(cls)
         return _REDUCED_CLASSES[key]
+
+    def build_reduced_class(self, cls: type) -> type:
+        """The class a model of class `cls` takes while it is patched (built once per model class):
+        `reduced_methods` in front of `cls`."""
+        return type(f"TokenReduced{cls.__name__}", (self.reduced_methods, cls), {})
 
 
 _REDUCED_CLASSES: dict[tuple[str, type], type] = {}

@@ -6,7 +6,7 @@ a dual encoder's text tower is reduced by applying a reducer to its `text_model`
 
 The vision tower (`CLIPVisionModel` / `SiglipVisionModel`, the model itself or its `vision_model`)
 gets a `forward` with its own signature and output class; the loop over its encoder layers is
-hf_vit's (timm_vit's `run_blocks`), each layer running as transformers defines it (with the
+hf_vit's (the block loop `run_blocks`), each layer running as transformers defines it (with the
 proportional-attention bias as its attention mask) or through its reducer in the steps of
 `TowerLayerOps`, between the layer's attention residual and its MLP. The models around the tower
 keep their own `forward`, `get_image_features` and `get_text_features`: they call the tower as
@@ -32,25 +32,25 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tokenreduce.adapters.base import _REDUCED_CLASSES, ModelInfo, is_patched, register_adapter
-from tokenreduce.adapters.hf_vit import (
+from tokenreduce.adapters.base import ModelInfo, is_patched, register_adapter
+from tokenreduce.adapters.blocks import run_blocks
+from tokenreduce.adapters.hf_common import (
     INSTALL_HINT,
     PASSED,
     REFUSED_OUTPUTS,
+    HFAdapterBase,
     HFLayerOps,
-    HFViTAdapter,
-    _bind,
-    _from_transformers,
-    _import,
-    _Loop,
+    LayerLoop,
+    bind,
     block_costs,
     check_attention_implementation,
     check_layer_types,
     family_class,
+    from_transformers,
+    import_transformers,
     modeling,
     spec_of,
 )
-from tokenreduce.adapters.timm_vit import run_blocks
 from tokenreduce.core.macs import linear_macs, macs_parts
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, UnclaimedModelError, UnsupportedModelError
@@ -104,7 +104,7 @@ def tower_of(model: nn.Module) -> nn.Module:
 def describe(model: nn.Module) -> ModelInfo:
     """Check that the adapter can reduce `model` exactly; raise UnsupportedModelError if not (a CLIP or
     SigLIP class that it does not support: UnclaimedModelError, which is also a ConfigError)."""
-    cls = _family_class(type(model)) if _from_transformers(type(model)) else None
+    cls = _family_class(type(model)) if from_transformers(type(model)) else None
     if cls is None:
         raise UnsupportedModelError(f"model {type(model).__name__} is not a Hugging Face transformers CLIP or SigLIP "
                                     f"model; supported: {', '.join(SUPPORTED)}")
@@ -209,7 +209,8 @@ class _Link:
     original_class: type
 
 
-def _owner(tower: nn.Module) -> nn.Module:
+def owner_of(tower: nn.Module) -> nn.Module:
+    """The model that holds a tower's reducer: the model the tower belongs to, or the tower itself."""
     link = tower.__dict__.get("_tr_link")
     return tower if link is None else link.owner
 
@@ -240,8 +241,8 @@ class _ReducedTower:
     `_tr_forward`)."""
 
     def _tr_forward(self, original, *args, **kwargs):
-        arguments, extra = _bind(original, self, args, kwargs)
-        owner = _owner(self)
+        arguments, extra = bind(original, self, args, kwargs)
+        owner = owner_of(self)
         _check_arguments(owner, self, arguments, extra)
         clip = hasattr(self, "pre_layrnorm")
         x = self.embeddings(arguments["pixel_values"], interpolate_pos_encoding=arguments.get("interpolate_pos_encoding"))
@@ -249,7 +250,7 @@ class _ReducedTower:
             x = self.pre_layrnorm(x)
         layers = self.encoder.layers
         checkpointing = bool(layers[0].gradient_checkpointing) and layers[0].training
-        loop = _Loop(owner.token_reducer, owner._tokenreduce.info.num_prefix, layers, checkpointing, TowerLayerOps)
+        loop = LayerLoop(owner.token_reducer, owner._tokenreduce.info.num_prefix, layers, checkpointing, TowerLayerOps)
         x, state, _ = run_blocks(loop, x, None)
         owner._tokenreduce.last_state = state
         if clip:  # the class token through post_layernorm; the sequence is the encoder's output
@@ -258,7 +259,7 @@ class _ReducedTower:
             sequence = self.post_layernorm(x)
             pooled = (attention_pool(self.head, sequence, state.sizes, owner.token_reducer.prop_attn)
                       if self.use_head else None)
-        output = _import("transformers.modeling_outputs").BaseModelOutputWithPooling(
+        output = import_transformers("transformers.modeling_outputs").BaseModelOutputWithPooling(
             last_hidden_state=sequence, pooler_output=pooled)
         return_dict = extra.get("return_dict")
         return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
@@ -295,7 +296,7 @@ def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
 
 
 @register_adapter("hf_clip")
-class HFCLIPAdapter(HFViTAdapter):  # hf_vit's patching: the tower's forward keeps its signature
+class HFCLIPAdapter(HFAdapterBase):  # the tower's forward keeps its signature
     family = (f"Hugging Face transformers CLIP and SigLIP image towers ({', '.join(SUPPORTED)}; the text towers: "
               "hf_clip_text)")
     reduced_methods = _ReducedTower
@@ -322,10 +323,8 @@ class HFCLIPAdapter(HFViTAdapter):  # hf_vit's patching: the tower's forward kee
             tower.__class__ = link.original_class
         super().unpatch(model)
 
-    def _reduced_class(self, cls: type) -> type:
+    def build_reduced_class(self, cls: type) -> type:
         if self.claimed_class(cls).__name__ in self.towers:  # the tower: a forward with its own signature
-            return super()._reduced_class(cls)
-        key = (self.name, cls)
-        if key not in _REDUCED_CLASSES:  # the holder's own methods run unchanged
-            _REDUCED_CLASSES[key] = type(f"TokenReduced{cls.__name__}", (_ReducedHolder, cls), {})
-        return _REDUCED_CLASSES[key]
+            return super().build_reduced_class(cls)
+        # the holder: its own methods run unchanged
+        return type(f"TokenReduced{cls.__name__}", (_ReducedHolder, cls), {})

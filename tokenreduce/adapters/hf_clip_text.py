@@ -10,7 +10,7 @@ The tower (`CLIPTextModel` / `SiglipTextModel`: the model itself, or `CLIPTextMo
 padded batch (`attention_mask`, right padding) runs in groups of sequences with the same number of
 tokens in the pass, each without its padding, and the groups' outputs are put back into one
 zero-padded batch (`hf_text.reduced_mask` and `hf_text.mean_pool` read it). The loop over the layers
-is hf_vit's (timm_vit's `run_blocks`) with the steps of hf_clip's `TowerLayerOps`; the attention mask
+is hf_vit's (the block loop `run_blocks`) with the steps of hf_clip's `TowerLayerOps`; the attention mask
 of every layer is built here from the tokens the pass holds (`TextTowerOps`), combined with the
 proportional-attention log-size bias.
 
@@ -47,22 +47,22 @@ import torch
 from torch import Tensor, nn
 
 from tokenreduce.adapters.base import ModelInfo, register_adapter
-from tokenreduce.adapters.hf_clip import FAMILIES, HFCLIPAdapter, TowerLayerOps, _owner, check_tower
-from tokenreduce.adapters.hf_text import check_text_reducer, real_counts
-from tokenreduce.adapters.hf_vit import (
+from tokenreduce.adapters.blocks import run_blocks
+from tokenreduce.adapters.hf_clip import FAMILIES, HFCLIPAdapter, TowerLayerOps, check_tower, owner_of
+from tokenreduce.adapters.hf_common import (
     PASSED,
     REFUSED_OUTPUTS,
-    _bind,
-    _from_transformers,
-    _import,
-    _Loop,
+    LayerLoop,
+    bind,
     block_costs,
     check_attention_implementation,
     family_class,
+    from_transformers,
+    import_transformers,
     refuse_outputs,
     spec_of,
 )
-from tokenreduce.adapters.timm_vit import run_blocks
+from tokenreduce.adapters.hf_text import check_text_reducer, real_counts
 from tokenreduce.core.macs import linear_macs, macs_parts
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, UnsupportedModelError
@@ -105,7 +105,7 @@ def tower_of(model: nn.Module) -> nn.Module:
 
 def describe(model: nn.Module) -> ModelInfo:
     """Check that the adapter can reduce `model` exactly; raise UnsupportedModelError if not."""
-    cls = _claimed_class(type(model)) if _from_transformers(type(model)) else None
+    cls = _claimed_class(type(model)) if from_transformers(type(model)) else None
     if cls is None:
         raise UnsupportedModelError(f"model {type(model).__name__} is not a Hugging Face transformers CLIP or SigLIP "
                                     f"text model; supported: {', '.join(SUPPORTED)}")
@@ -215,7 +215,7 @@ class TextTowerOps(TowerLayerOps):
 
 
 @dataclass
-class _TextLoop(_Loop):
+class _TextLoop(LayerLoop):
     """hf_vit's loop with the steps of `TextTowerOps`; the pass traces the source map, which the
     tokens' positions are read from."""
 
@@ -353,14 +353,14 @@ class _ReducedTextTower:
     `_tr_forward`)."""
 
     def _tr_forward(self, original, *args, **kwargs):
-        arguments, extra = _bind(original, self, args, kwargs)
-        owner = _owner(self)
+        arguments, extra = bind(original, self, args, kwargs)
+        owner = owner_of(self)
         _check_arguments(owner, self, arguments, extra)
         sequence, pooled, state = run_tower(self, owner, arguments)
         owner._tokenreduce.last_state = state
         if hasattr(self, "head"):  # SigLIP
             pooled = self.head(pooled)
-        output = _import("transformers.modeling_outputs").BaseModelOutputWithPooling(
+        output = import_transformers("transformers.modeling_outputs").BaseModelOutputWithPooling(
             last_hidden_state=sequence, pooler_output=pooled)
         return_dict = extra.get("return_dict")
         return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict

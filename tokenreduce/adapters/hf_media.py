@@ -3,7 +3,7 @@
 `ASTForAudioClassification`).
 
 As in hf_vit, the patched model keeps its modules, weights, the signature of its `forward` and its
-output class; the loop over the layers is hf_vit's (timm_vit's `run_blocks`), each layer running as
+output class; the loop over the layers is hf_vit's (the block loop `run_blocks`), each layer running as
 transformers defines it or through its reducer in the steps of an `HFLayerOps`.
 
 VideoMAE: tubelet patch embedding (a Conv3d over frames), fixed sinusoidal positions added by the
@@ -15,7 +15,7 @@ pre-training (`bool_masked_pos`, `VideoMAEForPreTraining`) is refused: the calle
 tokens, and a reducer would change which remain for the decoder.
 
 AST: a class token and a distillation token (2 prefix tokens), then the spectrogram patches; its
-layers have ViT's layout of transformers>=5, so hf_vit's `HFLayerOps` runs them. The pooled output is
+layers have ViT's layout of transformers>=5, so `hf_common.HFLayerOps` runs them. The pooled output is
 the mean of the two prefix tokens, which no reducer merges or drops.
 
 `transformers` is imported only when a model's class comes from it (as in hf_vit).
@@ -28,26 +28,26 @@ from functools import partial
 from torch import Tensor, nn
 
 from tokenreduce.adapters.base import ModelInfo, register_adapter
-from tokenreduce.adapters.hf_vit import (
+from tokenreduce.adapters.blocks import run_blocks, size_weighted_mean
+from tokenreduce.adapters.hf_common import (
     INSTALL_HINT,
     PASSED,
     REFUSED_OUTPUTS,
+    HFAdapterBase,
     HFLayerOps,
-    HFViTAdapter,
-    _bind,
-    _from_transformers,
-    _import,
-    _Loop,
+    LayerLoop,
+    bind,
     block_costs,
     check_attention_implementation,
     check_layer_types,
     check_projections,
     family_class,
+    from_transformers,
+    import_transformers,
     modeling,
     refuse_outputs,
     spec_of,
 )
-from tokenreduce.adapters.timm_vit import run_blocks, size_weighted_mean
 from tokenreduce.core.macs import linear_macs, macs_parts
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, UnclaimedModelError, UnsupportedModelError
@@ -108,7 +108,7 @@ def _check_layers(family: str, name: str, layers: nn.ModuleList) -> None:
 def describe(model: nn.Module) -> ModelInfo:
     """Check that the adapter can reduce `model` exactly; raise UnsupportedModelError if not (a VideoMAE
     or AST class that it does not support: UnclaimedModelError, which is also a ConfigError)."""
-    cls = _family_class(type(model)) if _from_transformers(type(model)) else None
+    cls = _family_class(type(model)) if from_transformers(type(model)) else None
     if cls is None:
         raise UnsupportedModelError(f"model {type(model).__name__} is not a Hugging Face transformers VideoMAE or AST "
                                     f"model; supported: {', '.join(SUPPORTED)}")
@@ -198,7 +198,7 @@ class _ReducedMedia:
     keeps the class's own signature and calls `_tr_forward`)."""
 
     def _tr_forward(self, original, *args, **kwargs):
-        arguments, extra = _bind(original, self, args, kwargs)
+        arguments, extra = bind(original, self, args, kwargs)
         family, head = _spec(self)
         _check_arguments(self, family, arguments, extra)
         encoder = _encoder(self, head)
@@ -207,7 +207,7 @@ class _ReducedMedia:
 
         layers = _layers(encoder)
         checkpointing = bool(layers[0].gradient_checkpointing) and layers[0].training
-        loop = _Loop(self.token_reducer, self._tokenreduce.info.num_prefix, layers, checkpointing, layer_ops)
+        loop = LayerLoop(self.token_reducer, self._tokenreduce.info.num_prefix, layers, checkpointing, layer_ops)
         x, state, _ = run_blocks(loop, x, None)
         self._tokenreduce.last_state = state
         sequence = x if encoder.layernorm is None else encoder.layernorm(x)
@@ -218,7 +218,7 @@ class _ReducedMedia:
         return output if return_dict else output.to_tuple()
 
     def _tr_outputs(self, family: str, head: str, sequence: Tensor, state: ReductionState, labels: Tensor | None):
-        outputs = _import("transformers.modeling_outputs")
+        outputs = import_transformers("transformers.modeling_outputs")
         if family == "videomae":
             if head == "base":
                 return outputs.BaseModelOutput(last_hidden_state=sequence)
@@ -247,7 +247,7 @@ def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
 
 
 @register_adapter("hf_media")
-class HFMediaAdapter(HFViTAdapter):  # hf_vit's patching: the forward keeps its signature
+class HFMediaAdapter(HFAdapterBase):
     family = f"Hugging Face transformers video and audio encoders ({', '.join(SUPPORTED)})"
     reduced_methods = _ReducedMedia
 

@@ -38,26 +38,25 @@ import torch
 from torch import Tensor, nn
 
 from tokenreduce.adapters.base import ModelInfo, is_patched, register_adapter
-from tokenreduce.adapters.hf_vit import (
+from tokenreduce.adapters.blocks import run_blocks
+from tokenreduce.adapters.hf_common import (
     INSTALL_HINT,
     REFUSED_OUTPUTS,
+    HFAdapterBase,
     HFLayerOps,
-    HFViTAdapter,
-    _bind,
-    _encoder,
-    _from_transformers,
-    _import,
-    _Loop,
+    LayerLoop,
+    bind,
     block_costs,
     check_attention_implementation,
     check_layer_types,
+    encoder_of,
     family_class,
+    from_transformers,
+    import_transformers,
     modeling,
     refuse_outputs,
     spec_of,
 )
-from tokenreduce.adapters.timm_naflex import _has_losses
-from tokenreduce.adapters.timm_vit import run_blocks
 from tokenreduce.core.macs import linear_macs, macs_parts
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, UnclaimedModelError, UnsupportedModelError
@@ -94,7 +93,7 @@ def _family_class(cls: type) -> type | None:
     return family_class(cls, FAMILIES)
 
 
-def _spec(model: nn.Module) -> tuple[str, str]:
+def model_spec(model: nn.Module) -> tuple[str, str]:
     """(family, head) of a claimed model, from its original class."""
     return spec_of(model, SUPPORTED, _family_class)
 
@@ -120,7 +119,7 @@ def _refuse_class(model: nn.Module, cls: type) -> None:
 def describe(model: nn.Module) -> ModelInfo:
     """Check that the adapter can reduce `model` exactly; raise UnsupportedModelError if not (a class of
     these families that it does not support: UnclaimedModelError, which is also a ConfigError)."""
-    cls = _family_class(type(model)) if _from_transformers(type(model)) else None
+    cls = _family_class(type(model)) if from_transformers(type(model)) else None
     if cls is None:
         raise UnsupportedModelError(f"model {type(model).__name__} is not a Hugging Face transformers BERT, RoBERTa "
                                     f"or DistilBERT model; supported: {', '.join(SUPPORTED)}")
@@ -133,7 +132,7 @@ def describe(model: nn.Module) -> ModelInfo:
         raise UnsupportedModelError(f"model {name} is configured as a decoder (is_decoder / add_cross_attention): "
                                     "its attention is causal or reads another sequence; supported: encoders "
                                     "(is_decoder=False, add_cross_attention=False)")
-    encoder = _encoder(model, head)
+    encoder = encoder_of(model, head)
     layers = _layers(encoder)
     if layers is None or getattr(encoder, "embeddings", None) is None:
         raise UnsupportedModelError(f"model {name} ({type(model).__name__}) lacks the layout of transformers>=5 "
@@ -261,7 +260,7 @@ def run_text(model: nn.Module, family: str, encoder: nn.Module, arguments: dict,
     return the tokens back in one zero-padded batch and the pass's state (with `groups` when the batch
     mixes lengths; `sizes` always set, 0 for padding)."""
     layers = _layers(encoder)
-    loop = _Loop(model.token_reducer, NUM_PREFIX, layers, bool(layers[0].gradient_checkpointing) and
+    loop = LayerLoop(model.token_reducer, NUM_PREFIX, layers, bool(layers[0].gradient_checkpointing) and
                  layers[0].training, TextLayerOps)
     batch = len(counts)
     groups = []
@@ -307,7 +306,7 @@ def check_text_reducer(model: nn.Module, counts: Tensor) -> None:
         if getattr(reducer, "name", None) == "mstm" and getattr(reducer, "fusion", None) is not None:
             raise ConfigError("mstm: fusion=True is not supported on a text model: the fusion pools a square grid "
                               "of patches, which text has none of; allowed: fusion=False")
-    if model.training and len(counts.unique()) > 1 and _has_losses(model.token_reducer):
+    if model.training and len(counts.unique()) > 1 and model.token_reducer.has_training_losses():
         raise ConfigError(f"reducer {model.token_reducer.name} trains with losses of the whole pass, which a batch "
                           "of sequences with different real lengths splits into groups; allowed: batches whose "
                           "sequences have one length, or eval mode")
@@ -341,12 +340,12 @@ class _ReducedHFText:
     keeps the class's own signature and calls `_tr_forward`)."""
 
     def _tr_forward(self, original, *args, **kwargs):
-        arguments, extra = _bind(original, self, args, kwargs)
+        arguments, extra = bind(original, self, args, kwargs)
         _check_arguments(self, arguments, extra)
-        family, head = _spec(self)
+        family, head = model_spec(self)
         if head == "base":
             _refuse_sentence_pipeline(self)
-        encoder = _encoder(self, head)
+        encoder = encoder_of(self, head)
         tokens = arguments["input_ids"] if arguments.get("input_ids") is not None else arguments["inputs_embeds"]
         batch, length = tokens.shape[:2]
         counts = real_counts(arguments.get("attention_mask"), batch, length, tokens.device)
@@ -359,7 +358,7 @@ class _ReducedHFText:
         return output if return_dict else output.to_tuple()
 
     def _tr_outputs(self, family: str, head: str, encoder: nn.Module, sequence: Tensor, labels: Tensor | None):
-        outputs = _import("transformers.modeling_outputs")
+        outputs = import_transformers("transformers.modeling_outputs")
         if head == "base":
             if family == "distilbert":
                 return outputs.BaseModelOutput(last_hidden_state=sequence)
@@ -425,8 +424,8 @@ def mean_pool(model: nn.Module, last_hidden_state: Tensor, attention_mask: Tenso
 def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
     """MACs of one sequence for the pass that left `state`, split by where they are spent (the
     embeddings are lookups: no MACs)."""
-    family, head = _spec(model)
-    encoder = _encoder(model, head)
+    family, head = model_spec(model)
+    encoder = encoder_of(model, head)
     costs = block_costs(_layers(encoder), model.config.hidden_size, TextLayerOps)
     heads = [getattr(encoder, "pooler", None)]
     if head == "first":
@@ -440,7 +439,7 @@ def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
 
 
 @register_adapter("hf_text")
-class HFTextAdapter(HFViTAdapter):  # hf_vit's patching: the forward keeps its signature
+class HFTextAdapter(HFAdapterBase):
     family = (f"Hugging Face transformers text encoders ({', '.join(SUPPORTED)}; token-level heads are refused: they "
               "need every token)")
     reduced_methods = _ReducedHFText

@@ -33,7 +33,6 @@ import torch
 from torch import Tensor, nn
 
 from tokenreduce.adapters.base import (
-    _REDUCED_CLASSES,
     Adapter,
     ModelInfo,
     Patch,
@@ -42,8 +41,8 @@ from tokenreduce.adapters.base import (
     register_adapter,
 )
 from tokenreduce.adapters.hf_text import PIPELINE_LINK, HFTextAdapter, mean_pool
-from tokenreduce.adapters.hf_text import _spec as text_spec
 from tokenreduce.adapters.hf_text import describe as describe_text
+from tokenreduce.adapters.hf_text import model_spec as text_spec
 from tokenreduce.adapters.hf_text import pass_macs as text_macs
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, UnclaimedModelError, UnsupportedModelError
@@ -234,15 +233,12 @@ class SentenceTransformerAdapter(Adapter):
         pooling.__class__ = pooling.__dict__.pop(PIPELINE_LINK).original_class
         _text_adapter().unpatch(inner)
 
-    def _reduced_class(self, cls: type) -> type:
+    def build_reduced_class(self, cls: type) -> type:
         # the methods go into a direct subclass: sentence-transformers' modules derive from ABC, and a class
         # with another base in front of theirs has a layout that __class__ assignment refuses
-        key = (self.name, cls)
-        if key not in _REDUCED_CLASSES:
-            methods = _ReducedPooling if issubclass(cls, _classes()[2]) else _ReducedSentenceTransformer
-            own = {k: v for k, v in vars(methods).items() if not k.startswith("__")} | {"__module__": __name__}
-            _REDUCED_CLASSES[key] = type(f"TokenReduced{cls.__name__}", (cls,), own)
-        return _REDUCED_CLASSES[key]
+        methods = _ReducedPooling if issubclass(cls, _classes()[2]) else _ReducedSentenceTransformer
+        own = {k: v for k, v in vars(methods).items() if not k.startswith("__")} | {"__module__": __name__}
+        return type(f"TokenReduced{cls.__name__}", (cls,), own)
 
 
 def _text_adapter() -> HFTextAdapter:

@@ -31,24 +31,24 @@ from torch import Tensor, nn
 from tokenreduce.adapters.base import ModelInfo, register_adapter
 from tokenreduce.adapters.timm_vit import (
     POOLS,
+    ReducedViT,
     TimmBlockOps,
     TimmViTAdapter,
-    _model_name,
-    _ReducedViT,
     attend,
+    model_name,
     project,
 )
+from tokenreduce.core.contract import Signals
 from tokenreduce.core.merge import POSITION_RULES
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import UnsupportedModelError
-from tokenreduce.reducers.base import Signals
 
 MODEL_PARTS = ("patch_embed", "_pos_embed", "norm_pre", "blocks", "norm", "num_prefix_tokens", "rope")
 
 
 def describe(model: nn.Module) -> ModelInfo:
     """Check that the adapter can reduce `model` exactly; raise UnsupportedModelError if not."""
-    name = _model_name(model)
+    name = model_name(model)
     if not isinstance(model, Eva):
         raise UnsupportedModelError(f"model {name} ({type(model).__name__}) is not a timm Eva")
     for part in MODEL_PARTS:
@@ -174,7 +174,7 @@ class EvaBlockOps(TimmBlockOps):
 
 
 # --- the patched model -------------------------------------------------------------------------------
-class _ReducedEva(_ReducedViT):
+class _ReducedEva(ReducedViT):
     """timm_vit's patched methods with Eva's embedding, blocks and RoPE positions."""
 
     def _tr_embed(self, x: Tensor) -> tuple[Tensor, _EvaPass]:

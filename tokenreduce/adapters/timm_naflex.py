@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from tokenreduce.adapters.base import ModelInfo, register_adapter
 from tokenreduce.adapters.timm_vit import (
     POOLS,
+    ReducedViT,
     TimmViTAdapter,
-    _model_name,
-    _ReducedViT,
+    model_name,
     run_blocks,
     weighted_pool,
 )
@@ -37,7 +37,7 @@ from tokenreduce.errors import ConfigError, UnsupportedModelError
 
 def describe(model: nn.Module) -> ModelInfo:
     """Check that the adapter can reduce `model` exactly; raise UnsupportedModelError if not."""
-    name = _model_name(model)
+    name = model_name(model)
     if not isinstance(model, NaFlexVit):
         raise UnsupportedModelError(f"model {name} ({type(model).__name__}) is not a timm NaFlexVit")
     if model.rope is not None:
@@ -86,7 +86,7 @@ def run_padded(model: nn.Module, patches: Tensor, patch_coord: Tensor, counts: T
     return out, ReductionState.gather(groups, len(counts), model.num_prefix_tokens + patches.shape[1], width)
 
 
-class _ReducedNaFlex(_ReducedViT):
+class _ReducedNaFlex(ReducedViT):
     """timm_vit's patched loop with NaFlexViT's embedding, padded batches and pooling."""
 
     def _tr_embed(self, x: Tensor) -> tuple[Tensor, None]:
@@ -101,7 +101,7 @@ class _ReducedNaFlex(_ReducedViT):
         naflex = patch_coord is not None
         counts = None if patch_valid is None else real_counts(patch_valid)
         padded = counts is not None and bool((counts < patch_valid.shape[1]).any())
-        if padded and self.training and len(counts.unique()) > 1 and _has_losses(self.token_reducer):
+        if padded and self.training and len(counts.unique()) > 1 and self.token_reducer.has_training_losses():
             raise ConfigError(f"reducer {self.token_reducer.name} trains with losses of the whole pass, which a NaFlex "
                               "batch of images with different patch counts splits into groups; allowed: batches whose "
                               "images have one number of patches, or eval mode")
@@ -137,12 +137,6 @@ class _ReducedNaFlex(_ReducedViT):
     def forward_intermediates(self, *args, **kwargs):
         raise ConfigError("forward_intermediates is not supported on a token-reduced NaFlexViT; call "
                           "tokenreduce.remove(model) first, or use forward_features")
-
-
-def _has_losses(reducer) -> bool:
-    from tokenreduce.reducers.base import TokenReducer
-
-    return type(reducer).training_losses is not TokenReducer.training_losses
 
 
 @register_adapter("timm_naflex")

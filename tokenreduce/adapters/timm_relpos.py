@@ -36,18 +36,18 @@ from torch import Tensor, nn
 
 from tokenreduce.adapters.base import ModelInfo, register_adapter
 from tokenreduce.adapters.timm_vit import (
+    ReducedViT,
     TimmBlockOps,
     TimmViTAdapter,
-    _model_name,
-    _ReducedViT,
     attention_forward,
+    model_name,
     size_weighted_mean,
 )
+from tokenreduce.core.contract import Signals
 from tokenreduce.core.macs import linear_macs
 from tokenreduce.core.merge import POSITION_RULES
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import UnsupportedModelError
-from tokenreduce.reducers.base import Signals
 
 POOLS = ("", "avg", "token")
 BLOCKS = {Beit: (BeitBlock,), VisionTransformerRelPos: (RelPosBlock, ResPostRelPosBlock)}
@@ -56,7 +56,7 @@ ATTENTIONS = {Beit: BeitAttention, VisionTransformerRelPos: RelPosAttention}
 
 def describe(model: nn.Module) -> ModelInfo:
     """Check that the adapter can reduce `model` exactly; raise UnsupportedModelError if not."""
-    name = _model_name(model)
+    name = model_name(model)
     kind = next((cls for cls in BLOCKS if isinstance(model, cls)), None)
     if kind is None:
         raise UnsupportedModelError(f"model {name} ({type(model).__name__}) is not a timm Beit or "
@@ -260,7 +260,7 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 
 # --- the patched model -------------------------------------------------------------------------------
-class _ReducedRelPos(_ReducedViT):
+class _ReducedRelPos(ReducedViT):
     """timm_vit's patched methods with these models' embedding, blocks, positions and head."""
 
     def _tr_embed(self, x: Tensor) -> tuple[Tensor, _RelPosPass]:

@@ -17,12 +17,13 @@ from timm.models.vision_transformer import Block, ResPostBlock, VisionTransforme
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from tokenreduce.adapters.base import Adapter, ModelInfo, register_adapter
+from tokenreduce.adapters.base import Adapter, register_adapter
+from tokenreduce.adapters.blocks import run_blocks, size_weighted_mean
 from tokenreduce.core.attention import attention
+from tokenreduce.core.contract import ATTN, KEYS, ModelInfo, Signals
 from tokenreduce.core.macs import BlockCost, linear_macs, macs_parts
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, UnsupportedModelError
-from tokenreduce.reducers.base import ATTN, KEYS, Signals, TokenReducer
 
 PRE_NORM_BLOCKS = (Block,)
 POST_NORM_BLOCKS = (ResPostBlock,)
@@ -31,7 +32,7 @@ MODEL_PARTS = ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", 
 ATTENTION_PARTS = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop", "num_heads", "head_dim")
 
 
-def _model_name(model: nn.Module) -> str:
+def model_name(model: nn.Module) -> str:
     """timm's `architecture.tag` (e.g. `vit_base_patch16_224.mae`): the tag tells the weights' family."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = cfg.get("architecture") or type(model).__name__
@@ -40,7 +41,7 @@ def _model_name(model: nn.Module) -> str:
 
 def describe(model: nn.Module) -> ModelInfo:
     """Check that the adapter can reduce `model` exactly; raise UnsupportedModelError if not."""
-    name = _model_name(model)
+    name = model_name(model)
     if not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(
             f"model {name} ({type(model).__name__}) is not a timm VisionTransformer; "
@@ -265,40 +266,6 @@ def _embed(model: VisionTransformer, x: Tensor) -> Tensor:
     return model.norm_pre(x)
 
 
-def run_blocks(model: nn.Module, x: Tensor, extra, take: set[int] | None = None, last: int | None = None):
-    """Run the blocks with reduction; return the tokens, the pass's state and the taken intermediates.
-
-    `extra` is what the family's embedding produced besides the tokens (see `_ReducedViT._tr_embed`).
-    A batch of no images runs every block unreduced, so it gives the unpatched model's empty output.
-    """
-    reducer: TokenReducer = model.token_reducer
-    num_prefix = model.num_prefix_tokens
-    depth = len(model.blocks)
-    # reducers rank, pair and gather the tokens of each image, which no reducer defines for no image
-    removals = [0] * depth if x.shape[0] == 0 else reducer.removal_counts(depth, x.shape[1] - num_prefix)
-    state = ReductionState.start(x, num_prefix, removals, reducer.prop_attn, reducer.trace_source)
-    model._tr_start(state, extra)
-    checkpointing = bool(model.grad_checkpointing) and torch.is_grad_enabled() and not torch.jit.is_scripting()
-    taken = []
-    for i, blk in enumerate(model.blocks[: depth if last is None else last + 1]):
-        ops = model._tr_block_ops(blk, state, extra, checkpointing)
-        state.begin_layer(x.shape[1])
-        if x.shape[0] and reducer.acts_at(i, removals[i]):
-            x = reducer.block_forward(ops, x, state, i, removals[i])
-        else:
-            x = ops.plain(x, state.attn_bias(x.dtype))
-        state.end_layer(x.shape[1])
-        if take is not None and i in take:
-            taken.append(x)
-    state.final_tokens = x.shape[1]
-    return x, state, taken
-
-
-def size_weighted_mean(x: Tensor, sizes: Tensor) -> Tensor:
-    """[B, C] the mean of the tokens [B, N, C] weighted by their sizes [B, N, 1] (in float32)."""
-    return ((x.float() * sizes).sum(dim=1) / sizes.sum(dim=1)).to(x.dtype)
-
-
 def weighted_pool(model: nn.Module, x: Tensor, sizes: Tensor, pool_type: str | None, padded: bool = False) -> Tensor:
     """Pooling by token size: the size-weighted mean (avg, avgmax), or attention pooling with the
     proportional-attention bias. With `padded`, tokens of size 0 are padding and take no part."""
@@ -317,7 +284,7 @@ def weighted_pool(model: nn.Module, x: Tensor, sizes: Tensor, pool_type: str | N
     return 0.5 * ((x.masked_fill(sizes == 0, torch.finfo(x.dtype).min) if padded else x).amax(dim=1) + avg)
 
 
-class _ReducedViT:
+class ReducedViT:
     """Methods placed in front of the model's own class by `patch`.
 
     Another timm family built like VisionTransformer (Eva) subclasses it and overrides the `_tr_*` hooks.
@@ -405,6 +372,9 @@ class _ReducedViT:
         return self.norm(x), intermediates
 
 
+_ReducedViT = ReducedViT  # the name families written against earlier releases subclass
+
+
 # --- cost --------------------------------------------------------------------------------------
 def block_costs(model: nn.Module) -> list[BlockCost]:
     costs = []
@@ -444,7 +414,7 @@ def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
 @register_adapter("timm_vit")
 class TimmViTAdapter(Adapter):
     family = "timm VisionTransformer (ViT, DeiT, ViT with registers)"
-    reduced_methods = _ReducedViT
+    reduced_methods = ReducedViT
 
     def claims(self, model: nn.Module) -> bool:
         return isinstance(model, VisionTransformer)

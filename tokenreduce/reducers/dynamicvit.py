@@ -3,7 +3,8 @@
 A small predictor before each pruning stage scores the tokens entering the block. In training the
 keep decisions are sampled with a hard Gumbel-softmax and only mask the attention (every token is
 still computed, so the batch stays rectangular and the decisions get gradients); in inference the
-tokens with the best scores are kept and the others removed for real.
+tokens with the best scores are kept and the others removed for real. `dynamicvit_ratio_loss` (also
+`tokenreduce.losses`) is the keep-ratio loss of a training pass.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tokenreduce.core.merge import keep_assignment
 from tokenreduce.core.schedule import Schedule, no_cap
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, check_number, check_numbers
-from tokenreduce.reducers.base import TokenReducer, reduce_scope, register_reducer
+from tokenreduce.reducers.base import TokenReducer, carried_reducer, reduce_scope, register_reducer
 from tokenreduce.reducers.pruning import top_tokens
 
 # keys of ReductionState.extras written by a training pass
@@ -108,8 +109,6 @@ class DynamicViT(TokenReducer):
     def training_losses(self, context) -> dict[str, Tensor]:
         """The keep-ratio loss of the training pass just run (the engine's loss hook), weighted by
         `ratio_weight`."""
-        from tokenreduce.losses import dynamicvit_ratio_loss
-
         return {"ratio": dynamicvit_ratio_loss(context.model, weight=self.ratio_weight)}
 
     def removal_counts(self, num_layers: int, num_tokens: int) -> list[int]:
@@ -159,3 +158,25 @@ class DynamicViT(TokenReducer):
         probs = softmax_with_policy(ops.attn_logits(*ops.attn_qk(h), state.attn_bias(x.dtype)), policy)
         x = ops.attn_residual(x, ops.attn_output(probs, ops.attn_values(h), h))
         return ops.mlp(x)
+
+
+def dynamicvit_ratio_loss(model: nn.Module, weight: float = 2.0) -> Tensor:
+    """DynamicViT's keep-ratio loss of the model's last forward pass (call it after a training-mode
+    forward of a model carrying a "dynamicvit" reducer).
+
+        loss = weight / S * sum over stages s of mean over the batch of (kept_s - ratio_s)^2
+
+    where kept_s is the fraction of the input's non-prefix tokens a sample still keeps after
+    stage s (the cumulative hard Gumbel decision, with straight-through gradients into the
+    predictors) and ratio_s the reducer's target. Returns a scalar tensor with gradients.
+    """
+    reducer = carried_reducer(model, DynamicViT, "dynamicvit_ratio_loss")
+    state = model._tokenreduce.last_state
+    decisions = None if state is None else state.extras.get(DECISIONS)
+    if not decisions:
+        raise ConfigError(
+            "dynamicvit_ratio_loss: the last pass made no keep decisions; run a forward pass in training mode "
+            "(model.train()) first"
+        )
+    loss = sum(((d.float().mean(dim=1) - ratio) ** 2).mean() for d, ratio in zip(decisions, reducer.ratios, strict=False))
+    return weight * loss / len(decisions)

@@ -17,7 +17,7 @@ from tokenreduce.errors import ConfigError, check_number
 from tokenreduce.reducers.base import HALF_KEEP_RATIO, KEYS, Signals, TokenReducer, register_reducer
 
 if TYPE_CHECKING:
-    from tokenreduce.adapters.base import ModelInfo
+    from tokenreduce.core.contract import ModelInfo
 
 BIPARTITE = "bipartite"  # energy-ordered bipartite matching, ToMe's top-r edges
 PROTECT = "protect"  # the 2r highest-energy tokens merge pairwise, the others are protected

@@ -20,7 +20,7 @@ from tokenreduce.reducers.base import (
 )
 
 if TYPE_CHECKING:
-    from tokenreduce.adapters.base import ModelInfo
+    from tokenreduce.core.contract import ModelInfo
 
 
 @register_reducer("tofu")

@@ -3,7 +3,8 @@
 Chen et al., *DiffRate: Differentiable Compression Rate for Efficient Vision Transformers*,
 ICCV 2023 (arXiv 2305.17997). Every layer but the first has two learnable distributions over the
 candidate kept-token counts `T, T - g, T - 2g, ... >= 1` (T patches, g the granularity): one for
-pruning, one for merging. A masked forward pass drives the model's own blocks:
+pruning, one for merging. A masked forward pass runs the model's own blocks through the timm
+adapter's block loop, with a reducer (`MaskedRates`) that acts at every block:
 
 - each layer sorts its non-prefix tokens by the class token's attention (mean over heads), the
   tokens still alive first;
@@ -33,7 +34,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from tokenreduce.adapters import is_patched
-from tokenreduce.adapters.timm_vit import TimmBlockOps, block_costs, describe
+from tokenreduce.adapters.blocks import run_blocks
+from tokenreduce.adapters.timm_vit import ReducedViT, TimmBlockOps, block_costs, describe
 from tokenreduce.cost import reducer_macs
 from tokenreduce.errors import ConfigError, UnsupportedModelError, check_number
 from tokenreduce.reducers.diffrate import split_counts
@@ -158,31 +160,46 @@ def _straight_through(hard: Tensor, soft: Tensor) -> Tensor:
     return hard + soft - soft.detach()
 
 
-def masked_forward(model: nn.Module, images: Tensor, prune_logits: Tensor | None, merge_logits: Tensor | None,
-                   kept: Tensor, prop_attn: bool = True) -> Tensor:
-    """The model's logits with DiffRate's masks (layer 0 never reduces). With `prune_logits` None,
-    nothing is masked: the unreduced model (up to the softmax's eps)."""
-    prefix = model.num_prefix_tokens
-    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
-    batch, n, _ = x.shape
-    tokens = n - prefix
-    sizes = x.new_ones(batch, n, 1, dtype=torch.float32)
-    mask = x.new_ones(batch, n, dtype=torch.float32)
-    alive = tokens
-    ranks = torch.arange(tokens, device=x.device)
-    for layer, block in enumerate(model.blocks):
-        ops = TimmBlockOps(block)
+SEARCH_STATE = "diffrate.search"  # key of ReductionState.extras: the masked pass's sizes, mask and tokens alive
+
+
+class MaskedRates:
+    """DiffRate's masked pass as a reducer the block loop runs at every block: each block attends with
+    the masks, and every block but the first sorts, prunes (masks) and merges as the logits say. Tokens
+    are never removed; the pass's sizes and mask are its own, in `state.extras[SEARCH_STATE]`."""
+
+    trace_source = False
+
+    def __init__(self, prune_logits: Tensor | None, merge_logits: Tensor | None, kept: Tensor, prop_attn: bool):
+        self.prune_logits, self.merge_logits, self.kept, self.prop_attn = prune_logits, merge_logits, kept, prop_attn
+
+    def removal_counts(self, num_layers: int, num_tokens: int) -> list[int]:
+        return [0] * num_layers
+
+    def acts_at(self, layer: int, removal: int) -> bool:
+        return True
+
+    def block_forward(self, ops, x: Tensor, state, layer: int, removal: int) -> Tensor:
+        prefix = state.num_prefix
+        tokens = x.shape[1] - prefix
+        if layer == 0:
+            batch = x.shape[0]
+            state.extras[SEARCH_STATE] = {"sizes": x.new_ones(batch, x.shape[1], 1, dtype=torch.float32),
+                                          "mask": x.new_ones(batch, x.shape[1], dtype=torch.float32), "alive": tokens}
+        search = state.extras[SEARCH_STATE]
+        sizes, mask, alive = search["sizes"], search["mask"], search["alive"]
+        kept, ranks = self.kept, torch.arange(tokens, device=x.device)
         h = ops.attn_input(x)
         q, k = ops.attn_qk(h)
-        bias = sizes.log().to(x.dtype).transpose(1, 2).unsqueeze(1) if prop_attn else None
+        bias = sizes.log().to(x.dtype).transpose(1, 2).unsqueeze(1) if self.prop_attn else None
         probs = masked_softmax(ops.attn_logits(q, k, bias), mask)
         x = ops.attn_residual(x, ops.attn_output(probs, ops.attn_values(h), h))
-        if layer > 0 and prune_logits is not None:
+        if layer > 0 and self.prune_logits is not None:
             importance = probs[:, :, 0, prefix:].float().mean(dim=1).detach()
             alive_first = importance + 2.0 * mask[:, prefix:].detach()
             order = alive_first.argsort(dim=1, descending=True, stable=True)
             x, sizes, mask, keys = _sort_tokens(order, prefix, x, sizes, mask, k.mean(dim=1))
-            pk_logits, mk_logits = prune_logits[layer - 1], merge_logits[layer - 1]
+            pk_logits, mk_logits = self.prune_logits[layer - 1], self.merge_logits[layer - 1]
             prune_keep = int(expected_kept(pk_logits, kept))
             if prune_keep < alive:
                 soft = keep_probability(pk_logits.softmax(-1), kept, tokens)
@@ -196,11 +213,38 @@ def masked_forward(model: nn.Module, images: Tensor, prune_logits: Tensor | None
                 step = _straight_through((ranks < merge_keep).float(), soft)
                 mask = torch.cat([mask[:, :prefix], mask[:, prefix:] * step], dim=1)
             alive = min(middle, merge_keep)
-        x = ops.mlp(x)
+        search.update(sizes=sizes, mask=mask, alive=alive)
+        return ops.mlp(x)
+
+
+class _SearchLoop:
+    """A timm VisionTransformer as the block loop reads it, with the search's reducer in place of any
+    the model carries (so the model itself is not patched or changed)."""
+
+    def __init__(self, model: nn.Module, reducer: MaskedRates):
+        self.model, self.token_reducer = model, reducer
+        self.num_prefix_tokens, self.blocks = model.num_prefix_tokens, model.blocks
+        self.grad_checkpointing = model.grad_checkpointing
+
+    def _tr_start(self, state, extra) -> None:
+        ReducedViT._tr_start(self.model, state, extra)
+
+    def _tr_block_ops(self, block: nn.Module, state, extra, checkpointing: bool) -> TimmBlockOps:
+        return ReducedViT._tr_block_ops(self.model, block, state, extra, checkpointing)
+
+
+def masked_forward(model: nn.Module, images: Tensor, prune_logits: Tensor | None, merge_logits: Tensor | None,
+                   kept: Tensor, prop_attn: bool = True) -> Tensor:
+    """The model's logits with DiffRate's masks (layer 0 never reduces), run by the timm adapter's block
+    loop. With `prune_logits` None, nothing is masked: the unreduced model (up to the softmax's eps)."""
+    prefix = model.num_prefix_tokens
+    x, extra = ReducedViT._tr_embed(model, images)
+    x, state, _ = run_blocks(_SearchLoop(model, MaskedRates(prune_logits, merge_logits, kept, prop_attn)), x, extra)
+    search = state.extras[SEARCH_STATE]
     x = model.norm(x)
     if model.global_pool == "avg":  # the mean of the tokens still alive, weighted by their sizes
         first = 0 if getattr(model, "pool_include_prefix", False) else prefix
-        weights = (mask.unsqueeze(-1) * sizes)[:, first:]
+        weights = (search["mask"].unsqueeze(-1) * search["sizes"])[:, first:]
         pooled = ((x[:, first:].float() * weights).sum(dim=1) / weights.sum(dim=1)).to(x.dtype)
     else:
         pooled = x[:, 0]
@@ -209,7 +253,7 @@ def masked_forward(model: nn.Module, images: Tensor, prune_logits: Tensor | None
 
 # --- the search --------------------------------------------------------------------------------
 def check_search_model(model: nn.Module) -> None:
-    """The search drives timm's VisionTransformer blocks itself: refuse anything else."""
+    """The search runs timm's VisionTransformer (its embedding, blocks and head): refuse anything else."""
     original = model._tokenreduce.original_class if is_patched(model) else type(model)
     if original is not VisionTransformer:
         raise ConfigError(f"diffrate_search: model class {original.__name__} is not supported; allowed: a plain "
