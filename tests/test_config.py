@@ -30,19 +30,17 @@ from timm.models.vision_transformer import VisionTransformer
 import tokenreduce
 from tokenreduce.adapters import adapter_for
 from tokenreduce.engine.config import (
-    HF_TASKS,
-    TASKS,
     build_reducer,
-    check_task,
     compose,
     config_files_dir,
     config_source,
     default_run_name,
     reducer_spec,
 )
-from tokenreduce.engine.hf_tasks import DATA_NAMES, check_model_config
+from tokenreduce.engine.hf_tasks import check_model_config, specs
 from tokenreduce.engine.loggers import build_loggers, has_wandb_key, wandb_mode
-from tokenreduce.engine.run import build_model, build_trainer, resolve_precision
+from tokenreduce.engine.run import build_model, build_trainer, check_task, resolve_precision
+from tokenreduce.engine.tasks import available
 from tokenreduce.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +79,7 @@ def test_required_experiments_exist():
 @pytest.mark.parametrize("name", options("experiment"))
 def test_every_experiment_composes(name):
     cfg = compose([f"experiment={name}"])
-    assert cfg.task in TASKS
+    assert cfg.task in available()
     reducer, params = reducer_spec(cfg.reducer)
     assert (CONF / "reducer" / f"{reducer}.yaml").is_file()
     assert cfg.model.name and cfg.data.batch_size >= 1
@@ -95,7 +93,7 @@ def test_every_experiment_builds_its_reducer_and_model(name):
     if reducer_name not in tokenreduce.available():
         pytest.skip(f"reducer {reducer_name!r} is not registered in this installation")
     reducer = build_reducer(cfg.reducer)
-    if cfg.task in HF_TASKS:  # hub weights: the model settings fit the task (tests/test_hf_tasks.py runs them)
+    if cfg.task in specs():  # hub weights: the model settings fit the task (tests/test_hf_tasks.py runs them)
         pytest.importorskip("transformers", reason="the transformers tasks need the hf extra")
         check_model_config(cfg.task, OmegaConf.to_container(cfg.model))
         return
@@ -249,7 +247,7 @@ def _image_folder(root: Path, classes=("a", "b", "c"), per_class=2, size=40) -> 
 
 
 # the transformers tasks' data settings are read by their task (tests/test_hf_tasks.py), not instantiated
-@pytest.mark.parametrize("name", sorted(set(options("data")) - {n for names in DATA_NAMES.values() for n in names}))
+@pytest.mark.parametrize("name", sorted(set(options("data")) - {n for spec in specs().values() for n in spec.data_names}))
 def test_data_group_builds(name, tmp_path):
     overrides = [f"data={name}", "data.num_workers=0"]
     if name == "fashion_mnist":

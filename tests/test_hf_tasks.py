@@ -429,11 +429,12 @@ def test_audio_multilabel_end_to_end(tmp_path, saved):
     assert rows[1]["mac_fraction_clip"] < 1
 
 
-@pytest.mark.parametrize("task", hf_tasks.DATA_KEYS)
+@pytest.mark.parametrize("task", hf_tasks.specs())
 def test_each_task_data_config_has_only_its_settings(task):
-    for name in hf_tasks.DATA_NAMES[task]:
+    spec = hf_tasks.specs()[task]
+    for name in spec.data_names:
         data = compose([f"data={name}"]).data
-        assert set(data) <= set(hf_tasks.DATA_KEYS[task]), name
+        assert set(data) <= set(spec.data_keys), name
         assert data.batch_size >= 1 and data.name
 
 

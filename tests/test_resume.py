@@ -101,7 +101,7 @@ def test_last_checkpoint_holds_the_final_step_when_the_best_is_early(tmp_path):
 def test_a_resumed_finetune_keeps_the_best_checkpoint_from_before_the_interruption(tmp_path, monkeypatch):
     import lightning as L
 
-    import tokenreduce.engine.run as engine
+    import tokenreduce.engine.tasks.lightning as engine
     from tokenreduce.engine.callbacks import LatestCheckpoint, RunInterrupted
 
     # the validation loss falls as the model learns, so with mode=max the first epoch stays the best;
@@ -230,7 +230,7 @@ EVALUATE = ["experiment=smoke", "trainer.enable_progress_bar=false", "data.train
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 @pytest.mark.parametrize("setting", ["measure.device=cuda", "measure.device=cuda:3", "measure.device=tpu"])
 def test_a_measuring_device_that_is_not_there_is_refused_before_any_compute(tmp_path, setting, monkeypatch):
-    import tokenreduce.engine.run as engine
+    import tokenreduce.engine.tasks.lightning as engine
 
     monkeypatch.setattr(engine, "build_model", lambda *a, **k: pytest.fail("built a model"))
     with pytest.raises(ConfigError, match=f"measure.device='{setting.split('=')[1]}'"):
@@ -239,7 +239,7 @@ def test_a_measuring_device_that_is_not_there_is_refused_before_any_compute(tmp_
 
 
 def test_a_failure_after_the_evaluation_keeps_what_was_measured(tmp_path, monkeypatch):
-    import tokenreduce.engine.run as engine
+    import tokenreduce.engine.tasks.lightning as engine
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")

@@ -14,9 +14,6 @@ from tokenreduce.reducers import create_reducer, reducer_defaults
 from tokenreduce.reducers.base import TokenReducer
 
 CONFIG_PACKAGE = "tokenreduce.conf"
-# the evaluations of transformers models (engine/hf_tasks.py), each beside the unreduced model
-HF_TASKS = ("retrieval", "zeroshot", "text_classification", "video_classification", "audio_classification")
-TASKS = ("evaluate", "finetune", "compare", "search", *HF_TASKS)
 FILE_REDUCER = "from_file.yaml"  # the name a reducer=<file> config takes in its temporary config group
 
 
@@ -213,53 +210,8 @@ def default_run_name(model_name: str, reducer_name: str, params: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", "-".join(parts))
 
 
-# settings each task does not read: given on the command line, they are refused rather than ignored
-_TRAINING = ("optim", "loss", "checkpoint")
-_EVALUATION_ONLY = ("compare", "search", "budget", "text_reducer")
-UNUSED_SETTINGS = {
-    "evaluate": (*_TRAINING, *_EVALUATION_ONLY),
-    "finetune": _EVALUATION_ONLY,
-    "compare": ("reducer", "text_reducer", "trainer", "logger", "run_name", *_TRAINING, "search", "budget"),
-    "search": ("reducer", "text_reducer", "trainer", "logger", "run_name", *_TRAINING, "compare"),
-    **{task: ("ckpt_path", "eval_split", "trainer", *_TRAINING, "compare", "search", "budget") for task in HF_TASKS},
-}
-WHY_UNUSED = {
-    "compare": "it compares compare.reducers, each at compare.mac_fractions, and times on measure.device",
-    "search": "it searches search.reducer and times on measure.device",
-}
-
-
 def top_key(override: str) -> str:
     """The top-level setting a command-line override sets: `reducer.r=2` -> reducer,
     `reducer@text_reducer=tome` -> text_reducer, `~optim.lr` -> optim."""
     key = override.lstrip("+~").split("=", 1)[0]
     return key.split("@")[-1].split(".")[0]
-
-
-def check_settings_used(cfg: DictConfig, task: str, overrides: list[str] | None = None) -> None:
-    """Every setting given is honoured, or refused by name: the command line's settings that `task`
-    does not read, a reducer under compare/search, a checkpoint where the task cannot load one."""
-    unused = UNUSED_SETTINGS[task]
-    why = WHY_UNUSED.get(task, "")
-    for override in overrides or []:
-        key = top_key(override)
-        if key in unused and key not in ("reducer", "text_reducer"):  # those two: by their value, below
-            raise ConfigError(f"{override.lstrip('+~')} is not used by task={task}"
-                              f"{f': {why}' if why else ''}; remove it, or choose the task that uses it")
-    for key in ("reducer", "text_reducer"):
-        if key in unused and key in cfg and reducer_spec(cfg[key])[0] != "none":
-            raise ConfigError(f"{key}={reducer_spec(cfg[key])[0]} is not used by task={task}"
-                              f"{f': {why}' if why else ''}; allowed: {key}=none")
-    if "ckpt_path" in unused and cfg.get("ckpt_path") is not None:
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not used by task={task}: its model loads from model.hf; "
-                          "allowed: null")
-
-
-def check_task(cfg: DictConfig) -> str:
-    task = cfg.get("task")
-    if task not in TASKS:
-        raise ConfigError(f"task={task!r} is invalid; allowed: {', '.join(TASKS)}")
-    split = cfg.get("eval_split")
-    if split not in ("val", "test"):
-        raise ConfigError(f"eval_split={split!r} is invalid; allowed: val, test")
-    return task

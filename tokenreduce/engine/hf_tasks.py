@@ -1,5 +1,6 @@
-"""The evaluation tasks of Hugging Face `transformers` models (docs/tasks.md), each measured unreduced
-and with the configured reducer, side by side:
+"""What the evaluation tasks of Hugging Face `transformers` models share (docs/tasks.md); each task is
+a module of engine/tasks/ that declares a `TransformersTask`. Each is measured unreduced and with
+the configured reducer, side by side:
 
 - `task=retrieval`: image->text and text->image recall@1/5/10 of CLIP/SigLIP on a Karpathy-split
   Flickr30k or COCO layout;
@@ -45,31 +46,53 @@ from tokenreduce.engine.speed import (
     synchronize,
     timing_marks,
 )
+from tokenreduce.engine.tasks import Task, available, register_task
 from tokenreduce.errors import ConfigError, check_number
 
-IMAGE_TEXT_TASKS = ("retrieval", "zeroshot")  # a dual encoder's tasks: its text tower takes `text_reducer`
 MODEL_KEYS = ("hf", "hf_class", "pretrained", "attn_implementation", "adapter_options")
-# what the model class must be for each task: a dual image-text encoder, or a classifier of the modality
-CLASS_RULES = {
-    "retrieval": ("CLIPModel", "SiglipModel"),
-    "zeroshot": ("CLIPModel", "SiglipModel"),
-    "text_classification": ("ForSequenceClassification",),
-    "video_classification": ("ForVideoClassification",),
-    "audio_classification": ("ForAudioClassification",),
-}
-DATA_KEYS = {
-    "retrieval": ("name", "root", "annotations", "split", "images", "batch_size", "num_workers", "max_length"),
-    "zeroshot": ("name", "root", "class_names", "templates", "images", "batch_size", "num_workers", "max_length"),
-    "text_classification": ("name", "path", "text_field", "label_field", "class_names", "texts", "batch_size",
-                            "num_workers", "max_length"),
-    "video_classification": ("name", "root", "annotations", "class_names", "multilabel", "clips", "batch_size",
-                             "num_workers"),
-    "audio_classification": ("name", "root", "annotations", "class_names", "multilabel", "clips", "batch_size",
-                             "num_workers"),
-}
-# how each task's inputs are prepared: the transformers Auto class of its processor
-PROCESSORS = {"retrieval": "AutoProcessor", "zeroshot": "AutoProcessor", "text_classification": "AutoTokenizer",
-              "video_classification": "AutoImageProcessor", "audio_classification": "AutoFeatureExtractor"}
+# the top-level settings no transformers task reads
+UNUSED = ("ckpt_path", "eval_split", "trainer", "optim", "loss", "checkpoint", "compare", "search", "budget")
+
+
+@dataclass(frozen=True)
+class TransformersTask:
+    """What makes one transformers task: its model classes, data, processor and evaluation. Each
+    task's module (engine/tasks/) declares one and registers it with `register_transformers_task`."""
+
+    name: str
+    classes: tuple[str, ...]  # the model's class: one of these, or a class ending in one ("ForXClassification")
+    data_keys: tuple[str, ...]  # the settings its data config may have
+    data_names: tuple[str, ...]  # its data configs (conf/data/)
+    processor: str  # the transformers Auto class of its processor
+    units: tuple[str, ...]  # the towers timed: the first is the model, "text" its text tower
+    read_data: Callable[[dict, Callable[[], object]], object]  # (data settings, config_of) -> the set's index
+    evaluate: Callable[[Job], dict]  # its metrics on one setting
+
+    @property
+    def image_text(self) -> bool:
+        """A dual encoder's task: its text tower takes `text_reducer`."""
+        return "text" in self.units[1:]
+
+
+SPECS: dict[str, TransformersTask] = {}
+
+
+def register_transformers_task(spec: TransformersTask) -> Task:
+    """Register `spec` and the engine task that runs it."""
+    SPECS[spec.name] = spec
+    return register_task(Task(
+        name=spec.name, unused=UNUSED,
+        check=lambda cfg, overrides: check_hf_task(cfg, spec.name, overrides),
+        run=lambda context, checked: run_task(context.cfg, spec.name, context.output_dir, context.overrides, checked),
+    ))
+
+
+def specs() -> dict[str, TransformersTask]:
+    """Every registered transformers task, by name."""
+    available()  # the package's own task modules register theirs when first asked
+    return SPECS
+
+
 INSTALL_HINT = "pip install 'tokenreduce[hf]' (transformers>=5)"
 
 
@@ -91,7 +114,7 @@ def check_model_config(task: str, model_cfg: dict) -> dict:
         raise ConfigError(f"task={task}: {problem}; allowed: a transformers model config ({', '.join(MODEL_KEYS)}), "
                           "e.g. model=hf_clip_b16, with model.hf a hub id or a local folder")
     cls = model_cfg.get("hf_class")
-    rules = CLASS_RULES[task]
+    rules = specs()[task].classes
     if not isinstance(cls, str) or not (cls in rules or cls.endswith(rules)):
         raise ConfigError(f"task={task}: model.hf_class={cls!r} is invalid; allowed: "
                           f"{' or '.join(('a ' if r.startswith('For') else '') + r for r in rules)}"
@@ -125,7 +148,7 @@ def load_model(task: str, model_cfg: dict, config) -> tuple[nn.Module, object]:
         model = cls.from_pretrained(model_cfg["hf"], attn_implementation=impl)
     else:
         model = cls._from_config(config, attn_implementation=impl)
-    loader = getattr(transformers, PROCESSORS[task])
+    loader = getattr(transformers, specs()[task].processor)
     try:
         processor = loader.from_pretrained(model_cfg["hf"])
     except (OSError, ValueError) as err:
@@ -134,7 +157,7 @@ def load_model(task: str, model_cfg: dict, config) -> tuple[nn.Module, object]:
     return model.eval(), processor
 
 
-def _part(processor, name: str):
+def part(processor, name: str):
     """The tokenizer / image processor of a combined processor, or the processor itself."""
     return getattr(processor, name, None) or processor
 
@@ -242,7 +265,7 @@ class Job:
         return _batches(items, self.data["batch_size"], self.data["num_workers"], decode)
 
     def text_inputs(self, texts: list[str]) -> dict:
-        tokenizer = _part(self.processor, "tokenizer")
+        tokenizer = part(self.processor, "tokenizer")
         siglip = self.model.config.model_type == "siglip"
         max_length = self.data.get("max_length") or (64 if siglip else None)
         # SigLIP was trained on texts padded to 64 tokens, and pools the last position
@@ -253,7 +276,7 @@ class Job:
 
     def image_inputs(self, paths: list[Path]) -> dict:
         images = [hf_sets.load_image(p) for p in paths]
-        return {"pixel_values": _part(self.processor, "image_processor")(images=images, return_tensors="pt")[
+        return {"pixel_values": part(self.processor, "image_processor")(images=images, return_tensors="pt")[
             "pixel_values"]}
 
     def outputs(self, items: list, decode: Callable, forward: Callable, unit: str) -> list:
@@ -274,29 +297,9 @@ class Job:
         return torch.nn.functional.normalize(torch.cat([_features(o) for o in out]).float(), dim=-1)
 
 
-def evaluate_retrieval(job: Job) -> dict:
-    captions: hf_sets.CaptionSet = job.dataset
-    image_embeds = job.embed_images(captions.images)
-    text_embeds = job.embed_texts(captions.captions)
-    return recall_at_k(image_embeds @ text_embeds.T, torch.tensor(captions.image_of))
-
-
-def class_embeddings(job: Job, class_names: list[str], templates: list[str]) -> Tensor:
-    """One embedding per class: the normalised mean of its prompts' normalised embeddings."""
-    prompts = [t.format(name) for name in class_names for t in templates]
-    embeds = job.embed_texts(prompts).view(len(class_names), len(templates), -1).mean(1)
-    return torch.nn.functional.normalize(embeds, dim=-1)
-
-
-def evaluate_zeroshot(job: Job) -> dict:
-    data: hf_sets.LabelledSet = job.dataset
-    classes = class_embeddings(job, data.class_names, job.data["templates"])
-    logits = job.embed_images(data.items) @ classes.T
-    labels = torch.tensor(data.labels)
-    return {"top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5)}
-
-
-def _classify(job: Job, decode: Callable, unit: str) -> dict:
+def classify(job: Job, decode: Callable, unit: str) -> dict:
+    """top1/top5 of a classifier on the job's labelled set, or mAP where items have several labels;
+    `decode` turns a batch of items into the model's inputs."""
     data: hf_sets.LabelledSet = job.dataset
     logits = torch.cat([out.logits.float() for out in job.outputs(data.items, decode, job.model, unit)])
     if data.multilabel:
@@ -305,107 +308,52 @@ def _classify(job: Job, decode: Callable, unit: str) -> dict:
     return {"top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5)}
 
 
-def evaluate_text(job: Job) -> dict:
-    tokenizer = _part(job.processor, "tokenizer")
-
-    def decode(texts):
-        encoded = tokenizer(texts, padding=True, truncation=True, max_length=job.data.get("max_length"),
-                            return_tensors="pt")
-        return {k: encoded[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded}
-
-    result = _classify(job, decode, "text")
-    return {"accuracy": result["top1"]}
-
-
-def evaluate_video(job: Job) -> dict:
-    frames = job.model.config.num_frames
-
-    def decode(folders):
-        clips = [hf_sets.load_frames(folder, frames) for folder in folders]
-        return {"pixel_values": _part(job.processor, "image_processor")(clips, return_tensors="pt")["pixel_values"]}
-
-    return _classify(job, decode, "clip")
-
-
-def evaluate_audio(job: Job) -> dict:
-    extractor = _part(job.processor, "feature_extractor")
-
-    def decode(paths):
-        waves = [hf_sets.load_wav(p, extractor.sampling_rate) for p in paths]
-        return {"input_values": extractor(waves, sampling_rate=extractor.sampling_rate, return_tensors="pt")[
-            "input_values"]}
-
-    return _classify(job, decode, "clip")
-
-
-EVALUATIONS = {"retrieval": evaluate_retrieval, "zeroshot": evaluate_zeroshot, "text_classification": evaluate_text,
-               "video_classification": evaluate_video, "audio_classification": evaluate_audio}
-# the towers timed in each task: unit -> how to reach the tower whose stats count it
-UNITS = {"retrieval": ("image", "text"), "zeroshot": ("image", "text"), "text_classification": ("text",),
-         "video_classification": ("clip",), "audio_classification": ("clip",)}
-
-
 # --- settings and data ---------------------------------------------------------------------------
 def check_data(task: str, data_cfg: dict, config_of: Callable[[], object]) -> tuple[dict, object]:
     """The data settings with defaults, and the set's index (files checked, nothing decoded).
     `config_of()` gives the model's config, read only once the data's files are found (a classifier's
     labels are checked against its classes)."""
-    unknown = sorted(set(data_cfg) - set(DATA_KEYS[task]))
+    spec = specs()[task]
+    unknown = sorted(set(data_cfg) - set(spec.data_keys))
     if unknown:
         raise ConfigError(f"task={task}: data.{unknown[0]} is not a setting of this task's data; allowed: "
-                          f"{', '.join(DATA_KEYS[task])} (data={'|'.join(DATA_NAMES[task])})")
+                          f"{', '.join(spec.data_keys)} (data={'|'.join(spec.data_names)})")
     data = {"batch_size": 32, "num_workers": 0, "max_length": None, **data_cfg}
     check_number("data", "batch_size", data["batch_size"], low=1, integer=True)
     check_number("data", "num_workers", data["num_workers"], low=0, integer=True)
     for key in ("images", "texts", "clips", "max_length"):
         if data.get(key) is not None:
             check_number("data", key, data[key], low=1, integer=True)
-    names = data.get("class_names")
-    if task == "retrieval":
-        return data, hf_sets.read_karpathy(data.get("root"), data.get("annotations"), data.get("split", "test"),
-                                           data.get("images"))
-    if task == "zeroshot":
-        templates = data.get("templates") or ["a photo of a {}."]
-        if isinstance(templates, str) or not all(isinstance(t, str) and "{}" in t for t in templates):
-            raise ConfigError(f"data.templates={templates!r} is invalid; allowed: a list of prompts, each with {{}} "
-                              "where the class name goes")
-        data["templates"] = list(templates)
-        return data, hf_sets.read_image_classes(data.get("root"), names, data.get("images"))
+    return data, spec.read_data(data, config_of)
+
+
+def read_labelled(task: str, data: dict, config_of: Callable[[], object], files: dict[str, str],
+                  read: Callable[[dict, list[str]], object]):
+    """A classifier's labelled set: `files` (setting -> "file" or "folder") checked first, then
+    `read(data, class names)` with the data's class names or the model's, whose classes must cover
+    the set's."""
     who = f"data ({task.replace('_', ' ')})"
-    if task == "text_classification":
-        hf_sets.existing(who, "data.path", data.get("path"))
-    else:
-        hf_sets.existing(who, "data.root", data.get("root"), "folder")
-        hf_sets.existing(who, "data.annotations", data.get("annotations"))
+    for key, kind in files.items():
+        hf_sets.existing(who, f"data.{key}", data.get(key), kind)
     config = config_of()
-    model_names = names or _label_names(config)
-    if task == "text_classification":
-        dataset = hf_sets.read_texts(data.get("path"), data.get("text_field", "text"), data.get("label_field", "label"),
-                                     model_names, data.get("texts"))
-    else:
-        dataset = hf_sets.read_clips(task.split("_")[0], data.get("root"), data.get("annotations"), model_names,
-                                     data.get("multilabel"), data.get("clips"))
+    dataset = read(data, data.get("class_names") or label_names(config))
     if len(dataset.class_names) > config.num_labels:
         raise ConfigError(f"task={task}: the data has {len(dataset.class_names)} classes and the model "
                           f"{config.num_labels}; allowed: labels of the model's classes (data.class_names lists them "
                           "in the model's order)")
-    return data, dataset
+    return dataset
 
 
-def _label_names(config) -> list[str]:
+def label_names(config) -> list[str]:
     """The model's class names in id order (transformers' id2label)."""
     return [str(config.id2label[i]) for i in range(config.num_labels)]
 
 
-DATA_NAMES = {"retrieval": ("karpathy",), "zeroshot": ("image_classes",), "text_classification": ("text_file",),
-              "video_classification": ("video_clips",), "audio_classification": ("audio_clips",)}
-
-
 def _towers(task: str, model: nn.Module) -> dict[str, nn.Module]:
     """unit -> the module whose reducer and stats count it."""
-    if task in IMAGE_TEXT_TASKS:
+    if specs()[task].image_text:
         return {"image": model, "text": model.text_model}
-    return {UNITS[task][0]: model}
+    return {specs()[task].units[0]: model}
 
 
 def _settings(cfg: DictConfig, task: str, overrides) -> list[tuple[str, dict, str, dict]]:
@@ -413,7 +361,7 @@ def _settings(cfg: DictConfig, task: str, overrides) -> list[tuple[str, dict, st
     build_reducer(cfg.reducer, overrides)
     reduced = reducer_spec(cfg.reducer)
     text = reducer_spec(cfg.text_reducer) if cfg.get("text_reducer") is not None else ("none", {})
-    if text[0] != "none" and task not in IMAGE_TEXT_TASKS:
+    if text[0] != "none" and not specs()[task].image_text:
         raise ConfigError(f"task={task}: text_reducer={text[0]} is invalid; allowed: none (the text tower of an "
                           "image-text model is reduced only in task=retrieval and task=zeroshot; reducer reduces this "
                           "task's model)")
@@ -449,7 +397,7 @@ def run_task(cfg: DictConfig, task: str, output_dir: Path, overrides: list[str] 
     model, processor = load_model(task, model_cfg, config_of())
     model.to(device=device, dtype=dtype)
     towers = _towers(task, model)
-    text_tower = towers["text"] if task in IMAGE_TEXT_TASKS else None
+    text_tower = towers["text"] if specs()[task].image_text else None
     rows = []
     before = load_average()
     with torch.inference_mode():
@@ -459,7 +407,7 @@ def run_task(cfg: DictConfig, task: str, output_dir: Path, overrides: list[str] 
                 tokenreduce.apply(text_tower, text_reducer, **text_params)
             job = Job(task, model, processor, data, dataset, device, dtype,
                       meters={unit: Meter(tower, device) for unit, tower in towers.items()})
-            metrics = EVALUATIONS[task](job)
+            metrics = specs()[task].evaluate(job)
             row = {"reducer": reducer, "params": params, **metrics}
             if text_tower is not None:
                 row.update(text_reducer=text_reducer, text_params=text_params)
@@ -544,7 +492,7 @@ def markdown_table(task: str, rows: list[dict], lead: tuple[str, ...] = ()) -> s
     setting = [*lead, "reducer", "params"] + (["text_reducer", "text_params"] if "text_reducer" in rows[0] else [])
     metrics = [k for k in rows[0] if k not in setting and not k.startswith(("gmacs_", "speedup_", "mac_fraction_"))
                and not k.endswith("_per_s")]
-    units = UNITS[task]
+    units = specs()[task].units
     speed = [col for unit in units for col in (f"{unit}_per_s", f"speedup_{unit}", f"gmacs_{unit}",
                                                f"mac_fraction_{unit}")]
     names = {**{f"{u}_per_s": f"{u}s/s" for u in units}, **{f"speedup_{u}": f"{u} speed-up" for u in units},
