@@ -371,28 +371,42 @@ def _settings(cfg: DictConfig, task: str, overrides) -> list[tuple[str, dict, st
     return [("none", {}, "none", {}), (*reduced, *text)]
 
 
-# --- the run ---------------------------------------------------------------------------------------
-def check_hf_task(cfg: DictConfig, task: str, overrides: list[str] | None = None) -> tuple:
-    """Every setting of a transformers task, checked before the model loads: (settings, model config,
-    its cached transformers config, data, dataset, resolved measure dtypes and device)."""
-    settings = _settings(cfg, task, overrides)
+@dataclass
+class TaskSettings:
+    """A transformers task's settings, checked before the model loads."""
+
+    rows: list[tuple[str, dict, str, dict]]  # (reducer, params, text reducer, params) of each row
+    model: dict  # the model settings with their defaults
+    config_of: Callable[[], object]  # the model's transformers config, read once
+    data: dict  # the data settings with their defaults
+    dataset: object  # the set's index
+    dtype: torch.dtype
+    device: torch.device
+
+
+def check_hf_task(cfg: DictConfig, task: str, overrides: list[str] | None = None) -> TaskSettings:
+    """Every setting of a transformers task, checked before the model loads."""
+    rows = _settings(cfg, task, overrides)
     model_cfg = check_model_config(task, plain(cfg.model))
     check_loggers(plain(cfg.logger))
     config_of = cache(partial(load_config, model_cfg))  # read once: a hub id is looked up online
     data, dataset = check_data(task, plain(cfg.data), config_of)
     mcfg = plain(cfg.measure)
-    measured = check_measure(mcfg["batch_size"], mcfg["dtype"], mcfg["autocast"], mcfg["device"], mcfg["warmup"],
-                             mcfg["repeats"], probe=True)
-    return settings, model_cfg, config_of, data, dataset, measured
+    dtype, _, device = check_measure(mcfg["batch_size"], mcfg["dtype"], mcfg["autocast"], mcfg["device"],
+                                     mcfg["warmup"], mcfg["repeats"], probe=True)
+    return TaskSettings(rows, model_cfg, config_of, data, dataset, dtype, device)
 
 
+# --- the run ---------------------------------------------------------------------------------------
 def run_task(cfg: DictConfig, task: str, output_dir: Path, overrides: list[str] | None = None,
-             checked: tuple | None = None) -> list[dict]:
+             checked: TaskSettings | None = None) -> list[dict]:
     """Evaluate the model unreduced and reduced on the task's data; write and print the results.
     `checked`: what `check_hf_task` returned for this configuration, when it has run already."""
     started = time.perf_counter()
     checked = checked or check_hf_task(cfg, task, overrides)
-    settings, model_cfg, config_of, data, dataset, (dtype, _, device) = checked
+    settings, model_cfg, config_of, data, dataset = (checked.rows, checked.model, checked.config_of, checked.data,
+                                                     checked.dataset)
+    dtype, device = checked.dtype, checked.device
     torch.manual_seed(cfg.seed)
     model, processor = load_model(task, model_cfg, config_of())
     model.to(device=device, dtype=dtype)
