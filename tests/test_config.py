@@ -16,7 +16,6 @@ import torch
 import yaml
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, MissingConfigException
@@ -40,6 +39,7 @@ from tokenreduce.engine.config import (
 from tokenreduce.engine.hf_tasks import check_model_config, specs
 from tokenreduce.engine.loggers import build_loggers, has_wandb_key, wandb_mode
 from tokenreduce.engine.run import build_model, build_trainer, check_task, resolve_precision
+from tokenreduce.engine.sweeps import baselines, grid
 from tokenreduce.engine.tasks import available
 from tokenreduce.errors import ConfigError
 
@@ -49,6 +49,11 @@ CONF = ROOT / "conf"
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def presets() -> list[str]:
+    """The reducer group's presets: a registered reducer's file with some parameters set (`defaults`)."""
+    return [n for n in options("reducer") if "defaults" in yaml.safe_load((CONF / "reducer" / f"{n}.yaml").read_text())]
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +130,7 @@ def _as_yaml_value(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-@pytest.mark.parametrize("name", sorted(set(tokenreduce.available()) | set(options("reducer"))))
+@pytest.mark.parametrize("name", sorted(set(tokenreduce.available()) | set(options("reducer")) - set(presets())))
 def test_reducer_file_matches_the_registered_parameters(name):
     path = CONF / "reducer" / f"{name}.yaml"
     if name not in tokenreduce.available():
@@ -138,12 +143,26 @@ def test_reducer_file_matches_the_registered_parameters(name):
     assert data == {k: _as_yaml_value(v) for k, v in defaults.items()}, "the file must hold the defaults"
 
 
-@pytest.mark.parametrize("name", [n for n in options("reducer")])
+@pytest.mark.parametrize("name", [n for n in options("reducer") if n not in presets()])
 def test_reducer_group_builds(name):
     if name not in tokenreduce.available():
         pytest.skip(f"reducer {name!r} is not registered in this installation")
     reducer = build_reducer(compose([f"reducer={name}"]).reducer)
     assert reducer.name == name
+
+
+@pytest.mark.parametrize("name", presets())
+def test_a_reducer_preset_is_its_reducers_file_then_some_of_its_parameters(name):
+    data = yaml.safe_load((CONF / "reducer" / f"{name}.yaml").read_text())
+    [reducer, last] = data.pop("defaults")
+    assert last == "_self_" and reducer in tokenreduce.available() and "name" not in data
+    defaults = tokenreduce.reducer_defaults(reducer)
+    assert data and set(data) <= set(defaults), f"{name}: sets what is not a parameter of {reducer}"
+    assert all(data[k] != _as_yaml_value(defaults[k]) for k in data), f"{name}: sets a parameter to its default"
+    built, params = reducer_spec(compose([f"reducer={name}"]).reducer)
+    assert built == reducer and params == {**{k: _as_yaml_value(v) for k, v in defaults.items()}, **data}
+    build_reducer(compose([f"reducer={name}"]).reducer)
+    assert reducer_spec(compose([f"reducer@text_reducer={name}"]).text_reducer) == (built, params)
 
 
 def test_misspelt_reducer_key_is_an_error():
@@ -165,7 +184,6 @@ NOT_GIVEN = "r=13 was not given on the command line (the experiment or a config 
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["experiment=tome_vit_b", "reducer=none"], f"none: unknown parameter(s) r; allowed: no parameters; {NOT_GIVEN}"),
     (["experiment=tome_vit_b", "reducer.ratio=0.3"], f"tome: give either r=13 or ratio=0.3, not both; {NOT_GIVEN}"),
 ])
 def test_reducer_error_names_what_the_command_line_did_not_give(overrides, message):
@@ -196,10 +214,9 @@ def tokenreduce_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.Comple
 
 
 def test_cli_reports_an_experiment_parameter_in_one_line(tmp_path):
-    done = tokenreduce_cli(tmp_path, "experiment=tome_vit_b", "reducer=none")  # the command line reaches the message
+    done = tokenreduce_cli(tmp_path, "experiment=tome_vit_b", "reducer.ratio=0.3")  # the command line reaches it
     assert done.returncode == 2, done.stderr[-3000:]
-    assert done.stderr.strip() == (f"tokenreduce: error: none: unknown parameter(s) r; allowed: no parameters; "
-                                   f"{NOT_GIVEN}")
+    assert done.stderr.strip() == f"tokenreduce: error: tome: give either r=13 or ratio=0.3, not both; {NOT_GIVEN}"
 
 
 # --- the other groups --------------------------------------------------------------------------
@@ -388,8 +405,8 @@ def documented_multiruns() -> list[str]:
 
 @pytest.mark.parametrize("command", documented_multiruns())
 def test_documented_sweeps_compose_every_job(command):
-    """Each job of the multirun, as Hydra's basic sweeper makes them (the sweep file's values, then the
-    command line's), composes and builds its reducer."""
+    """Each job of the multirun, as the sweeper makes them (the sweep file's values, then the command
+    line's, then the unreduced baselines it adds), composes and builds its reducer."""
     args = shlex.split(command)
     hydra_args = [a for a in args if a.lstrip("+~").startswith("hydra")]
     task_args = [a for a in args if a not in hydra_args]
@@ -397,9 +414,9 @@ def test_documented_sweeps_compose_every_job(command):
     single = [o.input_line for o in parser.parse_overrides(args) if not o.is_sweep_override()]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        swept = hydra_compose("config", overrides=single, return_hydra_config=True).hydra.sweeper.params or {}
-        parsed = parser.parse_overrides([*(f"{k}={v}" for k, v in swept.items()), *task_args])
-        [jobs] = BasicSweeper.split_arguments(parsed, None)
+        swept = hydra_compose("config", overrides=single, return_hydra_config=True).hydra.sweeper.params
+        jobs = grid(OmegaConf.to_container(swept) if swept is not None else {}, task_args)
+        jobs += baselines(jobs, lambda job: hydra_compose("config", overrides=[*hydra_args, *job]))
         for job in jobs:
             cfg = hydra_compose("config", overrides=[*hydra_args, *job])
             check_task(cfg)

@@ -4,7 +4,7 @@ is reduced as before."""
 import pytest
 import torch
 from conftest import images_for, make_model
-from test_invariants import SETTINGS
+from test_invariants import SEQUENCE_REDUCERS, SETTINGS
 
 import tokenreduce
 
@@ -15,7 +15,7 @@ def tiny_vit() -> torch.nn.Module:
     return make_model("test_vit", dynamic_img_size=False)
 
 
-@pytest.mark.parametrize("name", sorted(tokenreduce.available()))
+@pytest.mark.parametrize("name", sorted(SEQUENCE_REDUCERS))
 def test_every_reducer_gives_the_unpatched_models_empty_output(name):
     plain = tiny_vit()
     empty = images_for(plain, batch=0)
@@ -34,7 +34,7 @@ def test_every_reducer_gives_the_unpatched_models_empty_output(name):
         assert tokenreduce.stats(model)["tokens"][-1] < tokens[-1]
 
 
-@pytest.mark.parametrize("name", sorted(tokenreduce.available()))
+@pytest.mark.parametrize("name", sorted(SEQUENCE_REDUCERS))
 def test_every_reducer_trains_on_an_empty_batch(name):
     model = tokenreduce.apply(tiny_vit(), name, **SETTINGS[name]).train()
     out = model(images_for(model, batch=0))

@@ -11,7 +11,7 @@ import torch
 from hf_checks import check_flash_attention_refused, check_missing_transformers_refused
 from reduction_checks import parameters_without_gradient
 from test_hf_adapter import _brute_force_groups, _flop_counter_macs
-from test_invariants import NEEDS_CLASS_TOKEN
+from test_invariants import NEEDS_CLASS_TOKEN, SEQUENCE_REDUCERS
 from test_invariants import SETTINGS as INVARIANT_SETTINGS
 
 import tokenreduce
@@ -70,7 +70,7 @@ def pooled(out) -> torch.Tensor:
 
 def test_every_supported_class_is_tested():
     assert set(CONFIGS) == set(hf_clip.SUPPORTED)
-    assert set(SETTINGS) == set(tokenreduce.available())
+    assert set(SETTINGS) == SEQUENCE_REDUCERS
 
 
 # --- exact when nothing is removed ----------------------------------------------------------------

@@ -13,7 +13,7 @@ from conftest import counted_flops
 from hf_checks import check_flash_attention_refused
 from reduction_checks import parameters_without_gradient
 from test_hf_adapter import _brute_force_groups
-from test_invariants import PER_SAMPLE_DRAW
+from test_invariants import PER_SAMPLE_DRAW, SEQUENCE_REDUCERS
 from test_invariants import SETTINGS as INVARIANT_SETTINGS
 
 import tokenreduce
@@ -86,7 +86,7 @@ def run_positions(name: str, count: int, length: int = LENGTH) -> list[int]:
 
 def test_every_supported_class_is_tested_and_claimed_by_one_adapter():
     assert set(CONFIGS) == set(hf_clip_text.SUPPORTED) == set(hf_clip.TEXT_CLASSES)
-    assert set(SETTINGS) == set(tokenreduce.available())
+    assert set(SETTINGS) == SEQUENCE_REDUCERS
     for name in [*CONFIGS, *DUAL]:
         model = make(name)
         claimed = [a.name for a in adapters().values() if a.claims(model)]

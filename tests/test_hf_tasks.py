@@ -42,7 +42,7 @@ def brute_recall(similarity, image_of, k):
     for t in range(texts):
         i = image_of[t]
         t2i += sum(1 for j in range(images) if similarity[j, t] > similarity[i, t]) < k
-    return 100 * i2t / images, 100 * t2i / texts
+    return i2t / images, t2i / texts
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -66,9 +66,9 @@ def test_recall_hand_fixture():
                                [0.8, 0.2, 0.3]])
     result = hf_tasks.recall_at_k(similarity, torch.tensor([0, 0, 1]), ks=(1, 2))
     # image 0: its text 1 is best (rank 0); image 1: its text 2 is behind text 0 (rank 1)
-    assert result["i2t_r1"] == 50 and result["i2t_r2"] == 100
+    assert result["i2t_r1"] == 0.5 and result["i2t_r2"] == 1
     # text 0: image 1 scores higher (miss at 1); text 1: found; text 2: image 0 higher (miss at 1)
-    assert result["t2i_r1"] == pytest.approx(100 / 3) and result["t2i_r2"] == 100
+    assert result["t2i_r1"] == pytest.approx(1 / 3) and result["t2i_r2"] == 1
 
 
 def test_topk_accuracy_and_map_match_brute_force():
@@ -76,7 +76,7 @@ def test_topk_accuracy_and_map_match_brute_force():
     logits, labels = torch.randn(40, 7, generator=gen), torch.randint(0, 7, (40,), generator=gen)
     for k in (1, 5):
         expected = np.mean([labels[i].item() in logits[i].argsort(descending=True)[:k].tolist() for i in range(40)])
-        assert hf_tasks.topk_accuracy(logits, labels, k) == pytest.approx(100 * expected)
+        assert hf_tasks.topk_accuracy(logits, labels, k) == pytest.approx(expected)
     assert hf_tasks.topk_accuracy(logits[:, :3], labels % 3, 5) is None
 
     scores = torch.rand(30, 5, generator=gen)
@@ -88,7 +88,7 @@ def test_topk_accuracy_and_map_match_brute_force():
         hits = targets[order, c]
         precisions = [hits[: i + 1].float().mean().item() for i in range(len(hits)) if hits[i]]
         aps.append(np.mean(precisions))
-    assert hf_tasks.mean_average_precision(scores, targets) == pytest.approx(100 * np.mean(aps), abs=1e-4)
+    assert hf_tasks.mean_average_precision(scores, targets) == pytest.approx(np.mean(aps), abs=1e-6)
 
 
 # --- the readers -----------------------------------------------------------------------------------------
@@ -293,12 +293,15 @@ def test_text_classification_end_to_end(tmp_path, saved, capsys):
     tok = transformers.AutoTokenizer.from_pretrained(saved["bert"])
     with torch.no_grad():
         predicted = model(**tok(texts, padding=True, return_tensors="pt")).logits.argmax(1)
-    expected = 100 * np.mean([p == (y == "positive") for p, y in zip(predicted.tolist(), labels, strict=True)])
+    expected = np.mean([p == (y == "positive") for p, y in zip(predicted.tolist(), labels, strict=True)])
     assert rows[0]["accuracy"] == pytest.approx(expected)
     assert rows[0]["mac_fraction_text"] == 1 and 0.5 < rows[1]["mac_fraction_text"] < 1
     assert rows[0]["text_per_s"] > 0 and rows[1]["speedup_text"] > 0
     table = (tmp_path / "run" / "table.md").read_text()
     assert "| reducer | params | accuracy | texts/s | text speed-up | GMACs/text | text MAC frac. |" in table
+    # accuracy a fraction with 4 decimals, speed-ups as ratios
+    cells = [line.split(" | ") for line in table.splitlines() if line.startswith("| tome ")][0]
+    assert cells[2] == f"{rows[1]['accuracy']:.4f}" and cells[4] == f"{rows[1]['speedup_text']:.2f}x"
     assert "8 items, 2 classes" in capsys.readouterr().out
     logged = (tmp_path / "run" / "csv" / "metrics.csv").read_text()
     assert "baseline/accuracy" in logged and "result/mac_fraction_text" in logged
@@ -391,7 +394,7 @@ def test_zeroshot_end_to_end(tmp_path, saved):
                                            return_tensors="pt")["pixel_values"]
         images = torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
     predicted = (images @ classes.T).argmax(1)
-    assert rows[0]["top1"] == pytest.approx(100 * (predicted == torch.tensor(data.labels)).float().mean().item())
+    assert rows[0]["top1"] == pytest.approx((predicted == torch.tensor(data.labels)).float().mean().item())
     assert rows[0]["top5"] is None  # 3 classes
     assert rows[1]["mac_fraction_image"] < 1
 
@@ -410,7 +413,7 @@ def test_video_end_to_end(tmp_path, saved):
     run(cfg, tmp_path / "run")
     rows = results(tmp_path / "run")
     assert set(rows[0]) >= {"top1", "top5", "clip_per_s", "gmacs_clip"} and rows[0]["top5"] is None
-    assert 0 <= rows[0]["top1"] <= 100 and rows[1]["mac_fraction_clip"] < 1
+    assert 0 <= rows[0]["top1"] <= 1 and rows[1]["mac_fraction_clip"] < 1
 
 
 def test_audio_multilabel_end_to_end(tmp_path, saved):
@@ -425,7 +428,7 @@ def test_audio_multilabel_end_to_end(tmp_path, saved):
                       f"data.root={tmp_path / 'wav'}", f"data.annotations={index}", "reducer=tome", "reducer.r=1")
     run(cfg, tmp_path / "run")
     rows = results(tmp_path / "run")
-    assert "map" in rows[0] and "top1" not in rows[0] and 0 < rows[0]["map"] <= 100
+    assert "map" in rows[0] and "top1" not in rows[0] and 0 < rows[0]["map"] <= 1
     assert rows[1]["mac_fraction_clip"] < 1
 
 

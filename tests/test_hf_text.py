@@ -10,7 +10,7 @@ import torch
 from conftest import counted_flops
 from hf_checks import check_flash_attention_refused
 from reduction_checks import parameters_without_gradient
-from test_invariants import NEEDS_CLASS_TOKEN, PER_SAMPLE_DRAW
+from test_invariants import NEEDS_CLASS_TOKEN, PER_SAMPLE_DRAW, SEQUENCE_REDUCERS
 from test_invariants import SETTINGS as INVARIANT_SETTINGS
 
 import tokenreduce
@@ -89,7 +89,7 @@ def assert_close(got: dict, want: dict, atol: float):
 
 def test_every_supported_class_is_tested():
     assert set(CLASSES) == set(hf_text.SUPPORTED)
-    assert set(SETTINGS) == set(tokenreduce.available())
+    assert set(SETTINGS) == SEQUENCE_REDUCERS
 
 
 # --- exact when nothing is removed ----------------------------------------------------------------

@@ -19,7 +19,7 @@ from tokenreduce.errors import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 SCANNED = ("tokenreduce", "experiments")
 # a DiffRate search on the smoke experiment (tests/test_search.py runs it through)
-TASK = ["experiment=smoke", "reducer=none", "~reducer.r", "task=search", "search.reducer=diffrate", "budget.macs=0.7",
+TASK = ["experiment=smoke", "reducer=none", "task=search", "search.reducer=diffrate", "budget.macs=0.7",
         "search.steps=2", "search.images=8", "search.batch_size=4", "search.test_images=8", "data.val_samples=8",
         "data.batch_size=4", "trainer.enable_progress_bar=false", "measure.warmup=0", "measure.repeats=2",
         "measure.batch_size=2"]

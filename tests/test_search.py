@@ -4,6 +4,7 @@ reproducibility and exact resumption, the engine task's files, and `reducer=<fil
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import asdict
 
@@ -189,7 +190,7 @@ def test_bad_spaces_are_refused(kwargs, message):
 
 
 # --- the engine task ---------------------------------------------------------------------------
-TASK = ["experiment=smoke", "reducer=none", "~reducer.r", "task=search", "budget.macs=0.6", "search.steps=3", "search.images=8",
+TASK = ["experiment=smoke", "reducer=none", "task=search", "budget.macs=0.6", "search.steps=3", "search.images=8",
         "search.batch_size=4", "search.test_images=8", "data.val_samples=8", "data.batch_size=4",
         "measure.warmup=0", "measure.repeats=2", "measure.batch_size=2"]
 
@@ -218,7 +219,14 @@ def test_the_task_writes_a_loadable_reducer_and_resumes(tmp_path, fresh_hydra, c
         assert held["uniform in the window"]["mac_fraction"] == pytest.approx(start)
     assert held["searched"]["mac_fraction"] == pytest.approx(result["searched"]["calibration"]["mac_fraction"])
     out = capsys.readouterr().out
-    assert "search step 3/3" in out and "reducer=" in out
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d search: 3/3 steps, \d+ s; .*; best ", out, re.M)
+    assert re.search(r"search, held-out top-1: (\d+)/\1 batches, \d+ s; setting (\d)/\2: tome", out)
+    assert out.index("search: start") < out.index("search: 0/3 steps") and "reducer=" in out
+    # top-1 as fractions with 4 decimals, as in search.json
+    table = (tmp_path / "a" / SEARCH_TABLE).read_text().splitlines()
+    assert "| MAC fraction | calibration top-1 | calibration cosine | held-out top-1 (8 val images) |" in table[2]
+    searched_row = next(line.split(" | ") for line in table if line.startswith("| searched |"))
+    assert searched_row[6] == f"{held['searched']['top1']:.4f}"
 
     # the command it prints evaluates the file as the reducer, on the search's model and data
     command = next(line for line in out.splitlines() if line.startswith("evaluate it with: "))

@@ -25,7 +25,7 @@ from tokenreduce.errors import ConfigError
 SMALL = ["experiment=smoke", "trainer.enable_progress_bar=false", "data.train_samples=16", "data.val_samples=12",
          "data.batch_size=4", "data.num_classes=4", "model.num_classes=4", "measure.warmup=0", "measure.repeats=2"]
 FINETUNE = ["experiment=smoke_finetune", *SMALL[1:], "trainer.max_epochs=1", "measure.enabled=false"]
-COMPARE = ["experiment=smoke", "task=compare", "reducer=none", "~reducer.r", "data.train_samples=16", "data.val_samples=12",
+COMPARE = ["experiment=smoke", "task=compare", "reducer=none", "data.train_samples=16", "data.val_samples=12",
            "data.batch_size=4", "data.num_classes=4", "model.num_classes=4", "measure.warmup=0", "measure.repeats=1", "measure.batch_size=2",
            "compare.reducers=[tome]", "compare.mac_fractions=[0.75]", "compare.merge_maps=0"]
 
@@ -95,7 +95,7 @@ def test_a_reducer_file_that_sets_anything_else_or_is_broken_is_refused_naming_i
 
 # --- every task honours every setting, or refuses it ------------------------------------------------
 def test_compare_and_search_start_from_the_checkpoint_they_are_given(tmp_path, finetuned):
-    evaluated = run(compose([*SMALL, "reducer=none", "~reducer.r", "measure.enabled=false",
+    evaluated = run(compose([*SMALL, "reducer=none", "measure.enabled=false",
                              f"ckpt_path={finetuned}"]), tmp_path / "evaluate")
     run(compose([*COMPARE, f"ckpt_path={finetuned}"]), tmp_path / "compare")
     result = json.loads((tmp_path / "compare" / "comparison.json").read_text())
@@ -109,7 +109,7 @@ def test_compare_and_search_start_from_the_checkpoint_they_are_given(tmp_path, f
     assert json.loads((tmp_path / "random" / "comparison.json").read_text())["protocol"]["weights"] == "random"
     assert random_rows[0]["top1"] != baseline["top1"]
 
-    search = ["experiment=smoke", "task=search", "reducer=none", "~reducer.r", "data.train_samples=16",
+    search = ["experiment=smoke", "task=search", "reducer=none", "data.train_samples=16",
               "data.val_samples=12", "data.batch_size=4", "data.num_classes=4", "model.num_classes=4",
               "budget.macs=0.7", "search.steps=1", "search.images=12", "search.batch_size=4", "search.test_images=12",
               "measure.warmup=0", "measure.repeats=1", "measure.batch_size=2", f"ckpt_path={finetuned}"]

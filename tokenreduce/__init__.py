@@ -4,6 +4,7 @@
     model = timm.create_model("vit_small_patch16_224")
     tokenreduce.apply(model, "tome", r=13)   # model(images) still returns logits
     tokenreduce.stats(model)                 # tokens per layer and MACs of the last pass
+    tokenreduce.export_onnx(model.eval(), images, "model.onnx")   # dynamic batch (docs/export.md)
     tokenreduce.remove(model)
 """
 
@@ -11,6 +12,7 @@ from tokenreduce import models  # noqa: F401  (registers the offline models with
 from tokenreduce.api import apply, reducer_of, remove, stats
 from tokenreduce.cost import match_macs, reducer_macs
 from tokenreduce.errors import ConfigError, UnsupportedModelError
+from tokenreduce.export import export_onnx, export_program
 from tokenreduce.reducers import (
     TokenReducer,
     available,
@@ -29,6 +31,8 @@ __all__ = [
     "apply",
     "available",
     "create_reducer",
+    "export_onnx",
+    "export_program",
     "match_macs",
     "reducer_class",
     "reducer_defaults",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -39,7 +40,7 @@ def main() -> None:
 def hydra_main(cfg: DictConfig) -> float | None:
     # heavy imports only once Hydra has parsed the command line
     from tokenreduce.engine.callbacks import RunInterrupted
-    from tokenreduce.engine.console import survive_lost_reader
+    from tokenreduce.engine.console import log_only, survive_lost_reader
     from tokenreduce.engine.hydra_callbacks import discard_refused_run
     from tokenreduce.engine.run import run
 
@@ -56,17 +57,24 @@ def hydra_main(cfg: DictConfig) -> float | None:
         raise SystemExit(2) from None
     except RunInterrupted as stop:  # the record (or the search state) and how to resume are written and printed
         raise SystemExit(stop.exit_code) from None
+    except BaseException:  # Hydra prints the traceback on the console; the run's log keeps it too
+        log_only(f"the run stopped:\n{traceback.format_exc().rstrip()}", logging.ERROR)
+        raise
     return record.top1 if record is not None else None
 
 
 def _one_console_handler() -> None:
-    """Lightning gives its logger a console handler of its own; Hydra's root handlers already print
-    (and write the run's log file), so without this every Lightning message shows twice."""
-    lightning_logger = logging.getLogger("lightning")
-    if logging.getLogger().handlers:
+    """Lightning gives its loggers console handlers of their own, and stops their messages there when
+    it is imported before Hydra set up logging; Hydra's root handlers print them and write the run's
+    log file, so without this a Lightning message shows twice, or never reaches the log."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lightning_logger = logging.getLogger(name)
         for handler in list(lightning_logger.handlers):
             if type(handler) is logging.StreamHandler:
                 lightning_logger.removeHandler(handler)
+        lightning_logger.propagate = True
 
 
 if __name__ == "__main__":

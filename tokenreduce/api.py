@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from tokenreduce.adapters import adapter_for, is_patched
+from tokenreduce.adapters.base import model_of
 from tokenreduce.errors import ConfigError
 from tokenreduce.reducers.base import TokenReducer, create_reducer
 
@@ -26,11 +27,13 @@ def apply(model: nn.Module, reducer: str | TokenReducer, adapter_options: dict |
             raise ConfigError(f"parameters {sorted(params)} given with a reducer instance; set them on the instance")
     else:
         reducer = create_reducer(reducer, **params)
+    given, model = model, model_of(model)  # a container (a diffusers pipeline) is reduced in its model
     adapter = adapter_for(model)
     patched = is_patched(model)
     info = model._tokenreduce.info if patched else adapter.describe(model)
     # re-applying keeps the options unless new ones are given (e.g. a matched-cost search that swaps reducers)
     options = model._tokenreduce.options if patched and adapter_options is None else adapter.check_options(adapter_options)
+    adapter.check_reducer(model, reducer, info, options)  # first: a method the family cannot place says why
     reducer.check_model(info)
     if patched:
         adapter.unpatch(model)
@@ -39,18 +42,20 @@ def apply(model: nn.Module, reducer: str | TokenReducer, adapter_options: dict |
         reducer.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
     reducer.train(model.training)
     adapter.patch(model, reducer, info, options)
-    return model
+    return given
 
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo `apply`: the model is again its original class with its original forward."""
+    given, model = model, model_of(model)
     if is_patched(model):
         model._tokenreduce.adapter.unpatch(model)
-    return model
+    return given
 
 
 def reducer_of(model: nn.Module) -> TokenReducer | None:
     """The reducer applied to `model`, or None."""
+    model = model_of(model)
     return model.token_reducer if is_patched(model) else None
 
 
@@ -70,12 +75,16 @@ def stats(model: nn.Module) -> dict:
                   index of the output token, leaving the last block, that it ended in; -1 for a token
                   that was dropped (pruned). None when the reducer does not trace sources.
     """
+    model = model_of(model)
     if not is_patched(model):
         raise ConfigError("stats(model): the model has no reducer; call tokenreduce.apply(model, ...) first")
     state = model._tokenreduce.last_state
     if state is None:
         raise ConfigError("stats(model): the model has not run a forward pass since tokenreduce.apply")
     adapter = model._tokenreduce.adapter
+    own = adapter.pass_stats(model, state)
+    if own is not None:  # a family whose passes are not a chain of shrinking blocks (a diffusion U-Net)
+        return {"reducer": model.token_reducer.name, "params": model.token_reducer.params(), **own}
     result = {"reducer": model.token_reducer.name, "params": model.token_reducer.params(),
               **_pass_stats(model, adapter, state), "source": _public_source(state)}
     if state.groups:  # a padded batch run in groups: per image, and MACs averaged over the images

@@ -4,6 +4,7 @@ Importing this package registers the built-in adapters; see docs/adapters.md to 
 """
 
 from tokenreduce.adapters import (  # noqa: F401  (registers the adapters)
+    diffusers_models,
     hf_clip,
     hf_clip_text,
     hf_media,

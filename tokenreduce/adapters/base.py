@@ -43,6 +43,18 @@ class Adapter:
         """MACs of one image for the pass that left `state`: embed, blocks, reducer, head, total."""
         raise NotImplementedError
 
+    def check_reducer(self, model: nn.Module, reducer: BlockReducer, info: ModelInfo, options: dict) -> None:
+        """Raise ConfigError when `reducer` cannot run in this family's `model` with `options`
+        (called by `apply` after the reducer's own checks, before the model is touched)."""
+
+    def inner_model(self, obj) -> nn.Module | None:
+        """The model inside a container this family knows (a diffusers pipeline's denoiser), or None."""
+        return None
+
+    def pass_stats(self, model: nn.Module, state: ReductionState) -> dict | None:
+        """The family's own `stats` of the pass that left `state`; None: the block loop's."""
+        return None
+
     def check_options(self, options: dict | None) -> dict:
         """The adapter's options with defaults filled in; an unknown name or value is a ConfigError."""
         if options is not None and not isinstance(options, Mapping):
@@ -102,6 +114,13 @@ def register_adapter(name: str):
 def adapters() -> dict[str, Adapter]:
     """The registered adapters by name, in registration order."""
     return dict(_ADAPTERS)
+
+
+def model_of(obj) -> nn.Module:
+    """The model `obj` stands for: itself, or the model inside a container an adapter knows."""
+    if isinstance(obj, nn.Module):
+        return obj
+    return next((inner for a in _ADAPTERS.values() if (inner := a.inner_model(obj)) is not None), obj)
 
 
 def adapter_for(model: nn.Module) -> Adapter:

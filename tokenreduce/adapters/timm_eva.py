@@ -1,12 +1,13 @@
 """Placing a reducer into timm's `Eva` family (timm 1.x): EVA, EVA-02, the RoPE ViTs (Naver's
-RoPE-Axial, timm's SBB RoPE ViTs) and Perception Encoder.
+RoPE-Axial, timm's SBB RoPE ViTs), Perception Encoder and DINOv3.
 
 Eva is built like VisionTransformer, so the model loop, pooling and cost are timm_vit's; what
 differs is handled here:
 - Rotary position embeddings (RoPE) rotate queries and keys by each token's grid position inside
   the attention, so positions must follow the tokens. The pass's state carries one position per
-  token (`ReductionState.positions`, in the RoPE grid's own units) through every merge and
-  pruning step; a merged token gets its destination's position, or with
+  token (`ReductionState.positions`, in the RoPE grid's own units: patch indices for
+  `RotaryEmbeddingCat`, DINOv3's centred coordinates in [-1, 1] for `RotaryEmbeddingDinoV3`)
+  through every merge and pruning step; a merged token gets its destination's position, or with
   `adapter_options={"merged_position": "mean"}` the size-weighted mean of its members' positions.
   Until the first reduction the blocks use timm's own embedding, so nothing changes there.
 - LayerScale is `gamma_1`/`gamma_2`; q/k/v come from a fused qkv with separate q/v biases
@@ -19,12 +20,13 @@ far apart still look alike (their positions are carried separately).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from timm.layers import AttentionPoolLatent, AttentionRope, apply_rot_embed_cat
-from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, _build_grid, _rope_layout
+from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, RotaryEmbeddingDinoV3, _build_grid, _rope_layout
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch import Tensor, nn
 
@@ -43,6 +45,8 @@ from tokenreduce.core.merge import POSITION_RULES
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import UnsupportedModelError
 
+# the RoPE modules whose angles the adapter computes at any position
+ROPES = (RotaryEmbeddingCat, RotaryEmbeddingDinoV3)
 MODEL_PARTS = ("patch_embed", "_pos_embed", "norm_pre", "blocks", "norm", "num_prefix_tokens", "rope")
 
 
@@ -55,11 +59,11 @@ def describe(model: nn.Module) -> ModelInfo:
         if not hasattr(model, part):
             raise UnsupportedModelError(f"model {name} has no {part!r}, which the timm Eva adapter needs")
     rope = model.rope
-    if rope is not None and type(rope) is not RotaryEmbeddingCat:
+    if rope is not None and type(rope) not in ROPES:
         raise UnsupportedModelError(
-            f"model {name} uses RoPE {type(rope).__name__}; supported: timm's RotaryEmbeddingCat (EVA-02, RoPE-Axial, "
-            "PE) or none: a merged token needs its RoPE angles at a new position, which the adapter computes for "
-            "RotaryEmbeddingCat only")
+            f"model {name} ({type(model).__name__}) uses RoPE {type(rope).__name__}; supported: timm's "
+            "RotaryEmbeddingCat (EVA-02, RoPE-Axial, PE), RotaryEmbeddingDinoV3 (DINOv3) or none: a merged token "
+            "needs its RoPE angles at a new position, which the adapter computes for these only")
     if rope is not None and rope.aug_active:
         raise UnsupportedModelError(
             f"model {name} augments its RoPE coordinates in training (rope_shift/jitter/rescale_coords); supported: "
@@ -93,19 +97,26 @@ def describe(model: nn.Module) -> ModelInfo:
 
 
 # --- RoPE at any position ------------------------------------------------------------------------
-def grid_coords(rope: RotaryEmbeddingCat, grid: tuple[int, int], device=None) -> Tensor:
+def grid_coords(rope: RotaryEmbeddingCat | RotaryEmbeddingDinoV3, grid: tuple[int, int], device=None) -> Tensor:
     """[H*W, 2] the coordinates timm's RoPE gives the patch grid, in token order (timm's own private
     helpers, here and in `rope_embed`, so that grid coordinates give its embedding bit for bit)."""
+    if isinstance(rope, RotaryEmbeddingDinoV3):  # patch centres mapped to [-1, 1], built on the CPU as timm does
+        coords = _build_grid(list(grid), grid_type="centered", grid_offset=rope.grid_offset,
+                             grid_indexing=rope.grid_indexing, normalize_coords=rope.normalize_coords)
+        return coords.reshape(-1, coords.shape[-1]).to(device)
     coords = _build_grid(list(grid), grid_type=rope.grid_type, ref_feat_shape=rope.ref_feat_shape,
                          grid_offset=rope.grid_offset, grid_indexing=rope.grid_indexing,
                          normalize_coords=rope.normalize_coords, device=device)
     return coords.reshape(-1, coords.shape[-1])
 
 
-def rope_embed(rope: RotaryEmbeddingCat, coords: Tensor, dtype: torch.dtype) -> Tensor:
+def rope_embed(rope: RotaryEmbeddingCat | RotaryEmbeddingDinoV3, coords: Tensor, dtype: torch.dtype) -> Tensor:
     """The embedding [..., N, 2 * dim] (sin then cos) at coordinates [..., N, 2], computed as timm
     computes it on its grid, so grid coordinates give timm's embedding exactly."""
-    angles = coords.unsqueeze(-1) * rope.bands
+    if isinstance(rope, RotaryEmbeddingDinoV3):  # a period per frequency, kept in float32 or wider
+        angles = 2 * math.pi * coords.to(rope.periods).unsqueeze(-1) / rope.periods
+    else:
+        angles = coords.unsqueeze(-1) * rope.bands
     sin = _rope_layout(angles.sin().to(dtype).flatten(-2), rope.rotate_half)
     cos = _rope_layout(angles.cos().to(dtype).flatten(-2), rope.rotate_half)
     return torch.cat([sin, cos], dim=-1)
@@ -119,11 +130,11 @@ class _EvaPass:
     batch: int
     grid: tuple[int, int]
     grid_embed: Tensor | None  # None without RoPE
-    rope: RotaryEmbeddingCat | None = None
+    rope: RotaryEmbeddingCat | RotaryEmbeddingDinoV3 | None = None
     state: ReductionState | None = None
     _cached: tuple[Tensor, Tensor] | None = None
 
-    def start(self, state: ReductionState, rope: RotaryEmbeddingCat | None, rule: str) -> None:
+    def start(self, state: ReductionState, rope: RotaryEmbeddingCat | RotaryEmbeddingDinoV3 | None, rule: str) -> None:
         """Give every token of `state` its grid position (prefix tokens, never rotated, get 0)."""
         self.state, self.rope = state, rope
         if self.grid_embed is not None:  # without RoPE, positions were added to the tokens before block 0
@@ -195,7 +206,7 @@ class _ReducedEva(ReducedViT):
 
 @register_adapter("timm_eva")
 class TimmEvaAdapter(TimmViTAdapter):  # ViT's cost model
-    family = "timm Eva (EVA, EVA-02, RoPE ViTs, Perception Encoder)"
+    family = "timm Eva (EVA, EVA-02, RoPE ViTs, Perception Encoder, DINOv3)"
     reduced_methods = _ReducedEva
     options = {"merged_position": POSITION_RULES}  # see ReductionState.place and carry_positions
 

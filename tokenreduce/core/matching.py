@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenreduce.core.merge import Matching
+from tokenreduce.core.merge import Matching, stable_argsort
 from tokenreduce.errors import ConfigError
 
 SPLITS = ("alternate", "halves")
@@ -40,7 +40,7 @@ def _best_edges(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     first [B, Na] (the caller merges the first r), and each A token's B partner [B, Na].
     """
     node_max, node_idx = torch.bmm(a, b.transpose(1, 2)).max(dim=-1)
-    return node_max.argsort(dim=-1, descending=True, stable=True), node_idx
+    return stable_argsort(node_max, descending=True), node_idx
 
 
 @torch.no_grad()

@@ -81,15 +81,18 @@ def _combine_matching(x: Tensor, sizes: Tensor | None, matching: Matching, mode:
     copies, where a gather with an index per element is several times slower)."""
     b, n, c = x.shape
     reps, sources, slots = matching.reps, matching.sources, matching.slots
-    if b > 1:  # rows of the flattened batch: each sample's tokens after the previous sample's
+    # rows of the flattened batch: each sample's tokens after the previous sample's (skipped at
+    # batch 1 in eager; a symbolic batch, under export, is not branched on)
+    if isinstance(b, torch.SymInt) or b > 1:
         first = torch.arange(b, device=x.device).unsqueeze(1)
         reps, sources, slots = reps + first * n, sources + first * n, slots + first * matching.n_out
+    any_sources = matching.sources.shape[1] > 0  # per image, so it does not depend on the batch
     reps, sources, slots = reps.flatten(), sources.flatten(), slots.flatten()
     rows = x.reshape(b * n, c)
     size_rows = torch.ones(b * n, 1, device=x.device) if sizes is None else sizes.reshape(b * n, 1)
     out = rows.index_select(0, reps).float()
     new_sizes = size_rows.index_select(0, reps)
-    if len(sources):
+    if any_sources:
         source_sizes = size_rows.index_select(0, sources)
         new_sizes.index_add_(0, slots, source_sizes)
         pull = rows.index_select(0, sources).float() - out.index_select(0, slots)
@@ -97,7 +100,7 @@ def _combine_matching(x: Tensor, sizes: Tensor | None, matching: Matching, mode:
     if mode == "mlerp":  # rescaled to the largest member norm, taken over the same rows
         norms = rows.float().norm(dim=-1, keepdim=True)
         largest = norms.index_select(0, reps)
-        if len(sources):
+        if any_sources:
             largest.scatter_reduce_(0, slots.unsqueeze(1), norms.index_select(0, sources), "amax")
         out = out / out.norm(dim=-1, keepdim=True).clamp_min(mlerp_eps) * largest
     return out.view(b, matching.n_out, c).to(x.dtype), new_sizes.view(b, matching.n_out, 1)
@@ -116,6 +119,34 @@ def scatter_amax(values: Tensor, dest: Tensor, n_out: int) -> Tensor:
     out = values.new_full((b, n_out + 1, c), float("-inf"))
     out = out.scatter_reduce(1, dest.unsqueeze(-1).expand(-1, -1, c), values, reduce="amax", include_self=True)
     return out[:, :n_out]
+
+
+def stable_argsort(values: Tensor, descending: bool = False) -> Tensor:
+    """`values.argsort(dim=-1, descending=descending, stable=True)`: equal values keep their order.
+
+    While a model is exported (`torch.export`, and so the ONNX exporter) the same order is computed
+    without a sort: each value's place is the number of values that go before it (larger, or
+    smaller, then equal ones at lower indices), NaN ranked above everything as torch's sort does.
+    ONNX has no stable sort, and PyTorch's ONNX exporters refuse `aten.sort.stable`; the counting
+    costs N^2 comparisons per row (a 100-token row: 10^4), so eager keeps the sort.
+    """
+    if not torch.compiler.is_exporting():
+        return values.argsort(dim=-1, descending=descending, stable=True)
+    return argsort_by_counting(values, descending)
+
+
+def argsort_by_counting(values: Tensor, descending: bool = False) -> Tensor:
+    """The order of `stable_argsort`, from comparisons, a sum and a scatter (no sort: exportable anywhere)."""
+    v, w = values.unsqueeze(-1), values.unsqueeze(-2)  # [..., i, j]: does value j go before value i?
+    if values.is_floating_point():
+        nan_v, nan_w = v.isnan(), w.isnan()
+        first = (w > v) | (nan_w & ~nan_v) if descending else (w < v) | (nan_v & ~nan_w)
+        equal = (w == v) | (nan_v & nan_w)
+    else:
+        first, equal = (w > v) if descending else (w < v), w == v
+    index = torch.arange(values.shape[-1], device=values.device)
+    place = (first | (equal & (index < index.unsqueeze(-1)))).sum(dim=-1)
+    return torch.empty_like(place).scatter_(-1, place, index.expand_as(place))
 
 
 def _weights(sizes: Tensor | None, like: Tensor) -> Tensor:
@@ -264,7 +295,7 @@ def _sum_columns(attn: Tensor, assignment: Assignment) -> Tensor:
         # copy each slot's representative column, then add the few merged ones (no host sync)
         token = torch.arange(n, device=dest.device).expand(b, n)
         reps = torch.zeros_like(dest[:, : n_out + 1]).scatter_(1, dest.masked_fill(merged, n_out), token)[:, :n_out]
-        sources = merged.byte().argsort(dim=1, descending=True, stable=True)[:, : n - n_out]
+        sources = stable_argsort(merged.byte(), descending=True)[:, : n - n_out]
         cols = attn.gather(3, reps[:, None, None, :].expand(b, h, n, n_out))
         source_cols = attn.gather(3, sources[:, None, None, :].expand(b, h, n, n - n_out))
         slots = dest.gather(1, sources)[:, None, None, :].expand(b, h, n, n - n_out)

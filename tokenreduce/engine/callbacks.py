@@ -9,11 +9,18 @@ from pathlib import Path
 from weakref import proxy
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, Checkpoint, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    Callback,
+    Checkpoint,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+)
 from lightning.pytorch.utilities import rank_zero_warn
 
 from tokenreduce.api import stats
 from tokenreduce.data.resumable import ResumableLoader
+from tokenreduce.engine.console import Progress
 from tokenreduce.engine.record import CHECKPOINT_DIR, staged_file
 
 LAST_CHECKPOINT = "last.ckpt"
@@ -38,6 +45,91 @@ class TokenStatsCallback(Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log(pl_module, "test")
+
+
+class DatedProgress(ProgressBar):
+    """Lightning's progress where standard output is not a terminal (a log file, a pipe, a batch
+    job), where its bar would show only its final state: dated lines at the console's pace
+    (`console.Progress`), with the progress bar's metrics, e.g.
+
+        2026-12-06 05:40:12 fit, epoch 2/30: 120/469 batches, 64 s; train/loss 0.4321
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._enabled = True
+        self._train: Progress | None = None
+        self._eval: Progress | None = None
+
+    def disable(self) -> None:  # Lightning disables it on every rank but 0
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _notes(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        return ", ".join(f"{k} {float(v):.4f}" if isinstance(v, (int, float)) or hasattr(v, "item") else f"{k} {v}"
+                         for k, v in metrics.items())
+
+    @staticmethod
+    def _total(counts) -> int | None:
+        total = sum(counts) if counts else None
+        return None if total is None or total == float("inf") else int(total)
+
+    # --- training ---------------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._enabled:
+            return
+        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        total = self.total_train_batches
+        self._train = Progress(f"fit, epoch {trainer.current_epoch + 1}{epochs}",
+                               None if total == float("inf") else int(total), "batches", bar=False)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if self._train is not None:
+            self._train.update(1, self._notes(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._train is not None:
+            self._train.note = self._notes(trainer, pl_module)  # the epoch's validation metrics too
+            self._train.close()
+            self._train = None
+
+    # --- validation and test ----------------------------------------------------------------
+    def _eval_batch(self, trainer: L.Trainer, what: str, counts) -> None:
+        if not self._enabled or trainer.sanity_checking:
+            return
+        if self._eval is None:
+            if trainer.state.fn == "fit":
+                what = f"fit, epoch {trainer.current_epoch + 1}, {what}"
+            self._eval = Progress(what, self._total(counts), "batches", bar=False)
+        self._eval.update(1)
+
+    def _eval_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._eval is not None:
+            self._eval.note = self._notes(trainer, pl_module)
+            self._eval.close()
+            self._eval = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch(trainer, "validation", trainer.num_val_batches)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._eval_end(trainer, pl_module)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch(trainer, "test", trainer.num_test_batches)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._eval_end(trainer, pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        for shown in (self._eval, self._train):  # where it stopped
+            if shown is not None:
+                shown.close()
+        self._train = self._eval = None
 
 
 class RunInterrupted(Exception):

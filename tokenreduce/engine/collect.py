@@ -9,9 +9,10 @@ to the first PATH (its folder when it is a file).
 Numbers are compared only within a protocol: runs with the same model, weights, task, dataset,
 data (its resolved root and the data module's other settings), split, number of evaluated images and
 measuring protocol (dtype, autocast, batch size, device), see `protocol_key`. Protocols are numbered
-p1, p2, ... in the order of their oldest run. Each run's speedup and MAC ratio are against its
-protocol's baseline, the newest run with reducer "none" (a baseline's own are 1.0), named in the
-`baseline` column; a protocol without a baseline has none. Such a speed-up is measured across
+p1, p2, ... in the order of their oldest run. Each run's speedup (its images/s over the baseline's, x) and
+MAC fraction (its MACs over the baseline's, 0..1 for a reducer) are against its protocol's baseline, the
+newest run with reducer "none" (a baseline's own are 1.0), named in the `baseline` column and listed
+first; a protocol without a baseline has none. top1 and top5 are fractions (0..1), as in the records. Such a speed-up is measured across
 processes (the run's images/s and the baseline's were timed in two runs) and marked ACROSS; timings
 whose rounds disagree or that ran on a loaded machine are marked too (`tokenreduce.engine.speed`).
 
@@ -59,7 +60,7 @@ ACROSS = "*"  # the mark of a speed-up whose two images/s were timed in differen
 PROTOCOL = ("model", "weights", "task", "dataset", "data", "split", "images", "dtype", "autocast", "batch_size",
             "device")
 COLUMNS = ("protocol", "model", "weights", "task", "reducer", "params", "top1", "top5", "images_per_s", "speedup",
-           "gmacs", "mac_ratio", "tokens_out", "dataset", "split", "dtype", "autocast", "batch_size", "device",
+           "gmacs", "mac_fraction", "tokens_out", "dataset", "split", "dtype", "autocast", "batch_size", "device",
            "baseline", "run_name", "output_dir", "data", "images", "spread", "load_before", "load_after", "cores",
            "timing_marks", "speedup_marks")
 # Markdown cells followed by their marks
@@ -68,7 +69,7 @@ LEGEND = (f"Marks: {TIMING_LEGEND}; {ACROSS} a speed-up across processes: the ru
           "timed in two runs, so a load that differed between them is in the ratio (task=compare times them side by "
           "side in one process).")
 MARKDOWN_COLUMNS = ("protocol", "model", "weights", "task", "reducer", "params", "top1", "top5", "images_per_s",
-                    "speedup", "gmacs", "mac_ratio", "tokens_out", "baseline")
+                    "speedup", "gmacs", "mac_fraction", "tokens_out", "baseline")
 
 
 def find_records(paths: list[str | Path]) -> list[dict]:
@@ -105,6 +106,10 @@ def _read(file: Path) -> dict:
         raise ConfigError(f"{file} is not a readable run record: {err}") from None
     if not isinstance(record, dict):
         raise ConfigError(f"{file} is not a run record: it holds a JSON {type(record).__name__}, not an object")
+    for key in ("top1", "top5"):  # accuracies are fractions everywhere; a percentage would mix units
+        value = record.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and 0 <= value <= 1):
+            raise ConfigError(f"{file}: {key}={value!r} is not an accuracy; allowed: a fraction from 0 to 1, or null")
     return record
 
 
@@ -145,11 +150,11 @@ def newest_baseline(records: list[dict]) -> dict | None:
 
 def table_rows(records: list[dict]) -> list[dict]:
     """One row per run (`COLUMNS`, plus `reducer_params` and `method` for the plots), grouped by
-    protocol; speedup and MAC ratio against its protocol's newest baseline."""
+    protocol, its baseline first; speedup and MAC fraction against its protocol's newest baseline."""
     rows = []
     for number, (key, group) in protocols(records).items():
         base = newest_baseline(group)
-        for record in group:
+        for record in sorted(group, key=lambda r: r is not base):  # stable: the rest stay oldest first
             # a baseline is compared only with itself, never with another baseline
             against = record if record.get("reducer") == BASELINE else base
             ips, gmacs = record.get("images_per_s"), record.get("gmacs")
@@ -170,7 +175,7 @@ def table_rows(records: list[dict]) -> list[dict]:
                 "images_per_s": ips,
                 "speedup": speedup,
                 "gmacs": gmacs,
-                "mac_ratio": _ratio(against and against.get("gmacs"), gmacs),
+                "mac_fraction": _ratio(gmacs, against and against.get("gmacs")),
                 "tokens_out": record.get("tokens_out"),
                 "baseline": against["output_dir"] if against else None,
                 "run_name": record.get("run_name"),
@@ -231,7 +236,7 @@ def protocol_notes(records: list[dict]) -> list[str]:
         base = newest_baseline(group)
         count = sum(r.get("reducer") == BASELINE for r in group)
         if base is None:
-            against = "no baseline (reducer none): no speedup or MAC ratio"
+            against = "no baseline (reducer none): no speedup or MAC fraction"
         elif count > 1:
             against = f"ratios against the newest of its {count} baselines, {base['output_dir']}"
         else:
@@ -240,9 +245,11 @@ def protocol_notes(records: list[dict]) -> list[str]:
     return notes
 
 
-def _cell(value) -> str:
+def _cell(value, column: str = "") -> str:
     if value is None or value == "":
         return "-"
+    if column == "speedup":  # a ratio, written as everywhere in the project
+        return f"{value:.2f}x"
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)
@@ -251,7 +258,7 @@ def _cell(value) -> str:
 def format_markdown(rows: list[dict], columns: tuple[str, ...] = MARKDOWN_COLUMNS) -> str:
     """The rows as a Markdown table, images/s and speed-ups followed by their marks (`LEGEND`)."""
     def cell(row: dict, column: str) -> str:
-        return f"{_cell(row[column])} {row.get(MARKED.get(column), '')}".rstrip()
+        return f"{_cell(row[column], column)} {row.get(MARKED.get(column), '')}".rstrip()
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row, c) for c in columns) + " |" for row in rows]

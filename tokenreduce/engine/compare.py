@@ -14,6 +14,7 @@ import io
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import tokenreduce
 from tokenreduce.cost import match_macs, probe_pass, searchable
 from tokenreduce.data.transforms import model_data_config
 from tokenreduce.engine.config import plain
+from tokenreduce.engine.console import Progress, progress, show
 from tokenreduce.engine.record import COMPARISON_CSV as TABLE_CSV
 from tokenreduce.engine.record import COMPARISON_JSON, save_figure, write_new
 from tokenreduce.engine.record import COMPARISON_TABLE as TABLE_MD
@@ -120,8 +122,10 @@ def settings_from(cfg: DictConfig) -> CompareSettings:
 
 
 @torch.inference_mode()
-def top1_accuracy(model: nn.Module, loader, limit: int | None = None) -> tuple[float, int]:
-    """(top-1, number of images) of `model` over `loader`, or over its first `limit` images."""
+def top1_accuracy(model: nn.Module, loader, limit: int | None = None,
+                  on_batch: Callable[[], None] | None = None) -> tuple[float, int]:
+    """(top-1, number of images) of `model` over `loader`, or over its first `limit` images;
+    `on_batch()` is called after each batch (for progress)."""
     param = next(model.parameters())
     correct = total = 0
     for images, labels in loader:
@@ -132,15 +136,49 @@ def top1_accuracy(model: nn.Module, loader, limit: int | None = None) -> tuple[f
         logits = model(images.to(device=param.device, dtype=param.dtype))
         correct += int((logits.argmax(-1).cpu() == labels).sum())
         total += len(labels)
+        if on_batch is not None:
+            on_batch()
     return correct / max(total, 1), total
 
 
-def time_settings(model: nn.Module, settings: list[Setting], images: torch.Tensor, warmup: int, rounds: int) -> Load:
+def batch_count(loader, limit: int | None = None) -> int | None:
+    """How many batches `top1_accuracy` reads from `loader` for `limit` images (None: unknown)."""
+    try:
+        count = len(loader)
+    except TypeError:
+        return None
+    size = getattr(loader, "batch_size", None)
+    return min(count, math.ceil(limit / size)) if limit is not None and size else count
+
+
+def top1_of_each(model: nn.Module, loader, settings: list[Setting], limit: int | None, what: str,
+                 on_done: Callable[[Setting], None] | None = None) -> int:
+    """Top-1 and tokens out of every setting (each applied in turn), with progress over their batches;
+    `on_done(setting)` after each. The number of images each was measured on."""
+    batches = batch_count(loader, limit)
+    count = 0
+    with Progress(what, None if batches is None else batches * len(settings), "batches") as shown:
+        for i, s in enumerate(settings, 1):
+            shown.update(0, f"setting {i}/{len(settings)}: {s.reducer}"
+                            + (f" {format_params(s.params)}" if s.params else ""))
+            tokenreduce.apply(model, s.reducer, **s.params)
+            s.top1, count = top1_accuracy(model, loader, limit, shown.update)
+            s.tokens = probe_pass(model)["tokens"][-1]
+            if on_done is not None:
+                on_done(s)
+    return count
+
+
+def time_settings(model: nn.Module, settings: list[Setting], images: torch.Tensor, warmup: int, rounds: int,
+                  what: str = "images/s") -> Load:
     """Images/s of every setting, timed in `rounds` interleaved rounds on the same images, its rounds'
-    spread and its speed-up's marks; returns the machine's load around the timing."""
+    spread and its speed-up's marks; returns the machine's load around the timing. `what` names the
+    phase in its progress."""
     reducers = [create_reducer(s.reducer, **s.params) for s in settings]
     before = load_average()
-    for setting, times in zip(settings, interleaved_times(model, reducers, images, warmup, rounds), strict=True):
+    with Progress(what, len(settings) * (rounds + 1), "timings") as shown:  # a warm-up, then the rounds
+        timed = interleaved_times(model, reducers, images, warmup, rounds, shown.update)
+    for setting, times in zip(settings, timed, strict=True):
         setting.times += times
     load = Load.since(before)
     for setting in settings:  # the baseline comes first, so its images/s is there for the others
@@ -163,15 +201,22 @@ def _short(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+# top-1 and its change from the baseline are fractions (0.9012, -0.0123), as in the CSV and the records
+TABLE_HEAD = ("| reducer | params | MAC fraction | top-1 | change | images/s vs baseline | tokens out |\n"
+              "|---|---|---:|---:|---:|---:|---:|")
+
+
+def table_row(s: Setting, base_top1: float) -> str:
+    """One setting's row of the table; its speed-up is "-" until it is timed."""
+    change = "-" if s.reducer == "none" else f"{s.top1 - base_top1:+.4f}"
+    speed = "-" if s.speedup is None else f"{s.speedup:.2f}x {s.marks}".rstrip()
+    return (f"| {s.reducer} | {format_params(s.params)} | {s.mac_fraction:.3f} | {s.top1:.4f} | {change} | {speed} | "
+            f"{s.tokens} |")
+
+
 def markdown_table(settings: list[Setting]) -> str:
     """The table, then the legend of its timing marks."""
-    base = settings[0].top1
-    lines = ["| reducer | params | MAC fraction | top-1 (%) | change | images/s vs baseline | tokens out |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for s in settings:
-        change = "-" if s.reducer == "none" else f"{100 * (s.top1 - base):+.2f}"
-        lines.append(f"| {s.reducer} | {format_params(s.params)} | {s.mac_fraction:.3f} | {100 * s.top1:.2f} | "
-                     f"{change} | {f'{s.speedup:.2f}x {s.marks}'.rstrip()} | {s.tokens} |")
+    lines = [TABLE_HEAD, *(table_row(s, settings[0].top1) for s in settings)]
     return "\n".join(lines) + f"\n\nTiming marks: {TIMING_LEGEND}."
 
 
@@ -205,19 +250,22 @@ def run_compare(cfg: DictConfig, settings_cfg: CompareSettings, output_dir: Path
     loader = datamodule.test_dataloader() if stage == "test" else datamodule.val_dataloader()
 
     settings = [Setting("none", {}, None)]
-    for name, fixed in settings_cfg.reducers.items():
-        for fraction in settings_cfg.mac_fractions:
-            params, reached = match_macs(model, name, fraction, tolerance=settings_cfg.tolerance, **fixed)
-            settings.append(Setting(name, params, fraction, mac_fraction=reached))
-    count = 0
-    for s in settings:
-        tokenreduce.apply(model, s.reducer, **s.params)
-        s.top1, count = top1_accuracy(model, loader, settings_cfg.images)
-        s.tokens = probe_pass(model)["tokens"][-1]
+    targets = [(name, fixed, fraction) for name, fixed in settings_cfg.reducers.items()
+               for fraction in settings_cfg.mac_fractions]
+    for name, fixed, fraction in progress(targets, "compare, matching MACs", unit="settings",
+                                          note=lambda target: f"{target[0]} at {target[2]:g}"):
+        params, reached = match_macs(model, name, fraction, tolerance=settings_cfg.tolerance, **fixed)
+        settings.append(Setting(name, params, fraction, mac_fraction=reached))
+    show(f"compare: top-1 of {len(settings)} settings on the {cfg.eval_split} split"
+         f"{'' if settings_cfg.images is None else f' (its first {settings_cfg.images} images)'}, each row as it "
+         f"finishes; then images/s of all, timed in {mcfg['repeats']} interleaved rounds\n\n{TABLE_HEAD}")
+    count = top1_of_each(model, loader, settings, settings_cfg.images, "compare, top-1",
+                         on_done=lambda s: show(table_row(s, settings[0].top1)))
     input_size = tuple(model_data_config(model)["input_size"])
     generator = torch.Generator().manual_seed(cfg.seed)
     timing_images = torch.randn(mcfg["batch_size"], *input_size, generator=generator).to(device=device, dtype=dtype)
-    load = time_settings(model, settings, timing_images, warmup=mcfg["warmup"], rounds=mcfg["repeats"])
+    load = time_settings(model, settings, timing_images, warmup=mcfg["warmup"], rounds=mcfg["repeats"],
+                         what="compare, images/s")
 
     protocol = {
         "model": model_name, "weights": weights, "dataset": datamodule.describe(), "split": cfg.eval_split,
@@ -238,10 +286,8 @@ def run_compare(cfg: DictConfig, settings_cfg: CompareSettings, output_dir: Path
         "rows": [{**row, "target": s.target, "images_per_s": s.images_per_s} for row, s in zip(rows(settings), settings,
                                                                                               strict=True)],
     }, indent=2) + "\n")
-    print(header + "\n")
-    print(markdown_table(settings))
-    print(f"\n{len(settings)} settings in {elapsed:.0f} s")
-    print(f"results: {output_dir}")
+    show(f"\n{header}\n\n{markdown_table(settings)}\n\n{len(settings)} settings in {elapsed:.0f} s")
+    show(f"results: {output_dir}")
     return settings
 
 

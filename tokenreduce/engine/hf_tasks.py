@@ -35,6 +35,7 @@ import tokenreduce
 from tokenreduce.data import hf_sets
 from tokenreduce.data.splits import resolved
 from tokenreduce.engine.config import build_reducer, default_run_name, non_default_params, plain, reducer_spec
+from tokenreduce.engine.console import progress, show
 from tokenreduce.engine.loggers import build_loggers, check_loggers, finish_loggers
 from tokenreduce.engine.record import TASK_SUMMARY, TASKS_JSON, TASKS_TABLE, write_new
 from tokenreduce.engine.speed import (
@@ -168,7 +169,7 @@ def _features(output) -> Tensor:
 
 
 def recall_at_k(similarity: Tensor, image_of: Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """Image->text and text->image recall@k in percent, from the [images, texts] similarity and the
+    """Image->text and text->image recall@k as fractions, from the [images, texts] similarity and the
     image `image_of[t]` of each text.
 
     Image->text: an image is found at k when any of its texts is among its k most similar texts;
@@ -186,28 +187,28 @@ def recall_at_k(similarity: Tensor, image_of: Tensor, ks: tuple[int, ...] = (1, 
     i2t_rank = i2t_rank.scatter_reduce(0, image_of, i2t_text_rank, reduce="amin")
     result = {}
     for k in ks:
-        result[f"i2t_r{k}"] = 100.0 * (i2t_rank < k).float().mean().item()
+        result[f"i2t_r{k}"] = (i2t_rank < k).float().mean().item()
     for k in ks:
-        result[f"t2i_r{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
+        result[f"t2i_r{k}"] = (t2i_rank < k).float().mean().item()
     result["rsum"] = sum(result.values())
     return result
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor, k: int) -> float | None:
-    """Percent of items whose label is among the k highest logits (None with fewer than k classes)."""
+    """The fraction of items whose label is among the k highest logits (None with fewer than k classes)."""
     if logits.shape[1] < k:
         return None
-    return 100.0 * (logits.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean().item()
+    return (logits.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean().item()
 
 
 def mean_average_precision(scores: Tensor, targets: Tensor) -> float:
-    """Macro mAP in percent over the classes that have at least one positive (AudioSet's convention)."""
+    """Macro mAP (a fraction) over the classes that have at least one positive (AudioSet's convention)."""
     from torchmetrics.functional.classification import multilabel_average_precision
 
     present = targets.sum(0) > 0
     value = multilabel_average_precision(scores[:, present].float(), targets[:, present],
                                          num_labels=int(present.sum()), average="macro")
-    return 100.0 * value.item()
+    return value.item()
 
 
 @dataclass
@@ -260,6 +261,7 @@ class Job:
     device: torch.device
     dtype: torch.dtype
     meters: dict = field(default_factory=dict)
+    label: str = ""  # the setting under way, in the progress of its passes
 
     def loader(self, items, decode):
         return _batches(items, self.data["batch_size"], self.data["num_workers"], decode)
@@ -283,7 +285,8 @@ class Job:
         """`forward` of every batch of `items` (decoded by `decode`), timed and counted as `unit`."""
         meter = self.meters[unit]
         out = []
-        for batch in self.loader(items, decode):
+        what = ", ".join(part for part in (self.task, self.label, f"{unit}s") if part)
+        for batch in progress(self.loader(items, decode), what, unit="batches"):
             batch = _to(batch, self.device, self.dtype)
             out.append(meter(partial(forward, **batch), len(next(iter(batch.values())))))
         return out
@@ -415,12 +418,14 @@ def run_task(cfg: DictConfig, task: str, output_dir: Path, overrides: list[str] 
     rows = []
     before = load_average()
     with torch.inference_mode():
-        for reducer, params, text_reducer, text_params in settings:
+        for i, (reducer, params, text_reducer, text_params) in enumerate(settings, 1):
             tokenreduce.apply(model, reducer, adapter_options=model_cfg["adapter_options"], **params)
             if text_tower is not None:
                 tokenreduce.apply(text_tower, text_reducer, **text_params)
             job = Job(task, model, processor, data, dataset, device, dtype,
-                      meters={unit: Meter(tower, device) for unit, tower in towers.items()})
+                      meters={unit: Meter(tower, device) for unit, tower in towers.items()},
+                      label=f"setting {i}/{len(settings)} ({reducer}"
+                            f"{'' if text_tower is None else f' / text {text_reducer}'})")
             metrics = specs()[task].evaluate(job)
             row = {"reducer": reducer, "params": params, **metrics}
             if text_tower is not None:
@@ -447,7 +452,7 @@ def run_task(cfg: DictConfig, task: str, output_dir: Path, overrides: list[str] 
               + (f" ({LOADED} loaded: above the cores + {LOAD_MARGIN:g}, so its speeds are doubtful)" if timing_marks(load.as_record())
                  else ""))
     write_new(output_dir / TASKS_TABLE, f"{header}\n\n{table}\n")
-    print(f"{header}\n\n{table}\n\nin {elapsed:.0f} s; results: {output_dir}")
+    show(f"{header}\n\n{table}\n\nin {elapsed:.0f} s; results: {output_dir}")
     log_rows(cfg, output_dir, model_cfg.get("name") or Path(model_cfg["hf"]).name, rows)
     return rows
 
@@ -517,8 +522,19 @@ def markdown_table(task: str, rows: list[dict], lead: tuple[str, ...] = ()) -> s
         shown = {**row, "params": non_default_params(row["reducer"], row["params"])}
         if "text_reducer" in row:
             shown["text_params"] = non_default_params(row["text_reducer"], row["text_params"])
-        lines.append("| " + " | ".join(_fmt(shown.get(c)) for c in columns) + " |")
+        lines.append("| " + " | ".join(_cell(c, shown.get(c), metrics) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def _cell(column: str, value, metrics: list[str]) -> str:
+    """Metrics (fractions, as the project shows them everywhere) with 4 decimals, speed-ups as 1.71x."""
+    if isinstance(value, float) and column in metrics:
+        return f"{value:.4f}"
+    if isinstance(value, float) and column.startswith("speedup_"):
+        return f"{value:.2f}x"
+    if isinstance(value, float) and column.startswith("mac_fraction_"):
+        return f"{value:.3f}"
+    return _fmt(value)
 
 
 PROTOCOL_KEYS = ("task", "model", "class", "weights", "data", "device", "dtype", "batch_size")

@@ -130,23 +130,42 @@ class CollectOnMultirunEnd(Callback):
         print(f"collected the runs of {sweep_dir}: " + ", ".join(str(p) for p in written.values()))
 
 
+def register_sweeper() -> bool:
+    """Make the project's sweeper known to Hydra; False when it is not installed. Hydra finds plugins by
+    listing the `hydra_plugins` namespace, which an editable install's import hook cannot list, so it
+    is imported and registered by hand (before Hydra builds the sweeper: multirun callbacks start first)."""
+    from hydra.core.plugins import Plugins
+
+    try:
+        from hydra_plugins.tokenreduce_sweeper import BaselineSweeper
+    except ImportError:
+        return False
+    Plugins.instance().register(BaselineSweeper)
+    return True
+
+
 class CheckEveryJob(Callback):
     """Before a multirun's first job computes, compose every job's configuration and check it
     (`run.prepare`): one wrong value among the sweep's is refused at once, not after the jobs
     before it have run."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
         from hydra.core.global_hydra import GlobalHydra
-        from hydra.core.override_parser.overrides_parser import OverridesParser
 
         from tokenreduce.engine.run import prepare
+        from tokenreduce.engine.sweeps import BASIC, SWEEPER, planned_jobs
 
-        if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        if config.hydra.sweeper.get("_target_") not in (BASIC, SWEEPER):
             return  # another sweeper chooses its jobs as it goes
-        parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        if config.hydra.sweeper.get("_target_") == SWEEPER and not register_sweeper():
+            _refuse(ConfigError(f"hydra.sweeper: {SWEEPER} is not installed in this environment (an install from "
+                                "before it); allowed: reinstall tokenreduce (pip install -e . in a checkout), or "
+                                "hydra/sweeper=basic, which adds no baseline"))
         loader = GlobalHydra.instance().config_loader()
+        try:  # the sweep's values and its added baselines, as the sweeper will launch them
+            jobs = planned_jobs(config, lambda job: loader.load_sweep_config(config, list(job)))
+        except ConfigError as err:
+            _refuse(err)
         for number, job in enumerate(jobs):
             try:
                 prepare(loader.load_sweep_config(config, list(job)), list(job))

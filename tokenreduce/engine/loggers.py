@@ -69,18 +69,47 @@ def check_loggers(logger_cfg: dict | None) -> dict:
     return logger_cfg
 
 
+WANDB_GROUP_LIMIT = 128  # characters W&B takes in a group name
+
+
+def sweep_group(output_dir: str | Path) -> str | None:
+    """The W&B group of a run in `output_dir`: when it is a job of the multirun this process runs, the
+    sweep directory as configured (`hydra.sweep.dir`, e.g. outputs/sweeps/2025-06-01/12-00-00-000000),
+    the same for every job of one multirun and new for the next; else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    sweep_dir = Path(str(hydra_cfg.sweep.dir))
+    # Hydra's settings outlive a multirun in this process: a later run elsewhere is not one of its jobs
+    if hydra_cfg.mode != RunMode.MULTIRUN or sweep_dir.resolve() not in Path(output_dir).resolve().parents:
+        return None
+    return str(sweep_dir)[-WANDB_GROUP_LIMIT:]  # the end is what tells sweeps apart
+
+
+def wandb_options(wandb_cfg: dict | None, run_name: str, output_dir: str | Path) -> dict:
+    """The `wandb.init` arguments of the run in `output_dir` (WandbLogger's, mode aside): `logger.wandb`,
+    named `run_name` unless it names the run, grouped by `sweep_group` unless it sets a group."""
+    options = {k: v for k, v in (wandb_cfg or {}).items() if k != "mode"}
+    options.setdefault("name", run_name)
+    if options.get("group") is None:
+        options["group"] = sweep_group(output_dir)
+    return options
+
+
 def build_loggers(logger_cfg: dict | None, output_dir: str | Path, run_name: str) -> list[Logger]:
-    """The loggers the `logger` config names, writing under `output_dir`."""
+    """The loggers the `logger` config names, writing under `output_dir`; W&B with `wandb_options`."""
     logger_cfg = check_loggers(logger_cfg)
     loggers: list[Logger] = []
     if "csv" in logger_cfg:
         options = dict(logger_cfg["csv"] or {})
         loggers.append(CSVLogger(save_dir=str(output_dir), name="csv", version="", **options))
     if "wandb" in logger_cfg:
-        options = dict(logger_cfg["wandb"] or {})
-        mode = wandb_mode(options.pop("mode", "auto"))
+        mode = wandb_mode((logger_cfg["wandb"] or {}).get("mode", "auto"))
         if mode != "disabled":
-            options.setdefault("name", run_name)
+            options = wandb_options(logger_cfg["wandb"], run_name, output_dir)
             loggers.append(WandbLogger(save_dir=str(output_dir), offline=mode == "offline", **options))
     return loggers
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from tokenreduce.engine.console import pace_seconds
 from tokenreduce.engine.record import RunRecord, ensure_fresh, hold_run_directory
 from tokenreduce.engine.tasks import RunContext, Task, check_settings_used, get_task
 from tokenreduce.engine.tasks.common import build_model, import_plugins, weights_label
@@ -43,6 +44,7 @@ def prepare(cfg: DictConfig, overrides: list[str] | None = None):
     names the first wrong one. The task and what its `check` returned. A multirun checks every job
     this way before the first one runs."""
     import_plugins(cfg.get("imports") or [])  # first: a plugin may register a task as well as a reducer
+    pace_seconds()  # a bad $TOKENREDUCE_PROGRESS_SECONDS fails now, not at the first progress line
     task = check_task(cfg)
     check_settings_used(cfg, task, overrides)
     return task, task.check(cfg, overrides)

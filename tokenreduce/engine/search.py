@@ -30,8 +30,9 @@ import tokenreduce
 from tokenreduce.cost import probe_pass
 from tokenreduce.data.transforms import model_data_config
 from tokenreduce.engine.callbacks import STOP_SIGNALS, RunInterrupted
-from tokenreduce.engine.compare import Setting, format_params, time_settings, top1_accuracy
+from tokenreduce.engine.compare import Setting, format_params, time_settings, top1_of_each
 from tokenreduce.engine.config import plain
+from tokenreduce.engine.console import Progress, show, tell
 from tokenreduce.engine.record import (
     DIFFRATE_STATE,
     SEARCH_JSON,
@@ -188,7 +189,7 @@ def mac_budget_for_speed(search: ScheduleSearch, model: nn.Module, images: torch
         candidate = space.uniform(method, r)
         value = _speed(model, images, *space.config(candidate), warmup, repeats)
         measured.append({"r": r, "images_per_s": round(value, 1), "mac_fraction": round(search.macs(candidate), 4)})
-        print(f"  uniform r={r}: {value:.1f} images/s, MAC fraction {search.macs(candidate):.3f}", flush=True)
+        show(f"  uniform r={r}: {value:.1f} images/s, MAC fraction {search.macs(candidate):.3f}")
         return value
 
     if speed(0) >= images_per_s:
@@ -216,19 +217,18 @@ def _save_state(path: Path, state: str | dict) -> None:
             torch.save(state, temporary)
 
 
-def _progress(state: SearchState, steps: int, objective: str) -> None:
+def _progress(state: SearchState, objective: str) -> str:
+    """What the search's latest step did and its best score so far (the start, before any step)."""
     best = state.scores[state.best]
-    value = {"accuracy": f"calibration top-1 {100 * (best['top1'] or 0):.2f}%",
-             "loss": f"calibration loss {best['loss'] or 0:.4f} (top-1 {100 * (best['top1'] or 0):.2f}%)",
+    value = {"accuracy": f"calibration top-1 {best['top1'] or 0:.4f}",
+             "loss": f"calibration loss {best['loss'] or 0:.4f} (top-1 {best['top1'] or 0:.4f})",
              "embedding": f"embedding cosine {best['cosine']:.4f}"}[objective]
     if not state.history:
-        print(f"search: start {Candidate.from_key(state.best).r}, MAC fraction {best['mac_fraction']:.4f}, {value}",
-              flush=True)
-        return
+        return f"start {Candidate.from_key(state.best).r}, MAC fraction {best['mac_fraction']:.4f}, {value}"
     last = state.history[-1]
     tried = "no unscored neighbour left" if last["key"] is None else (
         f"tried {Candidate.from_key(last['key']).r}{' (accepted)' if last['accepted'] else ''}")
-    print(f"search step {state.step}/{steps}: {tried}; best {value}", flush=True)
+    return f"{tried}; best {value}"
 
 
 def searched_config(name: str, params: dict) -> dict:
@@ -275,8 +275,8 @@ class Context:
     def stop_if_asked(self, path: Path, step: int) -> None:
         """After a step's state is saved: end the search if SIGINT or SIGTERM arrived during it."""
         if self.signals.received is not None:
-            print(f"\nsearch stopped by {self.signals.received} after step {step}; its state is in {path}; "
-                  f"continue with the same command and search.resume={self.output_dir}", flush=True)
+            tell(f"\nsearch stopped by {self.signals.received} after step {step}; its state is in {path}; "
+                 f"continue with the same command and search.resume={self.output_dir}")
             raise RunInterrupted(self.signals.received, str(path), step)
 
 
@@ -316,8 +316,7 @@ def schedule_strategy(ctx: Context, budget: Budget) -> tuple[float, Found]:
     elif saved is not None:  # a resumed speed search keeps the MAC budget its measurements gave
         mac_budget = saved.fingerprint["budget"]
     else:
-        print(f"search: finding the MAC fraction that runs at {budget.images_per_s:g} images/s on {ctx.device}",
-              flush=True)
+        show(f"search: finding the MAC fraction that runs at {budget.images_per_s:g} images/s on {ctx.device}")
         probe = ScheduleSearch(space, ctx.evaluator, 1.0, ctx.objective, ctx.seed)
         mac_budget, speed_calibration = mac_budget_for_speed(probe, ctx.model, ctx.timing_images,
                                                              budget.images_per_s, ctx.mcfg["warmup"],
@@ -325,14 +324,28 @@ def schedule_strategy(ctx: Context, budget: Budget) -> tuple[float, Found]:
     search = ScheduleSearch(space, ctx.evaluator, mac_budget, ctx.objective, ctx.seed, ctx.fingerprint)
     state_path = ctx.output_dir / SEARCH_STATE
 
+    steps: list[Progress] = []  # the progress of the steps, from the first step on
+
     def on_step(state: SearchState) -> None:
         _save_state(state_path, state.to_json())
-        _progress(state, settings.steps, ctx.objective)
+        if not state.history:
+            show(f"search: {_progress(state, ctx.objective)}")
+        else:
+            if not steps:
+                steps.append(Progress("search", settings.steps, "steps", done=state.step - 1))
+            steps[0].update(state.step - steps[0].done, _progress(state, ctx.objective))
         ctx.stop_if_asked(state_path, state.step)
 
     if saved is not None:
-        print(f"search: resuming {settings.resume} at step {saved.step} of {settings.steps}", flush=True)
-    state = search.run(settings.steps, saved, on_step)
+        show(f"search: resuming {settings.resume} at step {saved.step} of {settings.steps}")
+    else:
+        show(f"search: scoring the uniform {'/'.join(space.methods)} schedules within MAC fraction {mac_budget:.4f} "
+             f"on {len(ctx.images)} calibration images, to start from the best")
+    try:
+        state = search.run(settings.steps, saved, on_step)
+    finally:
+        for shown in steps:
+            shown.close()
     if saved is not None and saved.step >= settings.steps:
         _save_state(state_path, state.to_json())
     best = Candidate.from_key(state.best)
@@ -357,21 +370,22 @@ def diffrate_strategy(ctx: Context, budget: Budget) -> tuple[float, Found]:
     saved = settings.diffrate_state
     if saved is not None:
         check_fingerprint(saved.get("fingerprint", {}), ctx.fingerprint)
-        print(f"search: resuming {settings.resume} at step {saved['step']} of {settings.steps}", flush=True)
+        show(f"search: resuming {settings.resume} at step {saved['step']} of {settings.steps}")
 
     def on_step(state: dict) -> None:
         _save_state(state_path, {**state, "fingerprint": ctx.fingerprint})
         last = state["history"][-1]
-        if last["step"] % 10 == 0 or last["step"] == settings.steps:
-            print(f"search step {last['step']}/{settings.steps}: loss {last['loss']:.4f}, task loss "
-                  f"{last['task_loss']:.4f}, expected MAC fraction {last['mac_fraction']:.4f}", flush=True)
+        shown.update(last["step"] - shown.done, f"loss {last['loss']:.4f}, task loss {last['task_loss']:.4f}, "
+                                                f"expected MAC fraction {last['mac_fraction']:.4f}")
         ctx.stop_if_asked(state_path, last["step"])
 
     tokenreduce.remove(ctx.model)  # the search drives the plain model's blocks
     try:
-        found = diffrate_search(ctx.model, ctx.images, ctx.labels, budget.macs, steps=settings.steps,
-                                batch_size=settings.batch_size, seed=ctx.seed, state=saved, on_step=on_step,
-                                **options)
+        with Progress("search (diffrate)", settings.steps, "steps",
+                      done=min(saved["step"] if saved else 0, settings.steps)) as shown:
+            found = diffrate_search(ctx.model, ctx.images, ctx.labels, budget.macs, steps=settings.steps,
+                                    batch_size=settings.batch_size, seed=ctx.seed, state=saved, on_step=on_step,
+                                    **options)
     finally:
         tokenreduce.apply(ctx.model, "none", adapter_options=ctx.evaluator.adapter_options)
     searched = ("diffrate", {"prune": found["prune"], "merge": found["merge"]})
@@ -454,16 +468,13 @@ def _held_out(cfg, settings: SearchSettings, datamodule, model, labelled: dict[s
     stage = "test" if cfg.eval_split == "test" else "validate"
     datamodule.setup(stage)
     loader = datamodule.test_dataloader() if stage == "test" else datamodule.val_dataloader()
-    count = 0
-    for row in rows:
-        tokenreduce.apply(model, row.reducer, **row.params)
-        row.top1, count = top1_accuracy(model, loader, settings.test_images)
-        stats = probe_pass(model)
-        row.tokens, row.mac_fraction = stats["tokens"][-1], stats["macs"]
+    count = top1_of_each(model, loader, rows, settings.test_images, "search, held-out top-1",
+                         on_done=lambda row: setattr(row, "mac_fraction", probe_pass(model)["macs"]))
     base = rows[0].mac_fraction
     for row in rows:
         row.mac_fraction /= base
-    time_settings(model, rows, timing_images, warmup=mcfg["warmup"], rounds=mcfg["repeats"])
+    time_settings(model, rows, timing_images, warmup=mcfg["warmup"], rounds=mcfg["repeats"],
+                  what="search, held-out images/s")
     tokenreduce.apply(model, "none")
     return {"split": cfg.eval_split, "images": count, "timing_batch": len(timing_images),
             "rows": [{"schedule": label, "reducer": row.reducer, "params": row.params, "top1": row.top1,
@@ -483,15 +494,16 @@ def markdown(result: dict) -> str:
              f"{result['evaluated_schedules']} schedules scored, seed {result['seed']}", ""]
     calibration = {"best uniform": result["uniform"]["calibration"], "searched": result["searched"]["calibration"],
                    "uniform in the window": (result["start"] or {}).get("calibration")}
-    lines += ["| schedule | reducer | params | MAC fraction | calibration top-1 (%) | calibration cosine | "
-              f"held-out top-1 (%) ({held.get('images', 0)} {held.get('split', '-')} images) | images/s vs unreduced |",
+    # top-1 as a fraction (0.9012), as in search.json
+    lines += ["| schedule | reducer | params | MAC fraction | calibration top-1 | calibration cosine | "
+              f"held-out top-1 ({held.get('images', 0)} {held.get('split', '-')} images) | images/s vs unreduced |",
               "|---|---|---|---:|---:|---:|---:|---:|"]
     for row in held.get("rows", []):
         cal = calibration.get(row["schedule"])
-        cal_top1 = "-" if cal is None or cal["top1"] is None else f"{100 * cal['top1']:.2f}"
+        cal_top1 = "-" if cal is None or cal["top1"] is None else f"{cal['top1']:.4f}"
         cal_cos = "-" if cal is None else f"{cal['cosine']:.4f}"
         lines.append(f"| {row['schedule']} | {row['reducer']} | {format_params(row['params'])} | "
-                     f"{row['mac_fraction']:.4f} | {cal_top1} | {cal_cos} | {100 * row['top1']:.2f} | "
+                     f"{row['mac_fraction']:.4f} | {cal_top1} | {cal_cos} | {row['top1']:.4f} | "
                      f"{row['speedup']:.2f}x |")
     return "\n".join(lines)
 
@@ -506,6 +518,6 @@ def _write_outputs(output_dir: Path, result: dict) -> None:
     write_new(output_dir / SEARCH_JSON, json.dumps(result, indent=2) + "\n")
     table = markdown(result)
     write_new(output_dir / SEARCH_TABLE, table + "\n")
-    print("\n" + table)
-    print(f"\nsearched reducer config: {output_dir / SEARCHED_REDUCER} ({result['seconds']:.0f} s)")
-    print(f"evaluate it with: {result['evaluate_command']}")
+    show("\n" + table)
+    show(f"\nsearched reducer config: {output_dir / SEARCHED_REDUCER} ({result['seconds']:.0f} s)")
+    show(f"evaluate it with: {result['evaluate_command']}")

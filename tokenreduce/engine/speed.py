@@ -7,6 +7,7 @@ import copy
 import functools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -156,10 +157,11 @@ def time_forward(model: nn.Module, images: torch.Tensor, repeats: int = 5, warmu
     return times
 
 
-def interleaved_times(model: nn.Module, reducers: list, images: torch.Tensor, warmup: int, rounds: int
-                      ) -> list[list[float]]:
+def interleaved_times(model: nn.Module, reducers: list, images: torch.Tensor, warmup: int, rounds: int,
+                      on_timing: Callable[[], None] | None = None) -> list[list[float]]:
     """Seconds of one pass of `model` with each reducer (placed in turn by `tokenreduce.apply`), in
-    `rounds` interleaved rounds after `warmup` passes each, so that machine noise hits all alike."""
+    `rounds` interleaved rounds after `warmup` passes each, so that machine noise hits all alike.
+    `on_timing()` is called after each reducer's warm-up and each timed pass (for progress)."""
     from tokenreduce.api import apply
 
     def with_reducer(reducer):
@@ -168,7 +170,7 @@ def interleaved_times(model: nn.Module, reducers: list, images: torch.Tensor, wa
             return time_forward(model, images, repeats=repeats, warmup=warmup)
         return timed
 
-    return _interleaved([with_reducer(r) for r in reducers], warmup, rounds)
+    return _interleaved([with_reducer(r) for r in reducers], warmup, rounds, on_timing)
 
 
 def interleaved_model_times(models: list[nn.Module], images: torch.Tensor, warmup: int, rounds: int
@@ -187,13 +189,17 @@ def compiling_many(count: int):
         yield
 
 
-def _interleaved(timers: list, warmup: int, rounds: int) -> list[list[float]]:
+def _interleaved(timers: list, warmup: int, rounds: int, on_timing: Callable[[], None] | None = None
+                 ) -> list[list[float]]:
+    done = on_timing or (lambda: None)
     for timed in timers:
         timed(repeats=0, warmup=warmup)
+        done()
     times = [[] for _ in timers]
     for _ in range(rounds):
         for timed, spent in zip(timers, times, strict=True):
             spent += timed(repeats=1, warmup=0)
+            done()
     return times
 
 

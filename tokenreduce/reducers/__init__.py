@@ -11,8 +11,10 @@ from tokenreduce.reducers import (  # noqa: F401
     pitome,
     ppt,
     pruning,
+    todo,
     tofu,
     tome,
+    tomesd,
     zerotprune,
 )
 from tokenreduce.reducers.base import (

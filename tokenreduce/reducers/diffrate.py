@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenreduce.core.merge import Assignment
+from tokenreduce.core.merge import Assignment, stable_argsort
 from tokenreduce.core.schedule import Schedule
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, check_number, check_numbers, is_list
@@ -117,7 +117,7 @@ def prune_then_merge(importance: Tensor, keys: Tensor, num_prefix: int, pruned: 
     """
     batch, tokens = importance.shape
     kept = tokens - pruned - merged
-    order = importance.argsort(dim=1, descending=True, stable=True)
+    order = stable_argsort(importance, descending=True)
     dests = order[:, :kept]
     is_dest = torch.zeros_like(importance, dtype=torch.bool).scatter_(1, dests, True)
     slot = num_prefix + is_dest.long().cumsum(dim=1) - 1

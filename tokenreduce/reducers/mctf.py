@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenreduce.core.matching import alternate_split, matching_macs
-from tokenreduce.core.merge import Assignment, combine_attention
+from tokenreduce.core.merge import Assignment, combine_attention, stable_argsort
 from tokenreduce.core.schedule import Schedule
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, check_flag, check_number
@@ -108,7 +108,7 @@ def mctf_matching(
     r2 = min(r - r1, nb) if bidirectional else 0
 
     node_max, node_idx = scores.max(dim=-1)
-    order = node_max.argsort(dim=-1, descending=True, stable=True)
+    order = stable_argsort(node_max, descending=True)
     merged_a = torch.zeros(batch, na, dtype=torch.bool, device=device).scatter_(1, order[:, :r1], True)
     slot_a = num_prefix + (~merged_a).long().cumsum(dim=1) - 1  # the slot of every unmerged A token
     first_b = num_prefix + na - r1
@@ -116,7 +116,7 @@ def mctf_matching(
     if r2 > 0:
         scores_b = scores.masked_fill(merged_a.unsqueeze(-1), float("-inf")).transpose(1, 2)
         node_max2, node_idx2 = scores_b.max(dim=-1)
-        order2 = node_max2.argsort(dim=-1, descending=True, stable=True)
+        order2 = stable_argsort(node_max2, descending=True)
         rank2 = torch.empty_like(order2).scatter_(1, order2, positions_b)
         merged_b = rank2 < r2
         slot_b = torch.where(merged_b, slot_a.gather(1, node_idx2), first_b + rank2 - r2)

@@ -63,14 +63,25 @@ class MultiScaleFusion(nn.Module):
         return torch.cat([x[:, :num_prefix], x[:, num_prefix:] + fine.flatten(2).transpose(1, 2)], dim=1)
 
 
+def _positions(mask: Tensor, count: int) -> Tensor:
+    """[B, count] where each row of `mask` [B, N] is True (`count` times per row), in order."""
+    if not torch.compiler.is_exporting():
+        return mask.nonzero()[:, 1].reshape(mask.shape[0], count)
+    # nonzero's shape depends on the data, which export cannot carry with a symbolic batch; this
+    # costs a few more operations (about 3x nonzero's time on a CPU)
+    slot = torch.where(mask, mask.long().cumsum(dim=1) - 1, count)  # the others go to a spare column
+    index = torch.arange(mask.shape[1], device=mask.device).expand_as(slot)
+    return slot.new_zeros(mask.shape[0], count + 1).scatter_(1, slot, index)[:, :count]
+
+
 def crucial_assignment(importance: Tensor, keys: Tensor, num_crucial: int, num_prefix: int) -> Assignment:
     """Prefix and the `num_crucial` most important tokens stay (in their order); every other token
     goes to the crucial token whose key is most similar (cosine). importance [B, T], keys [B, N, d]."""
     keep = top_tokens(importance, num_crucial, num_prefix)
-    batch, n = keep.shape
+    n = keep.shape[1]
     slot = keep.long().cumsum(dim=1) - 1
-    crucial_idx = keep[:, num_prefix:].nonzero()[:, 1].reshape(batch, num_crucial) + num_prefix
-    other_idx = (~keep).nonzero()[:, 1].reshape(batch, n - num_prefix - num_crucial)
+    crucial_idx = _positions(keep[:, num_prefix:], num_crucial) + num_prefix
+    other_idx = _positions(~keep, n - num_prefix - num_crucial)
     metric = F.normalize(keys.float(), dim=-1)
     others, crucial = (metric.gather(1, idx.unsqueeze(-1).expand(-1, -1, metric.shape[-1])) for idx in (other_idx, crucial_idx))
     best = (others @ crucial.transpose(1, 2)).argmax(dim=-1)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from tokenreduce.core.energy import KERNELS, energy_macs, energy_score, layer_margin
 from tokenreduce.core.matching import ordered_bipartite_matching, ordered_matching_macs
+from tokenreduce.core.merge import stable_argsort
 from tokenreduce.core.schedule import Schedule
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, check_number
@@ -169,7 +170,7 @@ class PiToMe(TokenReducer):
         with torch.no_grad():  # normalised once for the energy and the matching
             unit = F.normalize(keys.float(), dim=-1)
             energy = energy_score(unit[:, num_prefix:], margin, self.alpha, kernel=self.energy, normalized=True)
-            order = energy.argsort(dim=-1, descending=True, stable=True)
+            order = stable_argsort(energy, descending=True)
         protect, split = MODE_MATCHING[self.layer_mode(layer, num_layers)]
         candidates = 2 * removal if protect else tokens
         assignment = ordered_bipartite_matching(

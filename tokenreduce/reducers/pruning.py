@@ -85,6 +85,12 @@ class RandomPruning(KeepRatioPruner):
         shape = (x.shape[0], x.shape[1] - state.num_prefix)
         if self.seed is None:
             return torch.rand(shape, device=x.device)
+        if torch.compiler.is_exporting():
+            # an exported graph keeps the generator object but not its re-seeding, so its draws
+            # would differ from the eager model's and from one call to the next
+            raise ConfigError(f"{self.name}: seed={self.seed!r} cannot be exported: each pass re-seeds a "
+                              "torch.Generator of its own, which an exported graph does not repeat; "
+                              "allowed: seed=None (draws from the global random source)")
         generator = torch.Generator(device=x.device)
         generator.manual_seed(self.seed * 100_003 + layer)
         return torch.rand(shape, generator=generator, device=x.device)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenreduce.core.merge import keep_assignment
+from tokenreduce.core.merge import keep_assignment, stable_argsort
 from tokenreduce.core.schedule import Schedule, half_cap
 from tokenreduce.core.state import ReductionState
 from tokenreduce.errors import ConfigError, check_number, check_numbers, is_list
@@ -111,7 +111,7 @@ def select_kept(importance: Tensor, metric: Tensor, removal: int, importance_sha
     most important first; of equal similarities the A token ranked first goes first).
     """
     batch, tokens = importance.shape
-    ranked = importance.argsort(dim=1, descending=True, stable=True)
+    ranked = stable_argsort(importance, descending=True)
     by_importance = importance_count(removal, importance_share)
     remaining = tokens - by_importance
     dropped = [ranked[:, remaining:]]
@@ -123,7 +123,7 @@ def select_kept(importance: Tensor, metric: Tensor, removal: int, importance_sha
         a = m.gather(1, a_idx.unsqueeze(-1).expand(-1, -1, dim))
         b = m.gather(1, b_idx.unsqueeze(-1).expand(-1, -1, dim))
         best = (a @ b.transpose(-1, -2)).amax(dim=-1)
-        first = best.argsort(dim=1, descending=True, stable=True)[:, :by_similarity]
+        first = stable_argsort(best, descending=True)[:, :by_similarity]
         dropped.append(a_idx.gather(1, first))
     keep = torch.ones(batch, tokens, dtype=torch.bool, device=importance.device)
     return keep.scatter(1, torch.cat(dropped, dim=1), False)

@@ -42,6 +42,9 @@ class Task:
     run: Callable[[RunContext, Any], Any]
     unused: tuple[str, ...] = ()  # top-level settings this task does not read
     reads: str = ""  # what it does read instead, said when one of them is refused
+    # whether a sweep of it gets an unreduced run in the same protocol (engine/sweeps.py): true where a
+    # run measures only its own model; a task that measures the unreduced model itself needs none
+    baseline: bool = False
 
 
 _TASKS: dict[str, Task] = {}

@@ -11,4 +11,5 @@ TASK = register_task(Task(
     check=lambda cfg, overrides: ReducedModelSettings.check(cfg, overrides, stage="validate"),
     run=lambda context, settings: run_reduced_model(context, "evaluate", settings),
     unused=(*TRAINING, *ONE_MODEL),
+    baseline=True,
 ))

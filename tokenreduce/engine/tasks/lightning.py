@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import timm
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 import tokenreduce
 from tokenreduce.cost import probe_pass
 from tokenreduce.data.transforms import model_data_config
-from tokenreduce.engine.callbacks import LatestCheckpoint, RunInterrupted, build_callbacks
+from tokenreduce.engine.callbacks import DatedProgress, LatestCheckpoint, RunInterrupted, build_callbacks
 from tokenreduce.engine.config import build_reducer, default_run_name, plain, reducer_spec
-from tokenreduce.engine.console import tell
+from tokenreduce.engine.console import interactive, show, tell
 from tokenreduce.engine.loggers import build_loggers, check_loggers, finish_loggers
 from tokenreduce.engine.module import LossSettings, OptimSettings, ReductionModule
 from tokenreduce.engine.record import RunRecord
@@ -68,6 +68,12 @@ def build_trainer(trainer_cfg: DictConfig | dict, loggers: list, callbacks: list
                   checkpointing: bool) -> L.Trainer:
     kwargs = plain(trainer_cfg)
     kwargs["precision"] = resolve_precision(kwargs.get("precision", "auto"), kwargs.get("accelerator", "auto"))
+    if not interactive():  # a redrawn bar and rich's boxes show nothing useful in a file
+        if kwargs.get("enable_progress_bar", True):
+            callbacks = [*callbacks, DatedProgress()]
+        if kwargs.get("enable_model_summary", True):  # the plain summary goes through logging, into the log
+            kwargs["enable_model_summary"] = False
+            callbacks = [*callbacks, ModelSummary()]
     try:
         return L.Trainer(default_root_dir=str(output_dir), logger=loggers or False, callbacks=callbacks,
                          enable_checkpointing=checkpointing, **kwargs)
@@ -182,7 +188,7 @@ class LightningRun:
             if isinstance(lg, WandbLogger):
                 lg.experiment.summary.update({f"result/{k}": v for k, v in record.to_dict().items()})
         record.write(self.context.output_dir)
-        print(record.table())
+        show(record.table())
         if late_error is not None:
             raise late_error
         return record
