@@ -33,6 +33,31 @@ def narrow_vit_b_geometry(**kwargs) -> torch.nn.Module:
     return timm.create_model("vit_small_patch16_224", embed_dim=48, num_heads=2, **kwargs).eval()
 
 
+@pytest.fixture
+def clean_hydra():
+    """A fresh Hydra around a test that composes or runs in-process (Hydra refuses a second
+    initialisation in one process)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    yield
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def no_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # tiny models: spreading their small kernels over several busy cores costs ten times more
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def narrow_vit():
     return narrow_vit_b_geometry()

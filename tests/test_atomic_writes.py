@@ -11,7 +11,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 
 from tokenreduce.engine import record as record_module
 from tokenreduce.engine.config import compose
@@ -24,11 +23,7 @@ SMOKE = ["experiment=smoke", "trainer.enable_progress_bar=false", "data.train_sa
 FINETUNE = ["experiment=smoke_finetune", *SMOKE[1:], "data.num_classes=4", "trainer.max_epochs=1"]
 
 
-@pytest.fixture(autouse=True)
-def clean_hydra():
-    GlobalHydra.instance().clear()
-    yield
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("clean_hydra")
 
 
 def disk_full() -> OSError:

@@ -6,7 +6,6 @@ import csv
 import json
 
 import pytest
-from hydra.core.global_hydra import GlobalHydra
 from test_fashion_mnist import tiny_dataset
 
 from tokenreduce.engine.compare import CSV_COLUMNS, MERGE_MAPS, PLOT_MACS, PLOT_SPEED, settings_from
@@ -14,12 +13,7 @@ from tokenreduce.engine.config import compose
 from tokenreduce.engine.run import run
 from tokenreduce.errors import ConfigError
 
-
-@pytest.fixture(autouse=True)
-def clean_hydra():
-    GlobalHydra.instance().clear()
-    yield
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("clean_hydra")
 
 
 def small(root, *overrides):

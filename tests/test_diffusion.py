@@ -27,13 +27,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
 TEXT_DIM, CAPTION_DIM = 24, 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the models are tiny: spreading their small kernels over several busy cores costs ten times more
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass

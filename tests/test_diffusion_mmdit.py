@@ -24,12 +24,7 @@ from diffusers.models.embeddings import apply_rotary_emb  # noqa: E402
 GRID, TEXT, TEXT_DIM = 8, 5, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass

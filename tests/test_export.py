@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 from conftest import images_for, make_model
+from test_invariants import SETTINGS, STAGES
 
 import tokenreduce
 from tokenreduce.core.merge import argsort_by_counting, stable_argsort
@@ -22,25 +23,15 @@ BATCHES = (1, 3)  # the example is batch 2: both differ from it, and 1 is the si
 # random ViT's near-uniform class attention, with images_for(seed=1), has such a pair); these seeds
 # have none, so any difference beyond rounding is the export's.
 SEEDS = {1: 100, 3: 103}
-STAGES = [1, 3]
-# The setting each reducer exports with on the tiny ViT (test_vit: class token, 100 patches, 6 blocks).
+# The setting each reducer exports with on the tiny ViT (test_vit: class token, 100 patches, 6 blocks):
+# the invariants' where those export as they are.
 EXPORTS = {
-    "none": {},
-    "tome": {"r": 9},
-    "pitome": {"ratio": 0.8},
-    "tofu": {"r": 9},
-    "mctf": {"r": 8},
-    "mstm": {"ratio": 0.7, "layers": STAGES},
-    "evit": {"ratio": 0.7, "layers": STAGES},
-    "topk": {"ratio": 0.7, "layers": STAGES},
-    "norm": {"ratio": 0.7, "layers": STAGES},
-    "random": {"ratio": 0.7, "layers": STAGES, "seed": None},  # the seeded draws are refused (below)
-    "dynamicvit": {"ratios": [0.7, 0.5], "layers": STAGES},
+    **SETTINGS,
+    "random": {**SETTINGS["random"], "seed": None},  # the seeded draws are refused (below)
     "atc": {"r": 6, "layers": STAGES},  # each join is unrolled into the graph: a few keep it small
     "compose": {"parts": [{"name": "atc", "layers": [1], "r": 4}, {"name": "tome", "layers": [2, 3], "r": 8}]},
     "ppt": {"r": 9, "layers": STAGES, "threshold": 1e-5},
     "diffrate": {"prune": [0, 4, 0, 4], "merge": [0, 8, 6, 4]},
-    "zerotprune": {"r": 9},
 }
 # Reducers for other model families, which a timm ViT refuses at apply.
 NOT_FOR_VIT = {"todo": "diffusion models", "tomesd": "diffusion models"}

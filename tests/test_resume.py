@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SIGNALLING_PLUGIN
-from hydra.core.global_hydra import GlobalHydra
 from torch.utils.data import Dataset
 
 from tokenreduce.data.resumable import ResumableLoader
@@ -32,11 +31,7 @@ STEPS_PER_EPOCH, EPOCHS = 4, 3
 
 
 
-@pytest.fixture(autouse=True)
-def clean_hydra():
-    GlobalHydra.instance().clear()
-    yield
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("clean_hydra")
 
 
 def tokenreduce_cli(tmp_path: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:

@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from tokenreduce.engine.config import compose
@@ -31,11 +30,7 @@ with hold_run_directory(sys.argv[1]):
 """
 
 
-@pytest.fixture(autouse=True)
-def clean_hydra():
-    GlobalHydra.instance().clear()
-    yield
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("clean_hydra")
 
 
 def snapshot(folder: Path) -> dict:

@@ -30,12 +30,7 @@ COMPARE = ["experiment=smoke", "task=compare", "reducer=none", "data.train_sampl
            "compare.reducers=[tome]", "compare.mac_fractions=[0.75]", "compare.merge_maps=0"]
 
 
-@pytest.fixture(autouse=True)
-def clean_hydra(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    GlobalHydra.instance().clear()
-    yield
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("clean_hydra", "no_wandb")
 
 
 def reducer_file(folder: Path, spec: dict | str, name: str = "reducer.yaml") -> Path:

@@ -7,7 +7,6 @@ import io
 
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 
 from tokenreduce.engine import compare, speed
 from tokenreduce.engine.compare import Setting, csv_text, markdown_table, time_settings
@@ -132,13 +131,6 @@ def test_compare_marks_every_row_on_a_loaded_machine_and_all_after_an_unsteady_b
 
 
 # --- end to end: a run's record keeps the spread and the load ------------------------------------------
-@pytest.fixture
-def clean_hydra():
-    GlobalHydra.instance().clear()
-    yield
-    GlobalHydra.instance().clear()
-
-
 def test_an_evaluation_records_spread_and_load(tmp_path, monkeypatch, machine, clean_hydra, capsys):
     machine += [9.0, 9.5]
     cfg = compose(["experiment=smoke", "trainer.enable_progress_bar=false", "data.train_samples=8",

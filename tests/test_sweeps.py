@@ -27,12 +27,7 @@ SMALL = ["experiment=smoke", "trainer.enable_progress_bar=false", "data.train_sa
          "data.batch_size=4", "measure.warmup=0", "measure.repeats=2"]
 
 
-@pytest.fixture(autouse=True)
-def clean_hydra(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    GlobalHydra.instance().clear()
-    yield
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("clean_hydra", "no_wandb")
 
 
 def composed(job: list[str]):

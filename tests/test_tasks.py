@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 
 import tokenreduce
 from tokenreduce.engine.config import compose
@@ -23,11 +22,7 @@ SMOKE = ["experiment=smoke", "trainer.enable_progress_bar=false", "data.train_sa
          "data.batch_size=4", "measure.enabled=false"]
 
 
-@pytest.fixture(autouse=True)
-def clean_hydra():
-    GlobalHydra.instance().clear()
-    yield
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("clean_hydra")
 
 
 def test_every_builtin_task_is_registered_and_an_unknown_one_lists_them():
