@@ -560,8 +560,15 @@ def test_macs_equal_flop_counter_per_block(case, reducer, params):
         params = {**params, **MERGING[case.name]}
     options = {"max_downsample": 2} if reducer == "tome" and case.name == "sdxl" else None
     tokenreduce.apply(model, reducer, adapter_options=options, **params)
+    stats = check_block_macs(model, case.inputs(2))
+    assert stats["macs_parts"]["reducer"] == sum(b["reducer_macs"] for b in stats["blocks"])
+
+
+def check_block_macs(model, inputs: dict) -> dict:
+    """Each block's MACs in `stats` against torch's FLOP counter (math attention kernel, one image of
+    the pair); the total their sum. Returns the stats."""
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(**case.inputs(2))
+        model(**inputs)
     counts = counter.get_flop_counts()
     stats = tokenreduce.stats(model)
     root = type(model).__name__
@@ -569,7 +576,7 @@ def test_macs_equal_flop_counter_per_block(case, reducer, params):
         flops = sum(counts[f"{root}.{b['block']}"].values())
         assert b["macs"] + b["reducer_macs"] == flops // 2 // 2, b["block"]
     assert stats["macs"] == sum(b["macs"] + b["reducer_macs"] for b in stats["blocks"])
-    assert stats["macs_parts"]["reducer"] == sum(b["reducer_macs"] for b in stats["blocks"])
+    return stats
 
 
 # --- pipelines and imports ----------------------------------------------------------------------------

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce
 from tokenreduce.core.grid import grid_destinations, grid_matching, slot_representatives
@@ -20,6 +18,7 @@ from tokenreduce.errors import ConfigError, UnsupportedModelError
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.models.embeddings import apply_rotary_emb  # noqa: E402
+from test_diffusion import check_block_macs  # noqa: E402
 
 GRID, TEXT, TEXT_DIM = 8, 5, 16
 
@@ -323,15 +322,7 @@ def test_token_merging_reducers_merge_only_image_tokens(case, reducer, params):
 def test_macs_equal_flop_counter_per_block(case, reducer, params):
     model = case.build()
     tokenreduce.apply(model, reducer, **params)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(**case.inputs(2))
-    counts = counter.get_flop_counts()
-    stats = tokenreduce.stats(model)
-    root = type(model).__name__
-    for b in stats["blocks"]:
-        flops = sum(counts[f"{root}.{b['block']}"].values())
-        assert b["macs"] + b["reducer_macs"] == flops // 2 // 2, b["block"]
-    assert stats["macs"] == sum(b["macs"] + b["reducer_macs"] for b in stats["blocks"])
+    check_block_macs(model, case.inputs(2))
 
 
 # --- refusals ------------------------------------------------------------------------------------------
