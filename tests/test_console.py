@@ -136,6 +136,7 @@ def test_the_run_log_holds_what_the_console_showed(tmp_path, monkeypatch, capsys
         assert f"output        {tmp_path / run}" in logged and "\ntop-1         " in logged, logged
         assert "validation: 2/2 batches" in logged  # Lightning's progress, as lines
         assert "GPU available" in logged  # Lightning's own messages reach the log
+        assert "Tip:" not in logged  # but not its advertisement
         assert f"output        {tmp_path / run}" in out
     logged = (tmp_path / "finetune" / "tokenreduce.log").read_text()
     assert "fit, epoch 1/1: 2/2 batches" in logged and "train/loss" in logged

@@ -75,6 +75,17 @@ def _one_console_handler() -> None:
             if type(handler) is logging.StreamHandler:
                 lightning_logger.removeHandler(handler)
         lightning_logger.propagate = True
+    # the rank-zero logger's records are emitted there, before they propagate: the filter sits on it
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, NoAdvertisement) for f in rank_zero.filters):
+        rank_zero.addFilter(NoAdvertisement())
+
+
+class NoAdvertisement(logging.Filter):
+    """Drops Lightning's tip to install its cloud logger, printed on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
 
 
 if __name__ == "__main__":
