@@ -98,6 +98,7 @@ BAD = {
     "text_classification": (["experiment=text_sst2", "data.batch_size=0"], "batch_size=0 is invalid"),
     "video_classification": (["experiment=video_videomae_k400", "data.batch_size=0"], "batch_size=0 is invalid"),
     "audio_classification": (["experiment=audio_ast_audioset", "data.batch_size=0"], "batch_size=0 is invalid"),
+    "train_diffusion": (["experiment=train_fmnist_diffusion", "diffusion.optim.lr=-1"], "lr=-1 is invalid"),
 }
 
 

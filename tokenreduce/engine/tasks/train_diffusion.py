@@ -1,0 +1,164 @@
+"""task=train_diffusion: train the class-conditional Fashion-MNIST diffusion model
+(`models/fmnist_diffusion.py`) with Lightning, checkpointed and resumable from `ckpt_path` as a
+fine-tune is, then write a grid of DDIM samples of every class and a record (`diffusion.json`)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+from omegaconf import DictConfig, OmegaConf
+
+from tokenreduce.data.fashion_mnist import FashionMNISTDataModule, ShapeImages
+from tokenreduce.engine.callbacks import RunInterrupted, checkpoint_callback
+from tokenreduce.engine.config import plain
+from tokenreduce.engine.console import tell
+from tokenreduce.engine.diffusion_module import DiffusionModule, DiffusionOptim, check_module_settings
+from tokenreduce.engine.loggers import build_loggers, check_loggers, finish_loggers
+from tokenreduce.engine.tasks import ONE_MODEL, RunContext, Task, register_task
+from tokenreduce.engine.tasks.common import build_datamodule
+from tokenreduce.engine.tasks.finetune import check_training_length
+from tokenreduce.engine.tasks.lightning import build_trainer, checkpoints_of, resume_command
+from tokenreduce.errors import ConfigError, check_number
+
+KEYS = ("model", "schedule", "optim", "class_dropout", "ema_decay", "samples")
+SAMPLE_KEYS = ("per_class", "steps", "guidance", "seed")
+RECORD = "diffusion.json"
+
+
+@dataclass
+class DiffusionSettings:
+    datamodule: FashionMNISTDataModule
+    model: dict
+    schedule: dict
+    optim: DiffusionOptim
+    class_dropout: float
+    ema_decay: float | None
+    samples: dict
+    checkpoint: dict
+
+
+@dataclass(frozen=True)
+class DiffusionRecord:
+    """What a run wrote to `diffusion.json`."""
+
+    values: dict
+    top1 = None  # no classification metric: nothing for a sweep to optimise
+
+
+def check(cfg: DictConfig, overrides: list[str] | None) -> DiffusionSettings:
+    from tokenreduce.models.fmnist_diffusion import model_config, schedule_config
+
+    d = plain(cfg.get("diffusion")) or {}
+    unknown = sorted(set(d) - set(KEYS))
+    if unknown:
+        raise ConfigError(f"diffusion.{unknown[0]} is not a setting; allowed: {', '.join(KEYS)}")
+    optim_cfg = d.get("optim") or {}
+    unknown = sorted(set(optim_cfg) - set(DiffusionOptim.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"diffusion.optim.{unknown[0]} is not a setting; allowed: "
+                          f"{', '.join(DiffusionOptim.__dataclass_fields__)}")
+    samples = {"per_class": 8, "steps": 50, "guidance": 4.0, "seed": 0, **(d.get("samples") or {})}
+    unknown = sorted(set(samples) - set(SAMPLE_KEYS))
+    if unknown:
+        raise ConfigError(f"diffusion.samples.{unknown[0]} is not a setting; allowed: {', '.join(SAMPLE_KEYS)}")
+    checkpoint = plain(cfg.checkpoint)
+    if checkpoint.get("monitor") not in ("val/loss", None) or checkpoint.get("mode") != "min":
+        raise ConfigError(f"checkpoint.monitor={checkpoint.get('monitor')!r}, checkpoint.mode={checkpoint.get('mode')!r} "
+                          "are invalid for task=train_diffusion; allowed: monitor val/loss (or null) with mode min")
+    check_training_length(plain(cfg.trainer))
+    check_loggers(plain(cfg.logger))
+    model_config(**(d.get("model") or {}))
+    schedule = schedule_config(**(d.get("schedule") or {}))
+    optim = DiffusionOptim(**optim_cfg)
+    class_dropout, ema_decay = d.get("class_dropout", 0.1), d.get("ema_decay", 0.999)
+    check_module_settings(class_dropout, ema_decay)
+    # the samples come after hours of training: a bad setting of theirs must fail now
+    check_number("diffusion.samples", "per_class", samples["per_class"], low=0, integer=True)
+    check_number("diffusion.samples", "steps", samples["steps"], low=1, high=schedule["num_train_timesteps"],
+                 integer=True)
+    check_number("diffusion.samples", "guidance", samples["guidance"], low=0, finite=True)
+    check_number("diffusion.samples", "seed", samples["seed"], low=0, integer=True)
+    datamodule = build_datamodule(cfg.data)
+    if not isinstance(datamodule, FashionMNISTDataModule):
+        raise ConfigError(f"data={cfg.data.get('name')} is invalid for task=train_diffusion; allowed: fashion_mnist")
+    datamodule.shuffle_seed = cfg.seed
+    datamodule.check("fit")
+    return DiffusionSettings(datamodule, d.get("model") or {}, d.get("schedule") or {}, optim,
+                             class_dropout, ema_decay, samples, checkpoint)
+
+
+def save_grid(images: torch.Tensor, rows: int, path: Path) -> None:
+    """Images in [-1, 1], [N, 1, H, W], as one grey PNG of `rows` rows."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    cols = n // rows
+    grid = ((images[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+    grid = grid.view(rows, cols, h, w).permute(0, 2, 1, 3).reshape(rows * h, cols * w)
+    Image.fromarray(grid.numpy(), mode="L").save(path)
+
+
+def run(context: RunContext, settings: DiffusionSettings):
+    from tokenreduce.diffusion_sampling import sample
+    from tokenreduce.models.fmnist_diffusion import NUM_CLASSES, create_fmnist_diffusion, noise_schedule
+
+    cfg, output_dir = context.cfg, Path(context.output_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = create_fmnist_diffusion(**settings.model)
+    size = model.config.sample_size
+    datamodule = settings.datamodule
+    # pixels to [-1, 1]: mean 0.5, std 0.5 on the 0..1 scale; the augmentation is the data config's
+    datamodule.shaper = ShapeImages((1, size, size), (0.5,), (0.5,), "pad")
+    datamodule.augmenter = ShapeImages((1, size, size), (0.5,), (0.5,), "pad", shift=datamodule.shift,
+                                       hflip=datamodule.hflip)
+    module = DiffusionModule(model, noise_schedule("train", **settings.schedule), settings.optim,
+                             settings.class_dropout, settings.ema_decay)
+    loggers = build_loggers(plain(cfg.logger), output_dir, cfg.get("run_name") or "fmnist_diffusion")
+    try:
+        callbacks = checkpoint_callback(output_dir, **settings.checkpoint)
+        if loggers:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        trainer = build_trainer(cfg.trainer, loggers, callbacks, output_dir, checkpointing=True)
+        for lg in loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except RunInterrupted as stop:
+            tell(f"interrupted by {stop.signal_name} at step {stop.step}; resume with:\n  "
+                 f"{resume_command(context.overrides, stop.checkpoint)}")
+            raise
+        if not trainer.is_global_zero:
+            return None
+        s = settings.samples
+        classes = [c for c in range(NUM_CLASSES) for _ in range(s["per_class"])]
+        images = sample(module.sampling_model, classes, steps=s["steps"], guidance=s["guidance"], seed=s["seed"]) \
+            if classes else None
+        if images is not None:
+            save_grid(images, NUM_CLASSES, output_dir / "samples.png")
+        record = {"task": "train_diffusion", "global_step": trainer.global_step,
+                  "train_loss": _metric(trainer, "train/loss"), "val_loss": _metric(trainer, "val/loss"),
+                  "num_params": sum(p.numel() for p in model.parameters()), "model": dict(model.config),
+                  "checkpoints": checkpoints_of(trainer), "samples": s, "seed": cfg.seed,
+                  "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+        (output_dir / RECORD).write_text(json.dumps(record, indent=2, default=str))
+        tell(f"train_diffusion: step {record['global_step']}, val/loss {record['val_loss']}; samples in "
+             f"{output_dir / 'samples.png'}")
+        return DiffusionRecord(record)
+    finally:
+        finish_loggers(loggers)
+
+
+def _metric(trainer, key: str) -> float | None:
+    value = trainer.callback_metrics.get(key)
+    return None if value is None else float(value)
+
+
+TASK = register_task(Task(name="train_diffusion", check=check, run=run,
+                          unused=("model", "optim", "loss", "measure", "reducer", "text_reducer", *ONE_MODEL),
+                          reads="diffusion.* (model, schedule, optim, class_dropout, ema_decay, samples)"))
