@@ -45,6 +45,27 @@ def test_progress_off_a_terminal_writes_a_dated_line_per_step_at_pace_zero(monke
         "phase: 3/3 things, N s; item 2"]  # the end is the last step's line, not said twice
 
 
+def test_a_note_given_as_a_function_is_made_only_for_the_lines_shown(monkeypatch, capsys):
+    monkeypatch.setenv(PACE_VARIABLE, "10")
+    now = [100.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+    made = []
+
+    def note():
+        made.append(now[0])
+        return f"loss at {now[0]:.0f}"
+
+    shown = Progress("fit", 4, "batches")
+    for t in (101.0, 103.0, 112.0, 113.0):
+        now[0] = t
+        shown.update(1, note)
+    shown.close()
+    lines = dated_lines(capsys.readouterr().out)
+    assert lines == ["fit: 0/4 batches, 0 s", "fit: 3/4 batches, 12 s; loss at 112",
+                     "fit: 4/4 batches, 13 s; loss at 113"]
+    assert made == [112.0, 113.0]  # not at the batches no line showed
+
+
 def test_progress_keeps_its_pace_and_always_says_the_start_and_the_end(monkeypatch, capsys):
     monkeypatch.setenv(PACE_VARIABLE, "3600")
     assert list(progress(range(5), "slow phase", unit="items")) == [0, 1, 2, 3, 4]

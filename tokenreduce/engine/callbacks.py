@@ -82,14 +82,14 @@ class DatedProgress(ProgressBar):
         if not self._enabled:
             return
         epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
-        total = self.total_train_batches
         self._train = Progress(f"fit, epoch {trainer.current_epoch + 1}{epochs}",
-                               None if total == float("inf") else int(total), "batches", bar=False)
+                               self._total([self.total_train_batches]), "batches", bar=False)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         if self._train is not None:
-            self._train.update(1, self._notes(trainer, pl_module))
+            # the metrics are read and formatted only when a line is due, not at every batch
+            self._train.update(1, lambda: self._notes(trainer, pl_module))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._train is not None:

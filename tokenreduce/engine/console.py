@@ -178,21 +178,26 @@ class Progress:
         """The phase's state, as its lines show it (undated)."""
         count = f"{self.done}/{self.total}" if self.total is not None else str(self.done)
         text = f"{self.what}: {count} {self.unit}, {time.monotonic() - self.started:.0f} s"
-        return f"{text}; {self.note}" if self.note else text
+        note = self.note_text()
+        return f"{text}; {note}" if note else text
+
+    def note_text(self) -> str:
+        return self.note() if callable(self.note) else self.note
 
     def _line(self) -> None:
         words = self.words()
         show(stamped(words), logged=words)
         self._shown, self._last = self.done, time.monotonic()
 
-    def update(self, steps: int = 1, note: str | None = None) -> None:
-        """`steps` more done; `note`: what to say after the count (the setting under way, a loss)."""
+    def update(self, steps: int = 1, note: str | Callable[[], str] | None = None) -> None:
+        """`steps` more done; `note`: what to say after the count (the setting under way, a loss), or
+        a function that says it, called only when a line or the bar shows it."""
         self.done += steps
         if note is not None:
             self.note = note
         if self._bar is not None:
             if note is not None:
-                self._bar.set_postfix_str(note, refresh=False)
+                self._bar.set_postfix_str(self.note_text(), refresh=False)
             self._bar.update(steps)
         elif self.done != self._shown and time.monotonic() - self._last >= self.pace:
             self._line()
