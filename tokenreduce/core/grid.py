@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokenreduce.core.contract import ModelInfo
-from tokenreduce.core.merge import Assignment, Matching
+from tokenreduce.core.merge import Assignment, Matching, stable_argsort
 from tokenreduce.errors import ConfigError
 
 # sub-layers of a block that a plan may run on merged tokens
@@ -163,12 +163,12 @@ def grid_matching(metric: Tensor, destinations: Tensor, r: int) -> Matching | No
     m = F.normalize(metric.float(), dim=-1)
     scores = m.index_select(1, src) @ m.index_select(1, dst).transpose(1, 2)
     best, partner = scores.max(dim=-1)
-    order = best.argsort(dim=-1, descending=True, stable=True)
+    order = stable_argsort(best, descending=True)
     sources = src[order[:, :r]]
     targets = dst[partner.gather(1, order[:, :r])]
     kept = torch.ones(batch, n, dtype=torch.bool, device=metric.device).scatter_(1, sources, False)
     slot_of = kept.long().cumsum(dim=1) - 1  # a kept token's slot: its rank among the kept tokens
-    reps = kept.byte().argsort(dim=1, descending=True, stable=True)[:, : n - r]
+    reps = stable_argsort(kept.byte(), descending=True)[:, : n - r]
     return Matching(reps, sources, slot_of.gather(1, targets), n)
 
 
