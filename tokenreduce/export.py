@@ -21,8 +21,7 @@ def _who(model: nn.Module) -> str:
     if not is_patched(model):
         return "the model (no reducer)"
     reducer = model.token_reducer
-    params = ", ".join(f"{k}={v!r}" for k, v in reducer.params().items())
-    return f"reducer {reducer.name!r} ({params})"
+    return f"reducer {reducer.name!r} ({reducer.extra_repr()})"
 
 
 def export_program(model: nn.Module, example: Tensor, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
