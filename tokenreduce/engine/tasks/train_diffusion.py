@@ -20,6 +20,7 @@ from tokenreduce.engine.config import plain
 from tokenreduce.engine.console import tell
 from tokenreduce.engine.diffusion_module import DiffusionModule, DiffusionOptim, check_module_settings
 from tokenreduce.engine.loggers import build_loggers, check_loggers, finish_loggers
+from tokenreduce.engine.record import staged_file, write_new
 from tokenreduce.engine.tasks import ONE_MODEL, RunContext, Task, register_task
 from tokenreduce.engine.tasks.common import build_datamodule
 from tokenreduce.engine.tasks.finetune import check_training_length
@@ -101,7 +102,8 @@ def save_grid(images: torch.Tensor, rows: int, path: Path) -> None:
     cols = n // rows
     grid = ((images[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
     grid = grid.view(rows, cols, h, w).permute(0, 2, 1, 3).reshape(rows * h, cols * w)
-    Image.fromarray(grid.numpy(), mode="L").save(path)
+    with staged_file(path) as temporary:  # a new file, never half-written, as every result
+        Image.fromarray(grid.numpy(), mode="L").save(temporary, format="PNG")
 
 
 def run(context: RunContext, settings: DiffusionSettings):
@@ -146,7 +148,7 @@ def run(context: RunContext, settings: DiffusionSettings):
                   "num_params": sum(p.numel() for p in model.parameters()), "model": dict(model.config),
                   "checkpoints": checkpoints_of(trainer), "samples": s, "seed": cfg.seed,
                   "finished": datetime.datetime.now().isoformat(timespec="seconds")}
-        (output_dir / RECORD).write_text(json.dumps(record, indent=2, default=str))
+        write_new(output_dir / RECORD, json.dumps(record, indent=2, default=str))
         tell(f"train_diffusion: step {record['global_step']}, val/loss {record['val_loss']}; samples in "
              f"{output_dir / 'samples.png'}")
         return DiffusionRecord(record)
