@@ -241,6 +241,14 @@ def test_experiment_runs_in_process(monkeypatch, tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "samples.png").size == (28, 280)
+    # the sampling (EMA) weights, as shipped: the same as the last checkpoint's
+    from tokenreduce.models.fmnist_diffusion import load_fmnist_diffusion
+
+    shipped = load_fmnist_diffusion(tmp_path / record["weights"], num_layers=1, num_attention_heads=2,
+                                    attention_head_dim=16)
+    last = load_fmnist_diffusion(record["checkpoints"]["last"])
+    for (name, a), b in zip(shipped.state_dict().items(), last.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_experiment_resumes_from_its_last_checkpoint(monkeypatch, tmp_path):

@@ -99,6 +99,7 @@ BAD = {
     "video_classification": (["experiment=video_videomae_k400", "data.batch_size=0"], "batch_size=0 is invalid"),
     "audio_classification": (["experiment=audio_ast_audioset", "data.batch_size=0"], "batch_size=0 is invalid"),
     "train_diffusion": (["experiment=train_fmnist_diffusion", "diffusion.optim.lr=-1"], "lr=-1 is invalid"),
+    "generate": (["experiment=quickstart_diffusion", "generate.samples=0"], "samples=0 is invalid"),
 }
 
 

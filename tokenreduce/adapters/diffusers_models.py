@@ -50,7 +50,7 @@ from tokenreduce.core.grid import (
     slot_representatives,
 )
 from tokenreduce.core.macs import linear_macs
-from tokenreduce.core.merge import combine, unmerge
+from tokenreduce.core.merge import Assignment, combine, unmerge
 from tokenreduce.core.schedule import no_cap
 from tokenreduce.core.state import LayerRecord, ReductionState
 from tokenreduce.errors import ConfigError, UnsupportedModelError
@@ -248,6 +248,8 @@ class BlockRun:
     mlp: int = 0
     context: int = 0
     reducer_macs: int = 0
+    assignment: Assignment | None = None  # the block's merge plan (None: nothing merged), for merge maps
+    grid: tuple[int, int] = (0, 0)  # the block's token grid (rows, columns)
 
     def count(self, kind: str, name: str, queries: int, keys: int) -> None:
         if name in ("attn1", "attn"):
@@ -515,7 +517,7 @@ class Hooks:
                 raise UnsupportedModelError(
                     f"block {entry.name} of {type(self.model).__name__} received {x.shape[1]} tokens, not its "
                     f"{height} x {width} latent grid; supported: blocks whose tokens are their level's grid, row-major")
-            run = ctx.runs[entry.index] = BlockRun(tokens=x.shape[1])
+            run = ctx.runs[entry.index] = BlockRun(tokens=x.shape[1], grid=(height, width))
             if entry.kind != "basic":
                 run.context = argument(args, kwargs, 1, "encoder_hidden_states").shape[1]
             if x.shape[0] == 0:
@@ -528,7 +530,7 @@ class Hooks:
                 plan = plan_by_reduce(self.reducer, x, block, self.options)
             if plan is not None:
                 ctx.plans[entry.index] = plan
-                ctx.runs[entry.index].reducer_macs = plan.reducer_macs
+                run.reducer_macs, run.assignment = plan.reducer_macs, plan.assignment
         return hook
 
     def block_post(self, entry: BlockEntry):
@@ -837,7 +839,8 @@ class DiffusersAdapter(Adapter):
         blocks = [{"block": e.name, "downsample": e.downsample, "tokens": r.tokens, "attn": r.attn_q,
                    "attn_keys": r.attn_kv, "crossattn": r.cross_q, "dualattn": r.dual_q, "dualattn_keys": r.dual_kv,
                    "context": r.context, "mlp": r.mlp, "macs": block_macs(e, r),
-                   "reducer_macs": r.reducer_macs}
+                   "reducer_macs": r.reducer_macs,
+                   "grid": r.grid, "slots": None if r.assignment is None else r.assignment.dest}
                   for e, r in zip(entries, runs, strict=False) if r is not None]
         macs = self.pass_macs(model, state)
         return {"tokens": [b["attn"] for b in blocks], "removed": [b["tokens"] - b["attn"] for b in blocks],

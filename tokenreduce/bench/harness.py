@@ -26,6 +26,7 @@ from tokenreduce.engine.speed import (
     images_per_second,
     interleaved_model_times,
     interleaved_times,
+    peak_memory,
 )
 from tokenreduce.reducers.base import REDUCE_SCOPE, create_reducer
 from tokenreduce.reducers.limit import SpeedLimit
@@ -79,11 +80,14 @@ def reducer_share(model, images) -> float:
 def peak_memory_mb(model_name: str, case: Case, batch: int, img_size: int, dtype: str, device: str) -> float:
     """Peak memory of one forward in a fresh process: the CUDA allocator's peak, or on the CPU the
     growth of the peak resident set over the resident set just before the forward (Linux)."""
-    code = (
-        "import json,sys,torch;from tokenreduce.bench.harness import _peak_child;"
-        f"print(json.dumps(_peak_child({model_name!r},{case.reducer!r},{case.params!r},{batch},{img_size},"
-        f"{dtype!r},{device!r})))"
-    )
+    return in_fresh_process("tokenreduce.bench.harness", "_peak_child", model_name, case.reducer, case.params, batch,
+                            img_size, dtype, device)
+
+
+def in_fresh_process(module: str, function: str, *args):
+    """`function(*args)` from `module`, run in a new Python process; the arguments are passed by their
+    repr and the result comes back as JSON."""
+    code = f"import json;from {module} import {function} as f;print(json.dumps(f(*{args!r})))"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -92,32 +96,25 @@ def _peak_child(model_name, reducer, params, batch, img_size, dtype, device) -> 
     dtype = getattr(torch, dtype)
     model = build(model_name, Case("", reducer, params), dtype, device)
     images = images_for(batch, img_size, dtype, device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        with torch.inference_mode():
-            model(images)
-        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_of_call(lambda: model(images), lambda: model(images[:1]), device)
+
+
+def peak_of_call(call, warm, device: str, above_start: bool = False) -> float:
+    """Peak memory of `call()`, in MB, after `warm()` (a smaller call that loads kernels and allocator
+    pools): on the CPU the growth of the peak resident set over the resident set before the call; on
+    CUDA the allocator's peak, or with `above_start` only what the call adds to the memory allocated
+    before it (the weights and inputs excluded, as on the CPU)."""
+    target = torch.device(device)
     with torch.inference_mode():
-        model(images[:1])  # load kernels and allocator pools before reading the resident baseline
-        _reset_peak_resident()
-        before = _status_mb("VmRSS")
-        model(images)
-    return _status_mb("VmHWM") - before
-
-
-def _reset_peak_resident() -> None:
-    """Reset the kernel's resident high-water mark (VmHWM). ru_maxrss cannot be used: a process
-    started by fork and exec inherits the parent's high-water mark."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
+        warm()
+        if target.type == "cuda" and not above_start:
+            torch.cuda.synchronize(target)
+            torch.cuda.reset_peak_memory_stats(target)
+            call()
+            return torch.cuda.max_memory_allocated(target) / 2**20
+        with peak_memory(target) as peak:
+            call()
+    return peak.mb
 
 
 def run(model_name: str, cases: list[Case], batch: int = 16, img_size: int = 224, dtype: str = "float32",

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from tokenreduce.errors import ConfigError, check_number
+from tokenreduce.models.fmnist_diffusion import CONFIG, MODEL_CONFIG_KEY
 
 
 @dataclass
@@ -66,6 +67,10 @@ class DiffusionModule(L.LightningModule):
     def sampling_model(self):
         """The weights to sample with: the moving average when kept, else the trained ones."""
         return self.ema.module if self.ema is not None else self.model
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the architecture beside the weights, as plain values (the checkpoint is read weights-only)
+        checkpoint[MODEL_CONFIG_KEY] = {k: v for k, v in dict(self.model.config).items() if k in CONFIG}
 
     def loss(self, model, images, labels, noise, timesteps):
         """Mean squared error of `model`'s noise prediction for `images` noised by `noise` at `timesteps`."""

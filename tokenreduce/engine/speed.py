@@ -32,6 +32,51 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass
+class PeakMemory:
+    mb: float | None = None  # None until the block has ended, or where it cannot be read
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device):
+    """The memory a block of code took at its peak, in MB, over what was held when it began (so the
+    weights already loaded are not counted): on a GPU from the CUDA allocator, on the CPU the growth
+    of the process's peak resident set (Linux; elsewhere `mb` stays None)."""
+    peak = PeakMemory()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield peak
+        synchronize(device)
+        peak.mb = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        return
+    try:
+        reset_peak_resident()
+        before = resident_mb("VmRSS")
+    except OSError:
+        yield peak
+        return
+    yield peak
+    peak.mb = resident_mb("VmHWM") - before
+
+
+def reset_peak_resident() -> None:
+    """Reset the kernel's resident high-water mark (VmHWM) of this process (Linux). ru_maxrss cannot
+    serve: a process started by fork and exec inherits its parent's high-water mark."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def resident_mb(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS, VmHWM) in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
 def load_average() -> float | None:
     """The machine's 1-minute load average (runnable threads, this process's included), or None where
     the system keeps none."""
@@ -164,13 +209,22 @@ def interleaved_times(model: nn.Module, reducers: list, images: torch.Tensor, wa
     `on_timing()` is called after each reducer's warm-up and each timed pass (for progress)."""
     from tokenreduce.api import apply
 
-    def with_reducer(reducer):
+    setups = [functools.partial(apply, model, r) for r in reducers]
+    return interleaved_setup_times(model, setups, images, warmup, rounds, on_timing)
+
+
+def interleaved_setup_times(model: nn.Module, setups: list[Callable[[], object]], images: torch.Tensor, warmup: int,
+                            rounds: int, on_timing: Callable[[], None] | None = None) -> list[list[float]]:
+    """`interleaved_times` with each case put in place by its own `setup()`, called before the case's
+    passes and outside the clock: for cases that are not reducers, e.g. another library's patch."""
+
+    def with_setup(setup):
         def timed(repeats: int, warmup: int) -> list[float]:
-            apply(model, reducer)
+            setup()
             return time_forward(model, images, repeats=repeats, warmup=warmup)
         return timed
 
-    return _interleaved([with_reducer(r) for r in reducers], warmup, rounds, on_timing)
+    return _interleaved([with_setup(s) for s in setups], warmup, rounds, on_timing)
 
 
 def interleaved_model_times(models: list[nn.Module], images: torch.Tensor, warmup: int, rounds: int

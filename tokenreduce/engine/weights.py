@@ -15,7 +15,12 @@ REDUCER_PREFIX = "token_reducer."  # a learned reducer's own weights (DynamicViT
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of the Lightning checkpoint at `path`. It is read with `weights_only=True`
+    """The state dict of the Lightning checkpoint at `path` (`read_saved`)."""
+    return read_saved(path)["state_dict"]
+
+
+def read_saved(path: str | Path) -> dict:
+    """The Lightning checkpoint at `path`, whole. It is read with `weights_only=True`
     (tensors and plain values only: a pickled object would run code) and memory-mapped, so a large
     file costs little here; a missing, truncated or foreign file is a ConfigError."""
     if not Path(path).is_file():
@@ -29,7 +34,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(saved, dict) or not isinstance(saved.get("state_dict"), dict):
         raise ConfigError(f"ckpt_path={path}: not a Lightning checkpoint (no state_dict); allowed: a checkpoint "
                           "written by task=finetune")
-    return saved["state_dict"]
+    return saved
 
 
 def state_mismatch(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],

@@ -9,6 +9,8 @@ classifier-free guidance is the "null" class, index 10 (`NULL_CLASS`). The model
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tokenreduce.errors import ConfigError
 
 NUM_CLASSES = 10
@@ -80,3 +82,44 @@ def noise_schedule(kind: str = "train", **overrides):
     cls = DDPMScheduler if kind == "train" else DDIMScheduler
     return cls(num_train_timesteps=cfg["num_train_timesteps"], beta_schedule=BETA_SCHEDULES[cfg["beta_schedule"]],
                prediction_type="epsilon", clip_sample=True, clip_sample_range=1.0)
+
+
+WEIGHTS = Path(__file__).resolve().parent / "weights" / "fmnist_diffusion.safetensors"
+MODEL_CONFIG_KEY = "model_config"  # where a train_diffusion checkpoint keeps the model's settings
+
+
+def load_fmnist_diffusion(weights: str | Path | None = None, **overrides):
+    """The model with trained weights, in eval mode: the weights shipped in the package (`WEIGHTS`,
+    trained by `experiment=train_fmnist_diffusion`), or those of `weights`, a safetensors file of the
+    model's state dict or a `task=train_diffusion` checkpoint (its EMA weights where it has them, as
+    sampling uses; its architecture as saved with them). The architecture is `CONFIG`, or the
+    checkpoint's, with `overrides`."""
+    path = WEIGHTS if weights is None else Path(weights).expanduser()
+    if not path.is_file():
+        if weights is None:
+            raise ConfigError(f"the fmnist_diffusion weights are not in this package ({path}); allowed: a checkpoint "
+                              "of experiment=train_fmnist_diffusion, given as ckpt_path")
+        raise ConfigError(f"weights={str(weights)!r} is not a file; allowed: a safetensors state dict or a "
+                          "task=train_diffusion checkpoint (.ckpt)")
+    from tokenreduce.engine.weights import check_fits
+
+    state, saved_config = _read(path)
+    model = create_fmnist_diffusion(**{**saved_config, **overrides})
+    check_fits(state, model.state_dict(), path, "fmnist_diffusion")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    """The model's state dict in the file at `path`, and the architecture saved with it ({} if none)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path), {}
+    from tokenreduce.engine.weights import read_saved
+
+    saved = read_saved(path)
+    state = saved["state_dict"]
+    prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "model."
+    config = saved.get(MODEL_CONFIG_KEY) or {}
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, dict(config)

@@ -91,7 +91,7 @@ def check_settings_used(cfg: DictConfig, task: Task, overrides: list[str] | None
 # the modules of the tasks that ship with the package, imported when the registry is first read (a
 # task module imports this one for `register_task`)
 BUILTIN = ("evaluate", "finetune", "compare", "search", "retrieval", "zeroshot", "text_classification",
-           "video_classification", "audio_classification", "train_diffusion")
+           "video_classification", "audio_classification", "train_diffusion", "generate")
 
 
 def _load_builtin() -> None:

@@ -30,6 +30,7 @@ from tokenreduce.errors import ConfigError, check_number
 KEYS = ("model", "schedule", "optim", "class_dropout", "ema_decay", "samples")
 SAMPLE_KEYS = ("per_class", "steps", "guidance", "seed")
 RECORD = "diffusion.json"
+WEIGHTS_FILE = "fmnist_diffusion.safetensors"  # the sampling weights, as the package ships them
 
 
 @dataclass
@@ -106,6 +107,14 @@ def save_grid(images: torch.Tensor, rows: int, path: Path) -> None:
         Image.fromarray(grid.numpy(), mode="L").save(temporary, format="PNG")
 
 
+def save_weights(model, path: Path) -> None:
+    """The model's state dict as a new safetensors file (what `load_fmnist_diffusion` reads)."""
+    from safetensors.torch import save_file
+
+    with staged_file(path) as temporary:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(temporary))
+
+
 def run(context: RunContext, settings: DiffusionSettings):
     from tokenreduce.diffusion_sampling import sample
     from tokenreduce.models.fmnist_diffusion import NUM_CLASSES, create_fmnist_diffusion, noise_schedule
@@ -143,10 +152,11 @@ def run(context: RunContext, settings: DiffusionSettings):
             if classes else None
         if images is not None:
             save_grid(images, NUM_CLASSES, output_dir / "samples.png")
+        save_weights(module.sampling_model, output_dir / WEIGHTS_FILE)
         record = {"task": "train_diffusion", "global_step": trainer.global_step,
                   "train_loss": _metric(trainer, "train/loss"), "val_loss": _metric(trainer, "val/loss"),
                   "num_params": sum(p.numel() for p in model.parameters()), "model": dict(model.config),
-                  "checkpoints": checkpoints_of(trainer), "samples": s, "seed": cfg.seed,
+                  "checkpoints": checkpoints_of(trainer), "weights": WEIGHTS_FILE, "samples": s, "seed": cfg.seed,
                   "finished": datetime.datetime.now().isoformat(timespec="seconds")}
         write_new(output_dir / RECORD, json.dumps(record, indent=2, default=str))
         tell(f"train_diffusion: step {record['global_step']}, val/loss {record['val_loss']}; samples in "
