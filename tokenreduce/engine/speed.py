@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import functools
 import os
 import time
@@ -52,6 +53,7 @@ def peak_memory(device: torch.device):
         peak.mb = (torch.cuda.max_memory_allocated(device) - before) / 2**20
         return
     try:
+        release_free_heap()
         reset_peak_resident()
         before = resident_mb("VmRSS")
     except OSError:
@@ -59,6 +61,15 @@ def peak_memory(device: torch.device):
         return
     yield peak
     peak.mb = resident_mb("VmHWM") - before
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim), so that memory freed by
+    earlier work, still resident, does not hide what the next block allocates."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # another C library: nothing to release
+        pass
 
 
 def reset_peak_resident() -> None:
