@@ -282,3 +282,22 @@ def test_experiment_refuses_bad_settings(monkeypatch, tmp_path, capsys, override
     assert err.value.code == 2  # a ConfigError, said in one line
     assert match in capsys.readouterr().err
     assert not (tmp_path / "diffusion.json").exists()
+
+
+@pytest.mark.parametrize("decay", ["constant", "cosine"])
+def test_learning_rate_schedules(decay):
+    from types import SimpleNamespace
+
+    module = DiffusionModule(create_fmnist_diffusion(num_layers=1, num_attention_heads=2, attention_head_dim=16),
+                             noise_schedule("train"), DiffusionOptim(lr=1e-3, warmup_steps=10, decay=decay, min_lr=1e-4))
+    module._trainer = SimpleNamespace(estimated_stepping_batches=110)
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    factors = [scheduler.lr_lambdas[0](step) for step in (5, 10, 60, 110)]
+    if decay == "constant":
+        assert factors == pytest.approx([6 / 11, 1.0, 1.0, 1.0])
+    else:  # linear from 0 over 10 steps, then half a cosine from 1e-3 to 1e-4 over the other 100
+        assert factors == pytest.approx([0.5, 1.0, 0.55, 0.1])
+    with pytest.raises(ConfigError, match="decay='linear' is invalid"):
+        DiffusionOptim(decay="linear")
+    with pytest.raises(ConfigError, match="min_lr"):
+        DiffusionOptim(lr=1e-4, min_lr=1e-3)
