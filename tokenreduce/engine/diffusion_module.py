@@ -19,7 +19,6 @@ from tokenreduce.engine.module import warmup_cosine
 from tokenreduce.errors import ConfigError, check_number
 from tokenreduce.models.fmnist_diffusion import CONFIG, MODEL_CONFIG_KEY
 
-
 DECAYS = ("constant", "cosine")
 
 
