@@ -8,9 +8,7 @@ are written into the run directory.
 
 from __future__ import annotations
 
-import csv
 import datetime
-import io
 import json
 import math
 import time
@@ -25,10 +23,10 @@ from torch import nn
 import tokenreduce
 from tokenreduce.cost import match_macs, probe_pass, searchable
 from tokenreduce.data.transforms import model_data_config
-from tokenreduce.engine.config import plain
+from tokenreduce.engine.config import plain, settings_of
 from tokenreduce.engine.console import Progress, progress, show
 from tokenreduce.engine.record import COMPARISON_CSV as TABLE_CSV
-from tokenreduce.engine.record import COMPARISON_JSON, save_figure, write_new
+from tokenreduce.engine.record import COMPARISON_JSON, csv_table, save_figure, write_new
 from tokenreduce.engine.record import COMPARISON_TABLE as TABLE_MD
 from tokenreduce.engine.speed import (
     TIMING_LEGEND,
@@ -113,12 +111,7 @@ class Setting:
 
 
 def settings_from(cfg: DictConfig) -> CompareSettings:
-    values = plain(cfg.get("compare")) or {}
-    allowed = list(CompareSettings.__dataclass_fields__)
-    unknown = sorted(set(values) - set(allowed))
-    if unknown:
-        raise ConfigError(f"compare.{unknown[0]} is not a setting; allowed: {', '.join(allowed)}")
-    return CompareSettings(**values)
+    return settings_of(CompareSettings, cfg.get("compare"), "compare")
 
 
 @torch.inference_mode()
@@ -227,11 +220,7 @@ def rows(settings: list[Setting]) -> list[dict]:
 
 
 def csv_text(settings: list[Setting]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
-    writer.writeheader()
-    writer.writerows({**row, "params": json.dumps(row["params"], sort_keys=True)} for row in rows(settings))
-    return buffer.getvalue()
+    return csv_table(rows(settings), CSV_COLUMNS)
 
 
 def run_compare(cfg: DictConfig, settings_cfg: CompareSettings, output_dir: Path, model: nn.Module, datamodule,

@@ -133,6 +133,16 @@ def plain(node):
     return node
 
 
+def settings_of(cls, cfg_node, key: str):
+    """The dataclass `cls` filled from the config node `key`; an unknown key is a ConfigError."""
+    values = plain(cfg_node) or {}
+    allowed = list(cls.__dataclass_fields__)
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]} is not a setting; allowed: {', '.join(allowed)}")
+    return cls(**values)
+
+
 def reducer_spec(reducer_cfg: DictConfig | dict) -> tuple[str, dict]:
     """(name, parameters) of the `reducer` config node."""
     spec = plain(reducer_cfg)

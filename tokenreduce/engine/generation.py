@@ -11,9 +11,7 @@ samples (the unreduced row above each reduced one, same seeds) and merge maps ov
 
 from __future__ import annotations
 
-import csv
 import datetime
-import io
 import json
 import math
 import time
@@ -25,9 +23,9 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 import tokenreduce
-from tokenreduce.engine.config import plain
+from tokenreduce.engine.config import plain, settings_of
 from tokenreduce.engine.console import progress, show
-from tokenreduce.engine.record import save_figure, write_new
+from tokenreduce.engine.record import csv_table, save_figure, write_new
 from tokenreduce.engine.speed import peak_memory, resolve_device, synchronize
 from tokenreduce.errors import ConfigError, check_number
 from tokenreduce.reducers.base import create_reducer
@@ -151,12 +149,7 @@ def _reducer_entry(index: int, entry) -> dict:
 
 
 def settings_from(cfg: DictConfig) -> GenerateSettings:
-    values = plain(cfg.get("generate")) or {}
-    allowed = list(GenerateSettings.__dataclass_fields__)
-    unknown = sorted(set(values) - set(allowed))
-    if unknown:
-        raise ConfigError(f"generate.{unknown[0]} is not a setting; allowed: {', '.join(allowed)}")
-    return GenerateSettings(**values)
+    return settings_of(GenerateSettings, cfg.get("generate"), "generate")
 
 
 # --- samplers -------------------------------------------------------------------------------------
@@ -441,11 +434,7 @@ def rows(settings: list[Setting]) -> list[dict]:
 
 
 def csv_text(settings: list[Setting]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
-    writer.writeheader()
-    writer.writerows({**row, "params": json.dumps(row["params"], sort_keys=True)} for row in rows(settings))
-    return buffer.getvalue()
+    return csv_table(rows(settings), CSV_COLUMNS)
 
 
 # --- figures --------------------------------------------------------------------------------------

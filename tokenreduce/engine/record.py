@@ -196,6 +196,15 @@ def _link_new(temporary: Path, path: Path) -> None:
         os.rename(temporary, path)
 
 
+def csv_table(rows: list[dict], columns) -> str:
+    """`rows` as CSV text with `columns`; a row's `params` (a reducer's settings) as sorted JSON."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns))
+    writer.writeheader()
+    writer.writerows({**row, "params": json.dumps(row["params"], sort_keys=True)} for row in rows)
+    return buffer.getvalue()
+
+
 def write_new(path: str | Path, text: str) -> Path:
     """Write `text` to a file that must not exist yet (a run never overwrites an earlier one's
     results), through `staged_file`: a failed write leaves no partial file."""

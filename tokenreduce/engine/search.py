@@ -31,7 +31,7 @@ from tokenreduce.cost import probe_pass
 from tokenreduce.data.transforms import model_data_config
 from tokenreduce.engine.callbacks import STOP_SIGNALS, RunInterrupted
 from tokenreduce.engine.compare import Setting, format_params, time_settings, top1_of_each
-from tokenreduce.engine.config import plain
+from tokenreduce.engine.config import plain, settings_of
 from tokenreduce.engine.console import Progress, show, tell
 from tokenreduce.engine.record import (
     DIFFRATE_STATE,
@@ -139,15 +139,8 @@ class Budget:
 
 
 def settings_from(cfg: DictConfig) -> tuple[SearchSettings, Budget]:
-    parsed = []
-    for key, cls in (("search", SearchSettings), ("budget", Budget)):
-        values = plain(cfg.get(key)) or {}
-        allowed = list(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - set(allowed))
-        if unknown:
-            raise ConfigError(f"{key}.{unknown[0]} is not a setting; allowed: {', '.join(allowed)}")
-        parsed.append(cls(**values))
-    settings, budget = parsed
+    settings = settings_of(SearchSettings, cfg.get("search"), "search")
+    budget = settings_of(Budget, cfg.get("budget"), "budget")
     if settings.reducer == "diffrate" and budget.macs is None:
         raise ConfigError("budget.images_per_s with search.reducer=diffrate: DiffRate's search targets MACs; "
                           "allowed: budget.macs")

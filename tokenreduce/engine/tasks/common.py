@@ -59,16 +59,6 @@ def weights_label(model_cfg: dict, model: nn.Module, ckpt_path: str | None = Non
     return f"timm:{cfg.get('architecture', model_cfg['name'])}" + (f".{tag}" if tag else "")
 
 
-def settings_of(cls, cfg_node, key: str):
-    """The dataclass `cls` filled from the config node `key`; an unknown key is a ConfigError."""
-    values = plain(cfg_node) or {}
-    allowed = list(cls.__dataclass_fields__)
-    unknown = sorted(set(values) - set(allowed))
-    if unknown:
-        raise ConfigError(f"{key}.{unknown[0]} is not a setting; allowed: {', '.join(allowed)}")
-    return cls(**values)
-
-
 def import_plugins(modules: list[str]) -> None:
     """Import the modules listed in `imports`, e.g. one that registers a reducer of your own."""
     for name in modules:

@@ -20,14 +20,14 @@ import tokenreduce
 from tokenreduce.cost import probe_pass
 from tokenreduce.data.transforms import model_data_config
 from tokenreduce.engine.callbacks import DatedProgress, LatestCheckpoint, RunInterrupted, build_callbacks
-from tokenreduce.engine.config import build_reducer, default_run_name, plain, reducer_spec
+from tokenreduce.engine.config import build_reducer, default_run_name, plain, reducer_spec, settings_of
 from tokenreduce.engine.console import interactive, show, tell
 from tokenreduce.engine.loggers import build_loggers, check_loggers, finish_loggers
 from tokenreduce.engine.module import LossSettings, OptimSettings, ReductionModule
 from tokenreduce.engine.record import RunRecord
 from tokenreduce.engine.speed import measure
 from tokenreduce.engine.tasks import RunContext
-from tokenreduce.engine.tasks.common import ImageRun, build_model, settings_of, weights_label
+from tokenreduce.engine.tasks.common import ImageRun, build_model, weights_label
 from tokenreduce.engine.weights import check_fits
 from tokenreduce.errors import ConfigError
 
