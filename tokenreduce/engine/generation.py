@@ -261,9 +261,16 @@ class CallRecorder:
 
 def measure_settings(sampler: Sampler, settings: list[Setting], conditions: list, seed: int, batch_size: int,
                      device: torch.device, record_maps: bool) -> None:
-    """Sample every condition with every setting, batch by batch, the settings in turn within a batch."""
+    """Sample every condition with every setting, batch by batch, the settings in turn within a batch,
+    after one untimed sample of each setting."""
     batches = [(start, conditions[start:start + batch_size]) for start in range(0, len(conditions), batch_size)]
     denoiser = sampler.denoiser
+    for s in settings:  # one untimed sample each first: kernels, allocator pools and caches warm alike
+        tokenreduce.apply(denoiser, s.reducer, adapter_options=s.adapter_options or None, **s.params)
+        try:
+            sampler(conditions[:1], seed)
+        finally:
+            tokenreduce.remove(denoiser)
     for start, batch in progress(batches, "generate", unit="batches",
                                  note=lambda item: f"{len(settings)} settings of samples {item[0]}..{item[0] + len(item[1]) - 1}"):
         for s in settings:
