@@ -11,6 +11,7 @@ samples (the unreduced row above each reduced one, same seeds) and merge maps ov
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -230,6 +231,15 @@ class Setting:
     maps: list[tuple[int, Tensor, tuple[int, int]]] = field(default_factory=list)  # (step, slots, grid)
     values: dict = field(default_factory=dict)  # the table's measures
 
+    @contextlib.contextmanager
+    def placed(self, denoiser: nn.Module):
+        """The setting's reducer on `denoiser` for the block, removed after it (also on an error)."""
+        tokenreduce.apply(denoiser, self.reducer, adapter_options=self.adapter_options or None, **self.params)
+        try:
+            yield
+        finally:
+            tokenreduce.remove(denoiser)
+
     @property
     def label(self) -> str:
         from tokenreduce.engine.compare import format_params
@@ -266,26 +276,22 @@ def measure_settings(sampler: Sampler, settings: list[Setting], conditions: list
     batches = [(start, conditions[start:start + batch_size]) for start in range(0, len(conditions), batch_size)]
     denoiser = sampler.denoiser
     for s in settings:  # one untimed sample each first: kernels, allocator pools and caches warm alike
-        tokenreduce.apply(denoiser, s.reducer, adapter_options=s.adapter_options or None, **s.params)
-        try:
+        with s.placed(denoiser):
             sampler(conditions[:1], seed)
-        finally:
-            tokenreduce.remove(denoiser)
     for start, batch in progress(batches, "generate", unit="batches",
                                  note=lambda item: f"{len(settings)} settings of samples {item[0]}..{item[0] + len(item[1]) - 1}"):
         for s in settings:
-            tokenreduce.apply(denoiser, s.reducer, adapter_options=s.adapter_options or None, **s.params)
-            recorder = CallRecorder(denoiser)
-            recorder.maps = [] if record_maps and start == 0 and s.reducer != "none" else None
-            try:
-                with peak_memory(device) as peak:
-                    began = time.perf_counter()
-                    images = sampler(batch, seed + start)
-                    synchronize(device)
-                    s.seconds += time.perf_counter() - began
-            finally:
-                recorder.handle.remove()
-                tokenreduce.remove(denoiser)
+            with s.placed(denoiser):
+                recorder = CallRecorder(denoiser)
+                recorder.maps = [] if record_maps and start == 0 and s.reducer != "none" else None
+                try:
+                    with peak_memory(device) as peak:
+                        began = time.perf_counter()
+                        images = sampler(batch, seed + start)
+                        synchronize(device)
+                        s.seconds += time.perf_counter() - began
+                finally:
+                    recorder.handle.remove()
             s.images.append(images)
             if peak.mb is not None:
                 s.peak_mb = max(s.peak_mb or 0.0, peak.mb)
@@ -366,8 +372,8 @@ def run_generate(cfg: DictConfig, settings_cfg: GenerateSettings, output_dir: Pa
     settings = [Setting("none", {})] + [Setting(r["name"], r["params"], r["adapter_options"])
                                         for r in settings_cfg.reducers]
     for s in settings[1:]:  # every reducer fits the model before any sample is drawn
-        tokenreduce.apply(sampler.denoiser, s.reducer, adapter_options=s.adapter_options or None, **s.params)
-        tokenreduce.remove(sampler.denoiser)
+        with s.placed(sampler.denoiser):
+            pass
     own = settings_cfg.pipeline == OWN_MODEL
     judge = FmnistJudge(settings_cfg.reference_images, device) if own else None
     conditions = [c for c in settings_cfg.conditions for _ in range(settings_cfg.samples)]

@@ -26,13 +26,17 @@ def _check_int(name: str, value, low: int) -> None:
         raise ConfigError(f"{name}={value!r} is invalid; allowed: an integer >= {low}")
 
 
+def _with_defaults(who: str, defaults: dict, overrides: dict) -> dict:
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ConfigError(f"{who}: {unknown[0]}={overrides[unknown[0]]!r} is not a setting; "
+                          f"allowed: {', '.join(defaults)}")
+    return {**defaults, **overrides}
+
+
 def model_config(**overrides) -> dict:
     """`CONFIG` with `overrides`, checked (without building anything)."""
-    unknown = sorted(set(overrides) - set(CONFIG))
-    if unknown:
-        raise ConfigError(f"create_fmnist_diffusion: {unknown[0]}={overrides[unknown[0]]!r} is not a setting; "
-                          f"allowed: {', '.join(CONFIG)}")
-    cfg = {**CONFIG, **overrides}
+    cfg = _with_defaults("create_fmnist_diffusion", CONFIG, overrides)
     for key in CONFIG:
         _check_int(key, cfg[key], 1)
     if cfg["sample_size"] % cfg["patch_size"]:
@@ -59,11 +63,7 @@ def create_fmnist_diffusion(**overrides):
 
 def schedule_config(**overrides) -> dict:
     """`SCHEDULE` with `overrides`, checked (without building anything)."""
-    unknown = sorted(set(overrides) - set(SCHEDULE))
-    if unknown:
-        raise ConfigError(f"noise_schedule: {unknown[0]}={overrides[unknown[0]]!r} is not a setting; "
-                          f"allowed: {', '.join(SCHEDULE)}")
-    cfg = {**SCHEDULE, **overrides}
+    cfg = _with_defaults("noise_schedule", SCHEDULE, overrides)
     _check_int("num_train_timesteps", cfg["num_train_timesteps"], 2)
     if cfg["beta_schedule"] not in BETA_SCHEDULES:
         raise ConfigError(f"beta_schedule={cfg['beta_schedule']!r} is invalid; allowed: {', '.join(BETA_SCHEDULES)}")
