@@ -34,7 +34,8 @@ EXPORTS = {
     "diffrate": {"prune": [0, 4, 0, 4], "merge": [0, 8, 6, 4]},
 }
 # Reducers for other model families, which a timm ViT refuses at apply.
-NOT_FOR_VIT = {"todo": "diffusion models", "tomesd": "diffusion models"}
+NOT_FOR_VIT = {"todo": "diffusion models", "tomesd": "diffusion models", "fastv": "vision-language models",
+               "pyramiddrop": "vision-language models", "dart": "vision-language models"}
 RANDOM_DRAWS = {"random"}  # ONNX has its own random source: only the shapes can be compared
 
 

@@ -51,9 +51,11 @@ REMOVE_NOTHING = {  # settings that remove nothing: the model must be exactly th
     "diffrate": [{"prune": 0, "merge": 0}, {"prune": [0, 0], "merge": [0]}],
     "zerotprune": [{"r": 0}, {"r": 9, "layers": []}],
 }
-# every reducer but those that plan on a diffusion model's latent grid (tomesd, todo: tests/test_diffusion.py),
-# which every other family refuses
-SEQUENCE_REDUCERS = {n for n in tokenreduce.available() if not hasattr(tokenreduce.reducer_class(n), "plan_block")}
+# every reducer but those that plan on a diffusion model's latent grid (tomesd, todo: tests/test_diffusion.py)
+# and those that drop visual tokens inside a vision-language model's language model (fastv, pyramiddrop, dart:
+# tests/test_vlm_language_model.py), which every other family refuses
+SEQUENCE_REDUCERS = {n for n in tokenreduce.available()
+                     if not any(hasattr(tokenreduce.reducer_class(n), a) for a in ("plan_block", "prefill_stages"))}
 NEEDS_CLASS_TOKEN = {"diffrate", "mstm", "evit", "topk", "ppt"}  # rank tokens by the class token's attention
 DROPS_TOKENS = {"topk", "norm", "random", "dynamicvit", "zerotprune"}  # pruning: the dropped patches are gone
 PER_SAMPLE_DRAW = {"random"}  # each batch position draws its own subset

@@ -10,6 +10,7 @@ from tokenreduce.adapters import (  # noqa: F401  (registers the adapters)
     hf_media,
     hf_text,
     hf_vit,
+    hf_vlm,
     sentence_transformers,
     timm_eva,
     timm_naflex,

@@ -15,6 +15,7 @@ from tokenreduce.reducers import (  # noqa: F401
     tofu,
     tome,
     tomesd,
+    vlm,
     zerotprune,
 )
 from tokenreduce.reducers.base import (
