@@ -26,7 +26,7 @@ def tiny_eva():
 
 def test_builtin_adapters_are_registered():
     assert set(adapters()) == {"timm_vit", "timm_eva", "timm_relpos", "timm_naflex", "hf_vit", "hf_text", "hf_clip", "hf_clip_text",
-                                "hf_media", "sentence_transformers", "diffusers"}
+                                "hf_media", "hf_vlm", "sentence_transformers", "diffusers"}
     assert all(isinstance(a, Adapter) and a.family for a in adapters().values())
 
 

@@ -52,10 +52,12 @@ REMOVE_NOTHING = {  # settings that remove nothing: the model must be exactly th
     "zerotprune": [{"r": 0}, {"r": 9, "layers": []}],
 }
 # every reducer but those that plan on a diffusion model's latent grid (tomesd, todo: tests/test_diffusion.py)
-# and those that drop visual tokens inside a vision-language model's language model (fastv, pyramiddrop, dart:
-# tests/test_vlm_language_model.py), which every other family refuses
+# and those that cut visual tokens of a vision-language model, inside its language model (fastv, pyramiddrop,
+# dart: tests/test_vlm_language_model.py) or at its vision-language boundary (visionzip, prumerge, prumerge+:
+# tests/test_vlm_boundary.py), which every other family refuses
 SEQUENCE_REDUCERS = {n for n in tokenreduce.available()
-                     if not any(hasattr(tokenreduce.reducer_class(n), a) for a in ("plan_block", "prefill_stages"))}
+                     if not any(hasattr(tokenreduce.reducer_class(n), a)
+                                for a in ("plan_block", "prefill_stages", "boundary_needs"))}
 NEEDS_CLASS_TOKEN = {"diffrate", "mstm", "evit", "topk", "ppt"}  # rank tokens by the class token's attention
 DROPS_TOKENS = {"topk", "norm", "random", "dynamicvit", "zerotprune"}  # pruning: the dropped patches are gone
 PER_SAMPLE_DRAW = {"random"}  # each batch position draws its own subset

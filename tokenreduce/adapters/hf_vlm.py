@@ -1,9 +1,19 @@
-"""Dropping visual tokens inside the language model of a Hugging Face `transformers` vision-language
-model during the prefill: `LlavaForConditionalGeneration` (the LLaVA-1.5 layout: a CLIP tower, a
-projector, a Llama language model). The reducers are FastV, PyramidDrop and DART
-(`tokenreduce.reducers.vlm`); see docs/vlm.md.
+"""Cutting the visual tokens of a Hugging Face `transformers` vision-language model,
+`LlavaForConditionalGeneration` (the LLaVA-1.5 layout: a CLIP tower, a projector, a Llama language
+model), in one of two placements (`tokenreduce.reducers.vlm`; docs/vlm.md):
 
-The model runs its own forward and its own layers. The placement is forward pre-hooks on the
+(b) at the boundary between the vision tower and the language model (VisionZip, PruMerge,
+PruMerge+: boundary reducers, `core.vlm.is_boundary_reducer`): hooks on the tower's feature layer
+keep its input and output, a pre-hook on the projector hands it the reducer's k tokens per image
+in place of the V features, the inner model's `get_image_features` (wrapped, signature kept) cuts
+each image's projected tokens to its count, and the model's `forward` cuts each image's placeholder
+run to that count, re-left-pads the batch and carries the mask and position ids; decode steps get
+the shortened prefill's mask and shifted positions (`BoundaryDecode`, stored per cache);
+
+(c) inside the language model during the prefill (FastV, PyramidDrop, DART: prefill reducers),
+described below. One reducer per model: the two kinds are not combined.
+
+The model runs its own forward and its own layers. Placement (c) is forward pre-hooks on the
 language model's decoder layers, and a wrapper of the model's `forward` and `generate`:
 - the wrapper finds the image tokens (the placeholder id) and each sample's anchor (its last prompt
   token; under `generate` the last token of the prompt it was given, so a pass without the KV cache,
@@ -31,6 +41,8 @@ whose samples hold different numbers of image tokens.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -53,16 +65,23 @@ from tokenreduce.core.macs import linear_macs
 from tokenreduce.core.state import LayerRecord, ReductionState
 from tokenreduce.core.vlm import (
     ANCHOR_ATTN,
+    CLS_ATTENTION,
+    FEATURE_KEYS,
     LAYER_KEYS,
+    NEXT_CLS_ATTENTION,
+    NEXT_KEYS,
     NORMED_OUTPUT,
+    BoundaryView,
     LanguageModelInfo,
     PrefillView,
+    is_boundary_reducer,
     is_prefill_reducer,
 )
 from tokenreduce.errors import ConfigError, UnsupportedModelError
 
 SUPPORTED = ("LlavaForConditionalGeneration",)
-REDUCERS = ("fastv", "pyramiddrop", "dart", "none")
+REDUCERS = ("fastv", "pyramiddrop", "dart", "none")  # inside the language model (placement (c))
+BOUNDARY_REDUCERS = ("visionzip", "prumerge", "prumerge+")  # at the vision-language boundary (placement (b))
 
 
 def _claimed_class(cls: type) -> type | None:
@@ -94,7 +113,38 @@ def describe(model: nn.Module) -> LanguageModelInfo:
     return LanguageModelInfo(name=name, depth=len(lm.layers), num_prefix=0, has_class_token=False,
                              embed_dim=config.hidden_size, num_heads=config.num_attention_heads,
                              image_token_id=int(model.config.image_token_id), num_kv_heads=config.num_key_value_heads,
-                             head_dim=head_dim)
+                             head_dim=head_dim, **vision_facts(model))
+
+
+def vision_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The encoder layers of a CLIPVisionModel tower made of transformers' own CLIP layers; None otherwise."""
+    clip = modeling("clip")
+    tower = model.model.vision_tower
+    if type(tower) is not clip.CLIPVisionModel:
+        return None
+    layers = tower.encoder.layers
+    if any(type(layer) is not clip.CLIPEncoderLayer or type(layer.self_attn) is not clip.CLIPAttention
+           for layer in layers):
+        return None
+    return layers
+
+
+def vision_facts(model: nn.Module) -> dict:
+    """The vision tower's facts for boundary reducers (LanguageModelInfo); {} when it is not a supported one
+    (a CLIPVisionModel read at one vision_feature_layer with strategy "default" or "full")."""
+    layers = vision_layers(model)
+    config = model.config
+    feature = config.vision_feature_layer
+    if layers is None or not isinstance(feature, int) or config.vision_feature_select_strategy not in ("default", "full"):
+        return {}
+    depth = len(layers)
+    position = feature % (depth + 1) if -(depth + 1) <= feature <= depth else 0
+    if position == 0:  # the embeddings: no layer computed them
+        return {}
+    vision = config.vision_config
+    return {"vision_tokens": (vision.image_size // vision.patch_size) ** 2 + 1, "vision_prefix": 1,
+            "vision_depth": depth, "feature_layer": position - 1,
+            "feature_prefix": config.vision_feature_select_strategy == "full"}
 
 
 # --- the per-pass objects ---------------------------------------------------------------------------
@@ -129,12 +179,16 @@ class Decode:
 
 @dataclass
 class VLMPatch(Patch):
-    """The Patch of a vision-language model: the hooks on its decoder layers, the pass in flight and
-    the prompt length of the `generate` call in flight (per thread), and per cache filled by a
-    reduced prefill the kept indices of each layer."""
+    """The Patch of a vision-language model: the hooks (on its decoder layers, or on the vision
+    tower's feature layer and the projector), the pass in flight and the prompt length of the
+    `generate` call in flight (per thread), and per cache filled by a reduced prefill what the
+    decode steps need (`Decode` or `BoundaryDecode`)."""
 
     handles: list = field(default_factory=list, repr=False)
     local: threading.local = field(default_factory=threading.local, repr=False)
+    boundary: bool = False  # a boundary reducer (placement (b)) rather than one inside the language model
+    reducer: object = field(default=None, repr=False)  # the boundary reducer
+    model_ref: object = field(default=None, repr=False)  # weakref to the model (boundary)
     caches: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
 
     def __reduce_ex__(self, protocol):
@@ -285,6 +339,192 @@ class LayerHook:
         return _gather_tokens(hidden, index), kwargs
 
 
+# --- placement (b): the boundary between the vision tower and the language model ------------------------
+@dataclass
+class TowerPass:
+    """One call of the patched get_image_features in flight: what the feature layer's hooks saw and,
+    once the projector's pre-hook reduced them, the tokens kept per image."""
+
+    inputs: Tensor | None = None  # [I, N, Dv] the feature layer's input
+    output: Tensor | None = None  # [I, N, Dv] its output (the features, CLS included)
+    counts: list[int] | None = None
+    patches: int = 0  # patch tokens per image before the reduction
+    reducer_macs: int = 0
+
+
+@dataclass
+class BoundaryDecode:
+    """What a boundary prefill did to a cache's sequence: the original prompt length, the shortened
+    sequence's width and 2-D mask (None: all ones), and per sample the tokens removed before the
+    end of the prompt (decode positions in the original numbering are shifted down by it)."""
+
+    length: int
+    width: int
+    mask: Tensor | None
+    shift: Tensor
+
+
+class FeatureHook:
+    """Forward pre-hook and forward hook of the vision tower's feature layer: keeps its input and output."""
+
+    def __init__(self, patch: VLMPatch):
+        self.patch = patch
+
+    def before(self, layer: nn.Module, args: tuple, kwargs: dict):
+        tower = getattr(self.patch.local, "tower", None)
+        if tower is not None:
+            tower.inputs = args[0] if args else kwargs["hidden_states"]
+
+    def after(self, layer: nn.Module, args: tuple, kwargs: dict, output):
+        tower = getattr(self.patch.local, "tower", None)
+        if tower is not None:
+            tower.output = output[0] if isinstance(output, tuple) else output
+
+
+def cls_attention(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The CLS query's attention probabilities [I, H, N] in a CLIP encoder layer with input x, as
+    eager attention computes them (softmax(q_cls k^T * head_dim^-1/2) in float32; the tower has no
+    mask), and the layer's keys [I, H, N, d]."""
+    attn = layer.self_attn
+    h = layer.layer_norm1(x)
+    i, n, _ = h.shape
+    q = attn.q_proj(h[:, :1]).view(i, 1, -1, attn.head_dim).transpose(1, 2)  # [I, H, 1, d]
+    k = attn.k_proj(h).view(i, n, -1, attn.head_dim).transpose(1, 2)  # [I, H, N, d]
+    logits = torch.matmul(q, k.transpose(2, 3)) * attn.scale
+    return torch.softmax(logits, dim=-1, dtype=torch.float32).squeeze(2), k
+
+
+def whole_cls_attention(layer: nn.Module, features: Tensor) -> tuple[Tensor, Tensor]:
+    """PruMerge's signals from the CLIP layer that reads `features`: its query and key projections of
+    layer_norm1(features) taken whole (one head of width C), the CLS row softmax(q_cls k^T / sqrt(C))
+    [I, N] in float32, and the keys [I, N, C]."""
+    attn = layer.self_attn
+    h = layer.layer_norm1(features)
+    q, k = attn.q_proj(h[:, :1]), attn.k_proj(h)
+    logits = torch.matmul(q, k.transpose(1, 2)) * k.shape[-1] ** -0.5
+    return torch.softmax(logits, dim=-1, dtype=torch.float32).squeeze(1), k
+
+
+class ProjectorHook:
+    """Forward pre-hook of the multi-modal projector: the features [I, V, Dv] become the reducer's
+    tokens [I, k_max, Dv] (signals computed here from what the feature layer's hooks kept)."""
+
+    def __init__(self, patch: VLMPatch, layers: nn.ModuleList):
+        self.patch, self.layers = patch, layers
+
+    def __call__(self, module: nn.Module, args: tuple):
+        tower: TowerPass | None = getattr(self.patch.local, "tower", None)
+        if tower is None:
+            return None
+        features = args[0]
+        info: LanguageModelInfo = self.patch.info
+        hidden = tower.output
+        prefix = info.vision_prefix
+        expected = hidden.shape[1] - (0 if info.feature_prefix else prefix) if hidden is not None else None
+        if hidden is None or features.shape[:2] != (hidden.shape[0], expected):
+            raise ConfigError(f"the image features {tuple(features.shape)} reaching the projector are not those of the "
+                              f"vision tower's feature layer {info.feature_layer}; allowed: the model's own "
+                              "get_image_features (one vision_feature_layer, as in its config)")
+        reducer = self.patch.reducer
+        needs = reducer.boundary_needs()
+        view = BoundaryView(hidden=hidden, prefix=prefix, keeps_prefix=info.feature_prefix)
+        i, n, _ = hidden.shape
+        layer = self.layers[info.feature_layer]
+        macs = 0
+        if needs & {CLS_ATTENTION, FEATURE_KEYS}:
+            view.cls_attention, view.feature_keys = cls_attention(layer, tower.inputs)
+            macs += n * linear_macs(layer.self_attn.k_proj) + linear_macs(layer.self_attn.q_proj) + n * _key_width(layer)
+        if needs & {NEXT_CLS_ATTENTION, NEXT_KEYS}:
+            following = self.layers[info.feature_layer + 1]
+            view.next_cls_attention, view.next_keys = whole_cls_attention(following, hidden)
+            macs += (n * linear_macs(following.self_attn.k_proj) + linear_macs(following.self_attn.q_proj)
+                     + n * _key_width(following))
+        out = reducer.reduce_features(view)
+        tower.counts = [int(c) for c in out.counts]
+        tower.patches = features.shape[1]
+        tower.reducer_macs = i * macs
+        return (out.tokens.to(features.dtype),)
+
+
+def _key_width(layer: nn.Module) -> int:
+    return layer.self_attn.k_proj.out_features
+
+
+def boundary_image_features(patch: VLMPatch, original):
+    """The patched get_image_features of the inner LlavaModel: the model's own, inside a TowerPass
+    (so the feature layer's hooks and the projector's pre-hook reduce), each image's projected tokens
+    cut to its count. It keeps the original's signature (generate selects its arguments by it)."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def get_image_features(*args, **kwargs):
+        arguments = signature.bind(*args, **kwargs).arguments
+        extra = arguments.get("kwargs", {})
+        check_vision_arguments(patch, arguments.get("vision_feature_layer"),
+                               arguments.get("vision_feature_select_strategy"), arguments.get("image_sizes"))
+        if extra.get("return_dict") is False:
+            _refuse("return_dict=False", "the reduced features are cut per image in the output object",
+                    "return_dict=True")
+        refuse_outputs(patch.model_ref(), extra)
+        tower = TowerPass()
+        previous = getattr(patch.local, "tower", None)
+        patch.local.tower = tower
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            patch.local.tower = previous
+        if tower.counts is None:
+            raise ConfigError("the multi-modal projector did not run in get_image_features; allowed: the model's own "
+                              "LlavaModel.get_image_features")
+        out.pooler_output = [f[:c] for f, c in zip(out.pooler_output, tower.counts, strict=True)]
+        patch.local.tower_done = tower
+        return out
+
+    return get_image_features
+
+
+def check_vision_arguments(patch: VLMPatch, layer, strategy, image_sizes) -> None:
+    config = patch.model_ref().config
+    if layer is not None and layer != config.vision_feature_layer:
+        _refuse(f"vision_feature_layer={layer!r}", "the reducer's signals are hooked on the config's feature layer",
+                f"None or {config.vision_feature_layer!r}")
+    if strategy is not None and strategy != config.vision_feature_select_strategy:
+        _refuse(f"vision_feature_select_strategy={strategy!r}", "the reducer follows the config's strategy",
+                f"None or {config.vision_feature_select_strategy!r}")
+    if image_sizes is not None:
+        _refuse("image_sizes", "the features of one image are one run of placeholder tokens (LLaVA-1.5)",
+                "image_sizes=None")
+
+
+def cut_placeholders(placeholder: Tensor, counts: list[int]) -> Tensor:
+    """The placeholder tokens [B, N] bool cut when image i keeps the first `counts[i]` of its run: the
+    placeholders in row-major order (batch, then sequence) are the images' runs of V each, as
+    transformers fills them."""
+    b, n = placeholder.shape
+    total, images = int(placeholder.sum()), len(counts)
+    if images == 0 or total % images or total // images < max(counts):
+        _refuse(f"a batch with {total} image placeholder tokens for {images} images of {counts} tokens each",
+                "each image's run of placeholder tokens is cut to its kept tokens", "the processor's "
+                "placeholder runs, one of the same length per image")
+    v = total // images
+    ordinal = placeholder.flatten().long().cumsum(0).view(b, n) - 1
+    limit = torch.tensor(counts, device=placeholder.device)[(ordinal // v).clamp(0, images - 1)]
+    return placeholder & (ordinal % v >= limit)
+
+
+def left_padded(keep: Tensor) -> Tensor:
+    """index [B, W] of each sample's kept positions (keep [B, N] bool), right-aligned: -1 (left
+    padding) where a sample keeps fewer than the widest."""
+    b, n = keep.shape
+    length = keep.sum(dim=1)
+    width = int(length.max()) if b else 0
+    slot = keep.long().cumsum(1) - 1 + (width - length).unsqueeze(1)
+    index = torch.full((b, width + 1), -1, dtype=torch.long, device=keep.device)
+    position = torch.arange(n, device=keep.device).expand(b, n)
+    index.scatter_(1, torch.where(keep, slot, width), position)
+    return index[:, :width]
+
+
 # --- the model's forward and generate ---------------------------------------------------------------
 def _refuse(what: str, why: str, allowed: str):
     raise ConfigError(f"{what} is not supported on a token-reduced vision-language model: {why}; allowed: {allowed}")
@@ -322,6 +562,8 @@ class ReducedVLM:
         cache = arguments.get("cache")
         if cache is not None:
             check_cache(cache)
+        if patch.boundary:
+            return self._tr_boundary(original, arguments, extra)
         if cache is not None and cache.get_seq_length() > 0:
             entry = patch.caches.get(cache)
             if entry is None:
@@ -367,6 +609,92 @@ class ReducedVLM:
             patch.caches[cache] = Decode(kept_at=run.kept_at)
         patch.last_state = prefill_state(run)
         return out
+
+    def _tr_boundary(self, original, arguments: dict, extra: dict):
+        """Placement (b): the features come reduced from the patched get_image_features; each image's
+        placeholder run is cut to its kept count, the batch re-left-padded, the mask and position ids
+        carried; decode steps get the mask and positions of the shortened sequence."""
+        patch: VLMPatch = self._tokenreduce
+        cache = arguments.get("cache")
+        if cache is not None and cache.get_seq_length() > 0:
+            entry = patch.caches.get(cache)
+            if entry is None:
+                _refuse("a non-empty cache not filled by a reduced prefill", "its layers hold the image's every token",
+                        "an empty cache, or the cache a reduced pass returned")
+            if arguments.get("pixel_values") is not None or arguments.get("mm_encoder_outputs"):
+                _refuse("images after the prefill", "the image features are cut in the prefill only",
+                        "pixel_values in the first pass")
+            return original(self, **self._tr_continue(entry, arguments, cache), **extra)
+        input_ids = arguments.get("input_ids")
+        if input_ids is None:
+            _refuse("inputs_embeds without input_ids", "each image's placeholder run is found by its id and cut",
+                    "input_ids")
+        check_vision_arguments(patch, arguments.get("vision_feature_layer"),
+                               arguments.get("vision_feature_select_strategy"), arguments.get("image_sizes"))
+        encoded = dict(arguments.get("mm_encoder_outputs") or {})
+        pixel_values = arguments.get("pixel_values")
+        if pixel_values is not None and encoded.get("image") is None:
+            encoded["image"] = self.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+            arguments["pixel_values"], arguments["mm_encoder_outputs"] = None, encoded
+        image = encoded.get("image")
+        b, n = input_ids.shape
+        prompt = getattr(patch.local, "prompt", None) or n
+        placeholder = input_ids == patch.info.image_token_id
+        placeholder[:, prompt:] = False
+        tower = getattr(patch.local, "tower_done", None)
+        patch.local.tower_done = None
+        counts = [] if image is None else [int(f.shape[0]) for f in image.pooler_output]
+        cut = cut_placeholders(placeholder, counts) if counts else torch.zeros_like(placeholder)
+        mask = arguments.get("attention_mask")
+        # the kept tokens: every real one but the cut placeholders; padding is made again on the left
+        keep = ~cut if mask is None or not bool(cut.any()) else ~cut & mask.bool()
+        index = left_padded(keep)
+        pad = index < 0
+        source = index.clamp_min(0)
+        width = index.shape[1]
+        removed = cut.sum(dim=1)
+        pad_id = 1 if patch.info.image_token_id == 0 else 0
+        arguments["input_ids"] = input_ids.gather(1, source).masked_fill(pad, pad_id)
+        if mask is not None:
+            mask = mask.gather(1, source).masked_fill(pad, 0)
+        elif bool(pad.any()):
+            mask = (~pad).long()
+        arguments["attention_mask"] = mask
+        positions = arguments.get("position_ids")
+        if positions is not None:  # shifted down by the cut placeholders before each token
+            positions = positions.expand(b, n) - cut.long().cumsum(dim=1)
+            arguments["position_ids"] = positions.gather(1, source).masked_fill(pad, 1)
+        use_cache = extra.get("use_cache")
+        lm = language_model(self)
+        if cache is None and (use_cache if use_cache is not None else lm.config.use_cache):
+            cache = arguments["cache"] = cache_classes()[0](config=lm.config)
+        out = original(self, **arguments, **extra)
+        if cache is not None:
+            patch.caches[cache] = BoundaryDecode(length=n, width=width, mask=mask, shift=removed)
+        patch.last_state = boundary_state(self, placeholder, keep, index, counts, tower)
+        return out
+
+    def _tr_continue(self, entry: BoundaryDecode, arguments: dict, cache) -> dict:
+        """A step continuing a boundary prefill's cache: the 2-D mask in the original numbering (the
+        prompt's length plus the tokens since) becomes the shortened prefill's mask plus those tokens;
+        positions in the original numbering are shifted down by each sample's removed tokens."""
+        ids = arguments.get("input_ids")
+        embeds = arguments.get("inputs_embeds")
+        b, q = (ids if ids is not None else embeds).shape[:2]
+        tail = cache.get_seq_length() - entry.width + q  # tokens after the prefill, this step's included
+        mask = arguments.get("attention_mask")
+        if mask is not None:
+            if mask.shape[-1] != entry.length + tail:
+                _refuse(f"an attention_mask of {mask.shape[-1]} columns", "a step after a reduced prefill takes the "
+                        "mask of the original prompt and the tokens since", f"{entry.length + tail} columns")
+            prefix = entry.mask if entry.mask is not None else mask.new_ones(b, entry.width)
+            arguments["attention_mask"] = torch.cat([prefix.to(mask.dtype), mask[:, entry.length:]], dim=1)
+        elif entry.mask is not None:
+            arguments["attention_mask"] = torch.cat([entry.mask, entry.mask.new_ones(b, tail)], dim=1)
+        positions = arguments.get("position_ids")
+        if positions is not None:
+            arguments["position_ids"] = positions - entry.shift.view(b, *([1] * (positions.dim() - 1)))
+        return arguments
 
     def _tr_run(self, original, arguments: dict, extra: dict, run):
         local = self._tokenreduce.local
@@ -422,6 +750,26 @@ def prefill_state(run: Prefill) -> ReductionState:
     return state
 
 
+def boundary_state(model: nn.Module, placeholder: Tensor, keep: Tensor, index: Tensor, counts: list[int],
+                   tower: TowerPass | None) -> ReductionState:
+    """What a boundary pass did: every decoder layer runs the shortened sequence (its width: the
+    longest sample); the image tokens per sample entering the language model."""
+    depth = len(language_model(model).layers)
+    n, width = keep.shape[1], index.shape[1]
+    state = ReductionState(num_prefix=0, removals=[])
+    state.records = [LayerRecord(tokens_attn=width, tokens_mlp=width, tokens_in=n if i == 0 else width)
+                     for i in range(depth)]
+    state.final_tokens = width
+    per_sample = (placeholder & keep).sum(dim=1).tolist()
+    visual = max(per_sample) if per_sample else 0
+    b = max(keep.shape[0], 1)
+    state.extras.update(visual=[visual] * depth, kept=index, image_tokens=int(placeholder.sum(dim=1).max()) if
+                        placeholder.shape[0] else 0, visual_per_sample=per_sample, visual_per_image=list(counts),
+                        image_patches=tower.patches if tower is not None else None,
+                        reducer_macs=tower.reducer_macs // b if tower is not None else 0)
+    return state
+
+
 def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
     """MACs of one sample's prefill through the language model's decoder layers: each layer's
     linear layers per token, q.k^T and attention.v (N * N * heads * head_dim each), and the
@@ -440,25 +788,39 @@ def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
 class VLMAdapter(HFAdapterBase):
     family = ("Hugging Face transformers vision-language models, visual tokens dropped in the language model's "
               "prefill (LlavaForConditionalGeneration with a Llama language model; reducers: "
-              + ", ".join(REDUCERS) + ")")
+              + ", ".join(REDUCERS) + ") or shrunk between the vision tower and the language model (a CLIP tower; "
+              "reducers: " + ", ".join(BOUNDARY_REDUCERS) + ")")
     reduced_methods = ReducedVLM
     claimed_class = staticmethod(_claimed_class)
     model_info = staticmethod(describe)
     model_macs = staticmethod(pass_macs)
 
     def check_reducer(self, model: nn.Module, reducer, info: LanguageModelInfo, options: dict) -> None:
-        if is_prefill_reducer(reducer) or reducer.name == "none":
+        if is_prefill_reducer(reducer) or is_boundary_reducer(reducer) or reducer.name == "none":
             return
         raise ConfigError(
-            f"reducer {reducer.name!r} cannot run in {info.name}: it reduces the tokens of a vision encoder's blocks, "
-            "and this adapter drops visual tokens inside the language model; allowed: "
-            + ", ".join(map(repr, REDUCERS)))
+            f"reducer {reducer.name!r} cannot run in {info.name}: it reduces the tokens of a vision encoder's blocks "
+            "(one reducer per model: a reducer inside the language model or one at the vision-language boundary, "
+            "not a composition); allowed: " + ", ".join(map(repr, REDUCERS + BOUNDARY_REDUCERS)))
 
     def patch(self, model: nn.Module, reducer, info: LanguageModelInfo, options: dict) -> None:
         patch = VLMPatch(adapter=self, original_class=type(model), info=info, options=options)
-        lm = language_model(model)
-        patch.handles = [layer.register_forward_pre_hook(LayerHook(patch, lm, i), with_kwargs=True)
-                         for i, layer in enumerate(lm.layers)]
+        if is_boundary_reducer(reducer):
+            patch.boundary = True
+            patch.reducer = reducer
+            patch.model_ref = weakref.ref(model)
+            layers = vision_layers(model)
+            feature = layers[info.feature_layer]
+            hook = FeatureHook(patch)
+            patch.handles = [feature.register_forward_pre_hook(hook.before, with_kwargs=True),
+                             feature.register_forward_hook(hook.after, with_kwargs=True),
+                             model.model.multi_modal_projector.register_forward_pre_hook(ProjectorHook(patch, layers))]
+            inner = model.model
+            inner.get_image_features = boundary_image_features(patch, inner.get_image_features)
+        else:
+            lm = language_model(model)
+            patch.handles = [layer.register_forward_pre_hook(LayerHook(patch, lm, i), with_kwargs=True)
+                             for i, layer in enumerate(lm.layers)]
         model._tokenreduce = patch
         model.token_reducer = reducer
         model.__class__ = self._reduced_class(type(model))
@@ -466,11 +828,17 @@ class VLMAdapter(HFAdapterBase):
     def unpatch(self, model: nn.Module) -> None:
         for handle in model._tokenreduce.handles:
             handle.remove()
+        if model._tokenreduce.boundary:
+            del model.model.get_image_features  # the instance's override; the class's method shows again
         super().unpatch(model)
 
     def pass_stats(self, model: nn.Module, state: ReductionState) -> dict:
         macs = pass_macs(model, state)
-        return {"tokens": state.tokens_per_layer(), "removed": [r.tokens_in - r.tokens_attn for r in state.records],
-                "visual_tokens": state.extras["visual"], "image_tokens": state.extras["image_tokens"],
-                "kept": state.extras["kept"], "macs": macs["total"], "macs_parts": macs, "source": None}
+        stats = {"tokens": state.tokens_per_layer(), "removed": [r.tokens_in - r.tokens_attn for r in state.records],
+                 "visual_tokens": state.extras["visual"], "image_tokens": state.extras["image_tokens"],
+                 "kept": state.extras["kept"], "macs": macs["total"], "macs_parts": macs, "source": None}
+        for key in ("visual_per_sample", "visual_per_image", "image_patches"):
+            if key in state.extras:
+                stats[key] = state.extras[key]
+        return stats
 

@@ -1,5 +1,13 @@
-"""The contract of the reducers that drop visual tokens inside a vision-language model's language
-model during the prefill (FastV, PyramidDrop, DART; docs/vlm.md), and the adapters that place them.
+"""The contract of the reducers that cut visual tokens of a vision-language model (docs/vlm.md), and
+the adapters that place them. Two kinds:
+
+- prefill reducers (FastV, PyramidDrop, DART) drop visual tokens inside the language model during
+  the prefill (placement (c)); described below;
+- boundary reducers (VisionZip, PruMerge, PruMerge+) shrink each image's features from V to k
+  tokens between the vision tower and the projector (placement (b)): the adapter computes the
+  signals they name (`boundary_needs()`) in the vision tower, hands them over in a `BoundaryView`,
+  and the reducer answers with the new tokens (`reduce_features(view) -> BoundaryTokens`); the
+  adapter projects them and shortens each image's placeholder run to its k.
 
 A reducer states its stages: at each, the decoder layer from whose input on the tokens are fewer
 (`layer`), the layer whose input its signals are computed from (`signal_layer`, <= `layer`) and the
@@ -24,17 +32,45 @@ NORMED_OUTPUT = "normed_output"  # [B, N, D] the layer's output through the mode
 PREFILL_SIGNALS = frozenset({ANCHOR_ATTN, LAYER_KEYS, NORMED_OUTPUT})
 
 
+# signals a boundary reducer may read, computed in the vision tower from one pass over the images
+CLS_ATTENTION = "cls_attention"  # [I, H, N] the CLS query's attention probabilities in the feature layer, per head
+FEATURE_KEYS = "feature_keys"  # [I, H, N, d] the feature layer's keys, per head
+NEXT_CLS_ATTENTION = "next_cls_attention"  # [I, N] softmax(q_cls k^T / sqrt(C)) of the next layer's q/k taken whole
+NEXT_KEYS = "next_keys"  # [I, N, C] the next layer's key projection of the features (heads side by side)
+BOUNDARY_SIGNALS = frozenset({CLS_ATTENTION, FEATURE_KEYS, NEXT_CLS_ATTENTION, NEXT_KEYS})
+
+
 @dataclass(frozen=True)
 class LanguageModelInfo(ModelInfo):
     """ModelInfo of a vision-language model whose language model can drop visual tokens.
 
     `depth` is the number of decoder layers of the language model; `embed_dim` and `num_heads`
     are the language model's. image_token_id: the placeholder id whose positions hold image features.
+    The vision tower (for boundary reducers; 0 where it is not a supported one): `vision_tokens`
+    tokens per image (`vision_prefix` CLS tokens first, then the patches), `vision_depth` encoder
+    layers, `feature_layer` the index of the encoder layer whose output the projector reads
+    (LLaVA's vision_feature_layer -2 is the second-to-last layer), `feature_prefix` whether the
+    model's features keep the CLS token (vision_feature_select_strategy "full") or not ("default").
     """
 
     image_token_id: int = -1
     num_kv_heads: int = 0
     head_dim: int = 0
+    vision_tokens: int = 0
+    vision_prefix: int = 1
+    vision_depth: int = 0
+    feature_layer: int = -1
+    feature_prefix: bool = False
+
+    @property
+    def image_patches(self) -> int:
+        """Patch tokens per image (the tower's tokens without its CLS)."""
+        return self.vision_tokens - self.vision_prefix
+
+    @property
+    def image_features(self) -> int:
+        """Tokens per image the unreduced model hands the language model."""
+        return self.vision_tokens if self.feature_prefix else self.image_patches
 
 
 @dataclass(frozen=True)
@@ -68,16 +104,54 @@ class PrefillView:
     normed_output: Tensor | None = None
 
 
+@dataclass
+class BoundaryView:
+    """What a boundary reducer sees of a batch of I images at the feature layer (N tower tokens:
+    `prefix` CLS tokens, then the patches in the tower's row-major order).
+
+    hidden: [I, N, Dv] the feature layer's output, every token (the CLS first), before the projector
+    keeps_prefix: whether the unreduced model's features keep the CLS ("full") or drop it ("default")
+    the signals the reducer asked for (None otherwise): see CLS_ATTENTION, FEATURE_KEYS,
+    NEXT_CLS_ATTENTION, NEXT_KEYS.
+    """
+
+    hidden: Tensor
+    prefix: int
+    keeps_prefix: bool
+    cls_attention: Tensor | None = None
+    feature_keys: Tensor | None = None
+    next_cls_attention: Tensor | None = None
+    next_keys: Tensor | None = None
+
+
+@dataclass
+class BoundaryTokens:
+    """A boundary reducer's answer: tokens [I, n, Dv] in the tower's width (the projector follows),
+    image i's `counts[i]` first (then padding rows, which are cut off after the projector)."""
+
+    tokens: Tensor
+    counts: Tensor
+
+
+def is_boundary_reducer(reducer) -> bool:
+    """Whether `reducer` shrinks image features at the vision-language boundary (it has `boundary_needs`)."""
+    return callable(getattr(reducer, "boundary_needs", None))
+
+
 def is_prefill_reducer(reducer) -> bool:
     """Whether `reducer` drops visual tokens inside a language model (it has `prefill_stages`)."""
     return callable(getattr(reducer, "prefill_stages", None))
 
 
-def require_language_model(who: str, info: ModelInfo) -> LanguageModelInfo:
-    """`info` as a LanguageModelInfo; a ConfigError naming `who` for any other model."""
+INSIDE = "drops visual tokens inside the language model of a vision-language model"
+BOUNDARY = "shrinks the image features between the vision tower and the language model of a vision-language model"
+
+
+def require_language_model(who: str, info: ModelInfo, what: str = INSIDE) -> LanguageModelInfo:
+    """`info` as a LanguageModelInfo; a ConfigError naming `who` (which `what`) for any other model."""
     if not isinstance(info, LanguageModelInfo):
         raise ConfigError(
-            f"{who}: drops visual tokens inside the language model of a vision-language model "
+            f"{who}: {what} "
             f"(transformers LlavaForConditionalGeneration); model {info.name} is not one; allowed: such a model, "
             "or a reducer for vision encoders such as 'tome' or 'topk'")
     return info

@@ -1,8 +1,10 @@
-"""Reducers that drop visual tokens inside a vision-language model's language model during the
-prefill: FastV, PyramidDrop, DART (docs/vlm.md). The selection rules are those of
-`tokenreduce.core.visual_tokens`; these classes only state where they act (`prefill_stages`) and
-how many image tokens each stage keeps. An adapter of a vision-language model places them
-(`tokenreduce.adapters.hf_vlm`); every other family refuses them (`check_model`)."""
+"""Reducers that cut the visual tokens of a vision-language model (docs/vlm.md): FastV, PyramidDrop,
+DART drop them inside the language model during the prefill; VisionZip, PruMerge and PruMerge+
+shrink each image's features between the vision tower and the language model. The selection rules
+are those of `tokenreduce.core.visual_tokens`; these classes only state where they act
+(`prefill_stages`, `boundary_needs`), what they read and how many image tokens they keep. An
+adapter of a vision-language model places them (`tokenreduce.adapters.hf_vlm`); every other family
+refuses them (`check_model`)."""
 
 from __future__ import annotations
 
@@ -11,16 +13,27 @@ from torch import Tensor
 
 from tokenreduce.core.schedule import Schedule, no_cap
 from tokenreduce.core.visual_tokens import (
+    VISIONZIP_MERGES,
     dart_keep,
     dart_keep_count,
     fastv_keep,
     fastv_keep_count,
+    prumerge,
     pyramid_schedule,
+    visionzip,
 )
 from tokenreduce.core.vlm import (
     ANCHOR_ATTN,
+    BOUNDARY,
+    CLS_ATTENTION,
+    FEATURE_KEYS,
     LAYER_KEYS,
+    NEXT_CLS_ATTENTION,
+    NEXT_KEYS,
     NORMED_OUTPUT,
+    BoundaryTokens,
+    BoundaryView,
+    LanguageModelInfo,
     PrefillStage,
     PrefillView,
     check_layers,
@@ -174,3 +187,142 @@ class DART(PrefillReducer):
         text = view.prompt & (position > last_image)
         return dart_keep(view.normed_output, view.layer_keys, view.image_mask, self.budget, self.image_pivots,
                          self.text_pivots, text_mask=text)
+
+
+# --- at the boundary between the vision tower and the language model ----------------------------------
+class BoundaryReducer(TokenReducer):
+    """A reducer that shrinks each image's features from V to k tokens before the projector.
+
+    Subclasses set `boundary_needs()` (the signals, core.vlm), `check_vision(info)` (a ConfigError
+    when the setting does not fit the model's vision tower, called at apply) and
+    `reduce_features(view) -> BoundaryTokens`."""
+
+    strength = ()
+    cap = staticmethod(no_cap)
+
+    def __init__(self):
+        super().__init__(Schedule(r=0, owner=self.name), prop_attn=False)
+
+    def acts_at(self, layer: int, removal: int) -> bool:
+        return False  # never a block loop's reducer; the vision-language adapter calls it once per image batch
+
+    def check_model(self, info: ModelInfo) -> None:
+        info = require_language_model(self.name, info, BOUNDARY)
+        if info.vision_tokens <= info.vision_prefix:
+            raise ConfigError(f"{self.name}: model {info.name} has no supported vision tower (a transformers "
+                              "CLIPVisionModel read at one vision_feature_layer); allowed: such a model, or the "
+                              "language-model reducers 'fastv', 'pyramiddrop', 'dart'")
+        self.check_vision(info)
+
+    def boundary_needs(self) -> frozenset[str]:
+        raise NotImplementedError
+
+    def check_vision(self, info: LanguageModelInfo) -> None:
+        """A ConfigError when the setting does not fit `info`'s vision tower."""
+
+    def reduce_features(self, view: BoundaryView) -> BoundaryTokens:
+        raise NotImplementedError
+
+
+@register_reducer("visionzip")
+class VisionZip(BoundaryReducer):
+    """VisionZip (Yang et al., arXiv 2412.04467, Sec. 4), on the feature layer's output: the dominant
+    tokens, top-k by the CLS token's attention summed over heads, then `contextual` tokens merged
+    from the rest by key similarity to evenly spaced targets (`core.visual_tokens.visionzip`).
+
+    dominant:   tokens kept by CLS attention; with `keep_cls` the CLS token counts among them and
+                comes first (the reference's 54 is CLS + 53 patches), without it only patches
+    contextual: merged tokens (0: the rest is dropped); dominant + contextual tokens per image
+                reach the language model (54 + 10 = 64)
+    keep_cls:   keep the CLS token as the first token (the reference's, on LLaVA-1.5's "default"
+                features, which drop it unreduced); False: patches only, so `dominant` = the image's
+                patches with `contextual=0` gives the unreduced model's features exactly
+    merge:      "mean" (each contextual token is the mean of its target and members, the paper's)
+                or "target_plus_mean" (the reference code's)
+    """
+
+    def __init__(self, dominant: int = 54, contextual: int = 10, keep_cls: bool = True, merge: str = "mean"):
+        who = self.name
+        check_number(who, "dominant", dominant, low=0, integer=True)
+        check_number(who, "contextual", contextual, low=0, integer=True)
+        if not isinstance(keep_cls, bool):
+            raise ConfigError(f"{who}: keep_cls={keep_cls!r} is invalid; allowed: true or false")
+        if keep_cls and dominant < 1:
+            raise ConfigError(f"{who}: dominant={dominant} with keep_cls=True is invalid; allowed: dominant >= 1 "
+                              "(the CLS token counts among the dominant tokens)")
+        if merge not in VISIONZIP_MERGES:
+            raise ConfigError(f"{who}: merge={merge!r} is invalid; allowed: " + ", ".join(map(repr, VISIONZIP_MERGES)))
+        if dominant + contextual == 0:
+            raise ConfigError(f"{who}: dominant=0 with contextual=0 is invalid; allowed: at least one token per image")
+        super().__init__()
+        self.dominant, self.contextual, self.keep_cls, self.merge = dominant, contextual, keep_cls, merge
+
+    def boundary_needs(self) -> frozenset[str]:
+        return frozenset({CLS_ATTENTION, FEATURE_KEYS})
+
+    def check_vision(self, info: LanguageModelInfo) -> None:
+        patches = info.image_patches
+        prefix = info.vision_prefix if self.keep_cls else 0
+        if self.dominant - prefix + self.contextual > patches:
+            counted = f" (the CLS token and {self.dominant - prefix} patches)" if prefix else ""
+            raise ConfigError(
+                f"{self.name}: dominant={self.dominant}{counted} + contextual={self.contextual} is more than the "
+                f"{patches} image tokens (patches) of {info.name}'s vision tower; allowed: dominant"
+                f"{' - 1' if prefix else ''} + contextual <= {patches}")
+
+    def reduce_features(self, view: BoundaryView) -> BoundaryTokens:
+        tokens, _ = visionzip(view.cls_attention, view.feature_keys, view.hidden, self.dominant, self.contextual,
+                              prefix=view.prefix, keep_prefix=self.keep_cls, merge=self.merge)
+        counts = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long, device=tokens.device)
+        return BoundaryTokens(tokens=tokens, counts=counts)
+
+
+@register_reducer("prumerge")
+class PruMerge(BoundaryReducer):
+    """LLaVA-PruMerge (Shang et al., arXiv 2403.15388, Sec. 3, Algorithm 1): per image, keep the
+    patches whose CLS attention is an IQR outlier (an adaptive count), each updated with its
+    `neighbours` nearest patches by key similarity weighted by their attention, plus one token of
+    the rest weighted by attention (`core.visual_tokens.prumerge` with the reference's settings).
+    The signals are the reference's: the CLS row of one-head attention from the query and key
+    projections of the layer after the feature layer, taken whole, and that key projection; the
+    merged features are the feature layer's patch outputs. The count differs per image.
+
+    neighbours: patches pulled into each kept one (the reference's 32)
+    """
+
+    plus = False
+
+    def __init__(self, neighbours: int = 32):
+        check_number(self.name, "neighbours", neighbours, low=0, integer=True)
+        super().__init__()
+        self.neighbours = neighbours
+
+    def boundary_needs(self) -> frozenset[str]:
+        return frozenset({NEXT_CLS_ATTENTION, NEXT_KEYS})
+
+    def check_vision(self, info: LanguageModelInfo) -> None:
+        if info.feature_layer + 1 >= info.vision_depth:
+            raise ConfigError(
+                f"{self.name}: {info.name} reads its image features from the vision tower's last layer "
+                f"({info.feature_layer}); {self.name} ranks patches by the attention of the layer after the feature "
+                "layer; allowed: a model whose vision_feature_layer is not the last (LLaVA-1.5's -2)")
+        if self.neighbours > info.image_patches - 1:
+            raise ConfigError(f"{self.name}: neighbours={self.neighbours} is more than the {info.image_patches - 1} "
+                              f"other patches of an image of {info.name}; allowed: neighbours <= "
+                              f"{info.image_patches - 1}")
+
+    def reduce_features(self, view: BoundaryView) -> BoundaryTokens:
+        out = prumerge(view.next_cls_attention, view.next_keys, view.hidden, plus=self.plus, prefix=view.prefix,
+                       neighbours=self.neighbours)
+        return BoundaryTokens(tokens=out.tokens, counts=out.valid.sum(dim=1))
+
+
+@register_reducer("prumerge+")
+class PruMergePlus(PruMerge):
+    """LLaVA-PruMerge+ (arXiv 2403.15388, Sec. 3.3): PruMerge's outliers plus spatially uniform
+    samples (every s-th patch, s = (N // n_keep) // 3, those not already kept), then the same merge.
+
+    neighbours: patches pulled into each kept one (the reference's 32)
+    """
+
+    plus = True
