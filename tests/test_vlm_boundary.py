@@ -288,7 +288,6 @@ def test_the_recomputed_cls_attention_equals_eager_attention(attn):
     ("visionzip", {"dominant": 15, "contextual": 2, "keep_cls": False}, "dominant=15 \\+ contextual=2 is more than"),
     ("prumerge", {"neighbours": 16}, "prumerge: neighbours=16 is more than the 15 other patches"),
     ("prumerge+", {"neighbours": -2}, r"prumerge\+: neighbours=-2 is invalid"),
-    ("tome", {"r": 2}, "reducer 'tome' cannot run in LlavaForConditionalGeneration: .*'visionzip', 'prumerge'"),
 ])
 def test_bad_parameters_are_refused_at_apply(name, params, words):
     model = make_llava()

@@ -352,7 +352,6 @@ def test_dart_budget_larger_than_the_image_is_refused_before_any_compute():
     ("pyramiddrop", {}, r"pyramiddrop: layers=\[8, 16, 24\] is invalid for LlavaForConditionalGeneration, whose "
                        r"language model has 5 decoder layers; allowed: integers in \[1, 4\]"),
     ("dart", {"image_pivots": 0, "text_pivots": 0}, "at least one pivot"),
-    ("tome", {"r": 2}, "reducer 'tome' cannot run in LlavaForConditionalGeneration: .*allowed: 'fastv', 'pyramiddrop'"),
 ])
 def test_bad_parameters_are_refused_at_apply(name, params, words):
     model = make_llava()

@@ -34,7 +34,7 @@ def apply(model: nn.Module, reducer: str | TokenReducer, adapter_options: dict |
     # re-applying keeps the options unless new ones are given (e.g. a matched-cost search that swaps reducers)
     options = model._tokenreduce.options if patched and adapter_options is None else adapter.check_options(adapter_options)
     adapter.check_reducer(model, reducer, info, options)  # first: a method the family cannot place says why
-    reducer.check_model(info)
+    reducer.check_model(adapter.reducer_info(model, reducer, info))  # the facts of the part the reducer runs in
     if patched:
         adapter.unpatch(model)
     param = next(model.parameters(), None)

@@ -47,6 +47,11 @@ class Adapter:
         """Raise ConfigError when `reducer` cannot run in this family's `model` with `options`
         (called by `apply` after the reducer's own checks, before the model is touched)."""
 
+    def reducer_info(self, model: nn.Module, reducer: BlockReducer, info: ModelInfo) -> ModelInfo:
+        """The facts `reducer` is checked against (`check_model`): the model's, or those of the part of
+        it the reducer runs in (a vision-language model's vision tower)."""
+        return info
+
     def inner_model(self, obj) -> nn.Module | None:
         """The model inside a container this family knows (a diffusers pipeline's denoiser), or None."""
         return None

@@ -22,6 +22,11 @@ The reducer is held by the model it was applied to; a tower inside a dual encode
 model reaches it through a link set while the model is patched, and `remove` takes both back (the
 text adapter places its towers the same way).
 
+`output_hidden_states` may select hidden states by index (an int or a list of ints, as transformers'
+`select_hidden_states` passes a LLaVA's `vision_feature_layer` to its tower): the tuple of depth + 1
+entries holds the selected ones (the tokens leaving that layer, merged ones as plain features) and
+None elsewhere, as transformers gives it; `True` (every layer) stays refused.
+
 `transformers` is imported only when a model's class comes from it (as in hf_vit).
 """
 
@@ -220,6 +225,8 @@ def _check_arguments(owner: nn.Module, tower: nn.Module, arguments: dict, extra:
     who = f"token-reduced {owner._tokenreduce.original_class.__name__}"
     for name in REFUSED_OUTPUTS:
         value = extra.get(name)
+        if name == "output_hidden_states" and selected_layers(value, len(tower.encoder.layers), who) is not None:
+            continue  # some layers' hidden states, as LLaVA asks for its feature layer: given (merged)
         if value is None:
             value = getattr(tower.config, name, False) or getattr(owner.config, name, False)
         if value:
@@ -233,6 +240,25 @@ def _check_arguments(owner: nn.Module, tower: nn.Module, arguments: dict, extra:
                           "interpolate_pos_encoding and return_dict (and the text inputs of a dual encoder)")
     if arguments.get("pixel_values") is None:
         raise ConfigError(f"pixel_values=None is invalid for a {who}; allowed: a [B, C, H, W] tensor")
+
+
+def selected_layers(value, depth: int, who: str) -> list[int] | None:
+    """The hidden-state indices (0: the embeddings, j: the output of layer j - 1; negative from the end,
+    as a tuple of depth + 1 entries is indexed) that `output_hidden_states` selects when it is an int or
+    a list of ints (as transformers' `select_hidden_states` passes a LLaVA's `vision_feature_layer` to
+    its tower); None when it is not such a selection (a bool or None). An index out of range:
+    ConfigError."""
+    if isinstance(value, bool) or value is None:
+        return None
+    items = [value] if isinstance(value, int) else list(value) if isinstance(value, (list, tuple)) else None
+    if not items or any(isinstance(i, bool) or not isinstance(i, int) for i in items):
+        raise ConfigError(f"output_hidden_states={value!r} is not supported on a {who}; allowed: False, an int or a "
+                          f"non-empty list of ints in -{depth + 1} .. {depth} (the hidden states to return)")
+    bad = [i for i in items if not -(depth + 1) <= i <= depth]
+    if bad:
+        raise ConfigError(f"output_hidden_states={value!r}: indices {bad} are out of range for {depth} layers; "
+                          f"allowed: -{depth + 1} .. {depth}")
+    return sorted({i % (depth + 1) for i in items})
 
 
 class _ReducedTower:
@@ -251,7 +277,9 @@ class _ReducedTower:
         layers = self.encoder.layers
         checkpointing = bool(layers[0].gradient_checkpointing) and layers[0].training
         loop = LayerLoop(owner.token_reducer, owner._tokenreduce.info.num_prefix, layers, checkpointing, TowerLayerOps)
-        x, state, _ = run_blocks(loop, x, None)
+        selected = selected_layers(extra.get("output_hidden_states"), len(layers), "")
+        embedded = x
+        x, state, taken = run_blocks(loop, x, None, take=None if selected is None else {j - 1 for j in selected})
         owner._tokenreduce.last_state = state
         if clip:  # the class token through post_layernorm; the sequence is the encoder's output
             sequence, pooled = x, self.post_layernorm(x[:, 0, :])
@@ -259,8 +287,13 @@ class _ReducedTower:
             sequence = self.post_layernorm(x)
             pooled = (attention_pool(self.head, sequence, state.sizes, owner.token_reducer.prop_attn)
                       if self.use_head else None)
+        hidden_states = None
+        if selected is not None:  # the selected entries (the merged tokens, without their sizes); None elsewhere
+            entries = iter(taken)
+            chosen = {j: embedded if j == 0 else next(entries) for j in selected}
+            hidden_states = tuple(chosen.get(j) for j in range(len(layers) + 1))
         output = import_transformers("transformers.modeling_outputs").BaseModelOutputWithPooling(
-            last_hidden_state=sequence, pooler_output=pooled)
+            last_hidden_state=sequence, pooler_output=pooled, hidden_states=hidden_states)
         return_dict = extra.get("return_dict")
         return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
         return output if return_dict else output.to_tuple()

@@ -1,6 +1,11 @@
 """Cutting the visual tokens of a Hugging Face `transformers` vision-language model,
 `LlavaForConditionalGeneration` (the LLaVA-1.5 layout: a CLIP tower, a projector, a Llama language
-model), in one of two placements (`tokenreduce.reducers.vlm`; docs/vlm.md):
+model), in one of three placements (`tokenreduce.reducers.vlm`; docs/vlm.md):
+
+(a) inside the vision tower (any other reducer: pitome, tome, tofu, ...): the CLIP adapter (hf_clip)
+patches the tower, which returns the merged tokens at the `vision_feature_layer` LLaVA selects (as
+plain features, CLS first); `get_image_features` is wrapped only to record each image's count, and
+the rest is placement (b)'s bookkeeping (placeholder runs cut, re-left-padding, decode);
 
 (b) at the boundary between the vision tower and the language model (VisionZip, PruMerge,
 PruMerge+: boundary reducers, `core.vlm.is_boundary_reducer`): hooks on the tower's feature layer
@@ -11,7 +16,7 @@ run to that count, re-left-pads the batch and carries the mask and position ids;
 the shortened prefill's mask and shifted positions (`BoundaryDecode`, stored per cache);
 
 (c) inside the language model during the prefill (FastV, PyramidDrop, DART: prefill reducers),
-described below. One reducer per model: the two kinds are not combined.
+described below. One reducer per model: the kinds are not combined.
 
 The model runs its own forward and its own layers. Placement (c) is forward pre-hooks on the
 language model's decoder layers, and a wrapper of the model's `forward` and `generate`:
@@ -50,7 +55,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tokenreduce.adapters.base import register_adapter
+from tokenreduce.adapters.base import ModelInfo, adapters, is_patched, register_adapter
 from tokenreduce.adapters.hf_common import (
     HFAdapterBase,
     bind,
@@ -187,6 +192,7 @@ class VLMPatch(Patch):
     handles: list = field(default_factory=list, repr=False)
     local: threading.local = field(default_factory=threading.local, repr=False)
     boundary: bool = False  # a boundary reducer (placement (b)) rather than one inside the language model
+    in_tower: bool = False  # a vision reducer placed in the CLIP tower by hf_clip (placement (a)); boundary too
     reducer: object = field(default=None, repr=False)  # the boundary reducer
     model_ref: object = field(default=None, repr=False)  # weakref to the model (boundary)
     caches: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
@@ -481,6 +487,69 @@ def boundary_image_features(patch: VLMPatch, original):
         return out
 
     return get_image_features
+
+
+def tower_image_features(patch: VLMPatch, original):
+    """The patched get_image_features of the inner LlavaModel under placement (a): the model's own,
+    whose tower (patched by hf_clip) returns the feature layer's merged tokens, so the projector gets
+    and projects fewer tokens per image; each image's count is its feature count. It keeps the
+    original's signature (generate selects its arguments by it)."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def get_image_features(*args, **kwargs):
+        arguments = signature.bind(*args, **kwargs).arguments
+        extra = arguments.get("kwargs", {})
+        check_vision_arguments(patch, arguments.get("vision_feature_layer"),
+                               arguments.get("vision_feature_select_strategy"), arguments.get("image_sizes"))
+        if extra.get("return_dict") is False:
+            _refuse("return_dict=False", "the reduced features are cut per image in the output object",
+                    "return_dict=True")
+        refuse_outputs(patch.model_ref(), extra)
+        out = original(*args, **kwargs)
+        config = patch.model_ref().config
+        vision = config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
+        patch.local.tower_done = TowerPass(counts=[int(f.shape[0]) for f in out.pooler_output], patches=patches)
+        return out
+
+    return get_image_features
+
+
+def tower_facts(model: nn.Module, reducer) -> ModelInfo:
+    """The facts of a LLaVA's vision tower for a reducer placed inside it (placement (a)), from hf_clip;
+    ConfigError naming what is missing (a tower hf_clip cannot reduce, one already reduced on its own,
+    a feature layer that is not one int, an unknown strategy)."""
+    ours = is_patched(model) and model._tokenreduce.in_tower  # re-applying: the tower carries our reducer
+    name = (model._tokenreduce.original_class if is_patched(model) else type(model)).__name__
+    tower = model.model.vision_tower
+    clip = adapters()["hf_clip"]
+    allowed = "the CLIP/SigLIP tower reducers, or " + ", ".join(map(repr, REDUCERS + BOUNDARY_REDUCERS))
+    if is_patched(tower) and not ours:
+        raise ConfigError(f"reducer {reducer.name!r}: the vision tower of {name} already carries a reducer of its own; "
+                          "allowed: tokenreduce.remove(model.model.vision_tower) first")
+    if not clip.claims(tower):
+        raise ConfigError(f"reducer {reducer.name!r} merges in a vision tower, but {name}'s is a "
+                          f"{type(tower).__name__}, which the CLIP/SigLIP adapter (hf_clip) does not reduce; allowed: "
+                          + allowed)
+    config = model.config
+    if not isinstance(config.vision_feature_layer, int) or isinstance(config.vision_feature_layer, bool) \
+            or config.vision_feature_select_strategy not in ("default", "full"):
+        raise ConfigError(f"reducer {reducer.name!r} in the vision tower of {name}: vision_feature_layer="
+                          f"{config.vision_feature_layer!r} with strategy {config.vision_feature_select_strategy!r}; "
+                          "allowed: one int feature layer with strategy 'default' or 'full'")
+    if ours:
+        return tower._tokenreduce.info
+    try:
+        return clip.describe(tower)
+    except UnsupportedModelError as error:
+        raise ConfigError(f"reducer {reducer.name!r} in the vision tower of {name}: {error}") from error
+
+
+def is_tower_reducer(reducer) -> bool:
+    """Whether `reducer` is a vision reducer placed in the tower (not one of the language model's or the
+    boundary's, not 'none')."""
+    return not (is_prefill_reducer(reducer) or is_boundary_reducer(reducer) or reducer.name == "none")
 
 
 def check_vision_arguments(patch: VLMPatch, layer, strategy, image_sizes) -> None:
@@ -789,23 +858,32 @@ class VLMAdapter(HFAdapterBase):
     family = ("Hugging Face transformers vision-language models, visual tokens dropped in the language model's "
               "prefill (LlavaForConditionalGeneration with a Llama language model; reducers: "
               + ", ".join(REDUCERS) + ") or shrunk between the vision tower and the language model (a CLIP tower; "
-              "reducers: " + ", ".join(BOUNDARY_REDUCERS) + ")")
+              "reducers: " + ", ".join(BOUNDARY_REDUCERS) + ") or merged inside the CLIP tower (the CLIP adapter's "
+              "reducers)")
     reduced_methods = ReducedVLM
     claimed_class = staticmethod(_claimed_class)
     model_info = staticmethod(describe)
     model_macs = staticmethod(pass_macs)
 
     def check_reducer(self, model: nn.Module, reducer, info: LanguageModelInfo, options: dict) -> None:
-        if is_prefill_reducer(reducer) or is_boundary_reducer(reducer) or reducer.name == "none":
-            return
-        raise ConfigError(
-            f"reducer {reducer.name!r} cannot run in {info.name}: it reduces the tokens of a vision encoder's blocks "
-            "(one reducer per model: a reducer inside the language model or one at the vision-language boundary, "
-            "not a composition); allowed: " + ", ".join(map(repr, REDUCERS + BOUNDARY_REDUCERS)))
+        if is_tower_reducer(reducer):  # placement (a): the tower must be one hf_clip reduces
+            tower_facts(model, reducer)
+
+    def reducer_info(self, model: nn.Module, reducer, info: LanguageModelInfo):
+        return tower_facts(model, reducer) if is_tower_reducer(reducer) else info
 
     def patch(self, model: nn.Module, reducer, info: LanguageModelInfo, options: dict) -> None:
         patch = VLMPatch(adapter=self, original_class=type(model), info=info, options=options)
-        if is_boundary_reducer(reducer):
+        if is_tower_reducer(reducer):  # placement (a): hf_clip reduces the tower; the boundary's bookkeeping
+            patch.boundary = patch.in_tower = True
+            patch.reducer = reducer
+            patch.model_ref = weakref.ref(model)
+            clip = adapters()["hf_clip"]
+            tower = model.model.vision_tower
+            clip.patch(tower, reducer, clip.describe(tower), clip.check_options(None))
+            inner = model.model
+            inner.get_image_features = tower_image_features(patch, inner.get_image_features)
+        elif is_boundary_reducer(reducer):
             patch.boundary = True
             patch.reducer = reducer
             patch.model_ref = weakref.ref(model)
@@ -830,6 +908,9 @@ class VLMAdapter(HFAdapterBase):
             handle.remove()
         if model._tokenreduce.boundary:
             del model.model.get_image_features  # the instance's override; the class's method shows again
+        if model._tokenreduce.in_tower:
+            tower = model.model.vision_tower
+            tower._tokenreduce.adapter.unpatch(tower)
         super().unpatch(model)
 
     def pass_stats(self, model: nn.Module, state: ReductionState) -> dict:
@@ -840,5 +921,24 @@ class VLMAdapter(HFAdapterBase):
         for key in ("visual_per_sample", "visual_per_image", "image_patches"):
             if key in state.extras:
                 stats[key] = state.extras[key]
+        if model._tokenreduce.in_tower:
+            stats["tower"] = tower_stats(model)
         return stats
+
+
+def tower_stats(model: nn.Module) -> dict | None:
+    """Under placement (a): the vision tower's own stats (hf_clip's, per image) of its last pass, with
+    `feature_tokens`, the tokens (CLS included) leaving the feature layer; None before a pass."""
+    tower = model.model.vision_tower
+    state = tower._tokenreduce.last_state
+    if state is None:
+        return None
+    out = tower._tokenreduce.adapter.pass_stats(tower, state)
+    if out is None:
+        from tokenreduce.api import stats
+        out = stats(tower)
+    records = state.records
+    position = model.config.vision_feature_layer % (len(records) + 1)  # 0: the embeddings, j: layer j - 1's output
+    out["feature_tokens"] = records[position].tokens_in if position < len(records) else state.final_tokens
+    return out
 
