@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import timm
@@ -140,3 +141,53 @@ def test_an_offline_checkpoint_with_another_head_keeps_the_backbone(tmp_path):
     save_file({"blocks.0.attn.qkv.weight": torch.zeros(1)}, str(path))
     with pytest.raises(ConfigError, match="does not fit"):
         models.create_model("fmnist_vit", checkpoint=str(path))
+
+
+# --- fmnist_diffusion: the class-conditional diffusion model shipped in the package ----------------------
+def sample_accuracy(per_class: int, **sampler) -> float:
+    """fmnist_vit's top-1 on `per_class` samples of each class of the shipped fmnist_diffusion, drawn by
+    `sample` with its defaults except `sampler`."""
+    from tokenreduce.diffusion_sampling import sample
+    from tokenreduce.engine.generation import FmnistJudge
+    from tokenreduce.models.fmnist_diffusion import load_fmnist_diffusion
+
+    classes = [c for c in range(10) for _ in range(per_class)]
+    images = torch.cat([sample(load_fmnist_diffusion(), classes[i:i + 100], seed=i, **sampler)
+                        for i in range(0, len(classes), 100)])
+    return FmnistJudge(reference_images=2, device=torch.device("cpu")).accuracy((images + 1) / 2, classes)
+
+
+def test_fmnist_diffusion_ships_weights_that_draw_recognisable_garments():
+    pytest.importorskip("diffusers", reason="fmnist_diffusion is a diffusers model (the diffusion extra)")
+    from tokenreduce.models.fmnist_diffusion import CONFIG, WEIGHTS, load_fmnist_diffusion
+
+    assert WEIGHTS.is_file(), f"the shipped weights {WEIGHTS} are missing"
+    assert WEIGHTS.stat().st_size <= 20 * 2**20
+    model = load_fmnist_diffusion()
+    assert not model.training and {k: model.config[k] for k in CONFIG} == CONFIG
+    shipped = load_file(str(WEIGHTS))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in shipped.items())
+    # one sample of each class at the default sampler settings: trained weights draw the class asked for
+    # (random ones 0.1 at best); the 1,000-sample figure is the slow test below
+    assert sample_accuracy(1) >= 0.7
+
+
+def test_the_generate_task_samples_as_the_sampler_does_by_default():
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from tokenreduce.diffusion_sampling import sample
+
+    defaults = inspect.signature(sample).parameters
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    config = OmegaConf.load(conf / "config.yaml").generate
+    training = OmegaConf.load(conf / "experiment" / "train_fmnist_diffusion.yaml").diffusion.samples
+    for section in (config, training):
+        assert (section.steps, section.guidance) == (defaults["steps"].default, defaults["guidance"].default)
+
+
+@pytest.mark.slow
+def test_fmnist_diffusion_draws_the_class_asked_for_in_four_of_five_samples():
+    pytest.importorskip("diffusers", reason="fmnist_diffusion is a diffusers model (the diffusion extra)")
+    assert sample_accuracy(100) >= 0.8  # 1,000 samples, seeds 0..999, at the default sampler settings
