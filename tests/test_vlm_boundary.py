@@ -1,6 +1,6 @@
 """Image features shrunk between the vision tower and the language model of a transformers
 LlavaForConditionalGeneration (VisionZip, PruMerge, PruMerge+; docs/vlm.md, placement (b)), on the
-tiny random LLaVA of tests/test_vlm_language_model.py: keeping every token is the unpatched model;
+tiny random LLaVA of tests/vlm_checks.py: keeping every token is the unpatched model;
 `remove` restores it; the image tokens entering the language model are the method's count; the
 reduced model equals a hand-built reference (features reduced by core.visual_tokens, placeholder
 runs cut by hand, the unpatched model called with them); greedy generation with the KV cache equals
@@ -14,8 +14,26 @@ import re
 
 import pytest
 import torch
-from test_vlm_language_model import IMAGE, IMPLS, NEW, PAD, compute_counter, make_llava, prompts, solo
-from test_vlm_language_model import generate as generate_tokens
+from vlm_checks import (
+    IMAGE,
+    IMPLS,
+    PAD,
+    check_batch_equals_each_alone,
+    check_batch_is_wrong_once_broken,
+    check_cache_equals_no_cache,
+    check_generate_refused_before_any_compute,
+    check_generation_equals_the_reference,
+    check_unpatched_when_nothing_is_reduced,
+    compute_counter,
+    continue_by_hand,
+    generate_no_early_stop,
+    logits_and_language_model_width,
+    make_llava,
+    prompts,
+    reference_inputs,
+    uneven_prompts,
+    unreduced_macs,
+)
 
 import tokenreduce
 from tokenreduce.adapters import hf_vlm
@@ -31,20 +49,6 @@ REDUCING = {
     "prumerge+": {"neighbours": 4},
 }
 KEEP_ALL = {"dominant": PATCHES, "contextual": 0, "keep_cls": False}  # visionzip keeping every patch, no CLS
-
-
-def generate(model, inputs, **kwargs):
-    """Greedy tokens and logits of NEW steps; no sample stops early at the end-of-sequence token."""
-    return generate_tokens(model, inputs, min_new_tokens=NEW, **kwargs)
-
-
-def uneven_prompts():
-    """prompts() with images for which PruMerge keeps 2 and 3 tokens and PruMerge+ 5 and 9, so the
-    shortened samples differ in length and the batch is re-left-padded."""
-    inputs = prompts()
-    generator = torch.Generator().manual_seed(5)
-    inputs["pixel_values"] = torch.randn(2, 3, 16, 16, generator=generator) * torch.tensor([1.0, 3.0]).view(2, 1, 1, 1)
-    return inputs
 
 
 def ours(hook) -> bool:
@@ -92,38 +96,11 @@ def reference_features(model, pixel_values, name, params):
     return [projected[i, :c] for i, c in enumerate(counts)]
 
 
-def shortened_by_hand(inputs, counts):
-    """Each sample's tokens with its image's placeholder run cut to the first `counts[i]`, then
-    left-padded to the longest (one image per sample)."""
-    rows = []
-    for b in range(inputs["input_ids"].shape[0]):
-        real = inputs["input_ids"][b][inputs["attention_mask"][b].bool()].tolist()
-        seen, row = 0, []
-        for token in real:
-            if token == IMAGE:
-                seen += 1
-                if seen > counts[b]:
-                    continue
-            row.append(token)
-        rows.append(row)
-    width = max(map(len, rows))
-    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
-
-
 # --- exactness, removal, counts ----------------------------------------------------------------------
 @pytest.mark.parametrize("attn", IMPLS)
 def test_keeping_every_token_equals_the_unpatched_model(attn):
-    model, inputs = make_llava(attn), prompts()
-    with torch.no_grad():
-        expected = model(**inputs).logits
-    tokens, logits = generate(model, inputs)
-    tokenreduce.apply(model, "visionzip", **KEEP_ALL)
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, expected)
-    got_tokens, got_logits = generate(model, inputs)
-    assert torch.equal(got_tokens, tokens) and torch.equal(got_logits, logits)
+    model = make_llava(attn)
+    check_unpatched_when_nothing_is_reduced(generate_no_early_stop, model, prompts(), "visionzip", KEEP_ALL)
     stats = tokenreduce.stats(model)
     assert stats["visual_tokens"] == [PATCHES] * 5 and stats["visual_per_image"] == [PATCHES, PATCHES]
 
@@ -147,13 +124,7 @@ def test_remove_restores_the_model(name):
 def test_image_tokens_entering_the_language_model_are_the_methods_count(name):
     model, inputs = make_llava(), uneven_prompts()
     tokenreduce.apply(model, name, **REDUCING[name])
-    seen = {}
-    hook = model.model.language_model.layers[0].register_forward_pre_hook(
-        lambda m, args, kwargs: seen.update(width=(args[0] if args else kwargs["hidden_states"]).shape[1]),
-        with_kwargs=True)
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    hook.remove()
+    logits, entering = logits_and_language_model_width(model, inputs)
     stats = tokenreduce.stats(model)
     expected = {"visionzip": [6, 6], "prumerge": [2, 3], "prumerge+": [5, 9]}[name]
     assert stats["visual_per_image"] == expected and stats["visual_per_sample"] == expected
@@ -161,13 +132,10 @@ def test_image_tokens_entering_the_language_model_are_the_methods_count(name):
     assert stats["image_patches"] == PATCHES
     real = inputs["attention_mask"].sum(1) - PATCHES + torch.tensor(expected)  # each sample's tokens after the cut
     width = int(real.max())
-    assert seen["width"] == width and logits.shape[1] == width and stats["tokens"] == [width] * 6
+    assert entering == width and logits.shape[1] == width and stats["tokens"] == [width] * 6
     assert stats["removed"] == [inputs["input_ids"].shape[1] - width, 0, 0, 0, 0]
     assert stats["kept"].shape == (2, width) and ((stats["kept"] < 0).sum(1) == width - real).all()
-    unreduced = tokenreduce.apply(make_llava(), "none")
-    with torch.no_grad():
-        unreduced(**inputs)
-    assert 0 < stats["macs"] < tokenreduce.stats(unreduced)["macs"]
+    assert 0 < stats["macs"] < unreduced_macs(inputs)
 
 
 @pytest.mark.parametrize("attn", IMPLS)
@@ -176,43 +144,29 @@ def test_the_reduced_model_equals_a_hand_built_reference(attn, name):
     """Features reduced by hand with core.visual_tokens, placeholder runs cut by hand, the unpatched
     model called with those features and tokens: the same logits."""
     reference, inputs = make_llava(attn), uneven_prompts()
-    features = reference_features(reference, inputs["pixel_values"], name, REDUCING[name])
-    ids, mask = shortened_by_hand(inputs, [f.shape[0] for f in features])
-    image = transformers.modeling_outputs.BaseModelOutputWithPooling(pooler_output=features)
+    hand = reference_inputs(inputs, reference_features(reference, inputs["pixel_values"], name, REDUCING[name]))
     with torch.no_grad():
-        expected = reference(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": image}).logits
+        expected = reference(**hand).logits
         model = tokenreduce.apply(make_llava(attn), name, **REDUCING[name])
         got = model(**inputs).logits
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     kept = tokenreduce.stats(model)["kept"]
-    assert torch.equal(inputs["input_ids"].gather(1, kept.clamp_min(0)).masked_fill(kept < 0, PAD), ids)
+    assert torch.equal(inputs["input_ids"].gather(1, kept.clamp_min(0)).masked_fill(kept < 0, PAD), hand["input_ids"])
 
 
 # --- generation ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("attn", IMPLS)
 @pytest.mark.parametrize("name", sorted(REDUCING))
 def test_generation_with_the_cache_equals_generation_without(attn, name):
-    model, inputs = make_llava(attn), uneven_prompts()
-    _, unreduced = generate(model, inputs)
-    tokenreduce.apply(model, name, **REDUCING[name])
-    tokens, logits = generate(model, inputs)
-    no_cache_tokens, no_cache_logits = generate(model, inputs, use_cache=False)
-    assert torch.equal(tokens, no_cache_tokens)
-    torch.testing.assert_close(logits, no_cache_logits, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(logits, unreduced, atol=1e-3)  # the reduction changed the outputs
+    check_cache_equals_no_cache(generate_no_early_stop, make_llava(attn), uneven_prompts(), name, REDUCING[name])
 
 
 @pytest.mark.parametrize("attn", IMPLS)
 @pytest.mark.parametrize("name", sorted(REDUCING))
 @pytest.mark.parametrize("make_inputs", [prompts, uneven_prompts], ids=["even", "uneven"])
 def test_a_padded_batch_gives_each_prompt_what_it_gets_alone(attn, name, make_inputs):
-    model, inputs = make_llava(attn), make_inputs()
-    tokenreduce.apply(model, name, **REDUCING[name])
-    tokens, logits = generate(model, inputs)
-    for i in range(2):
-        alone_tokens, alone_logits = generate(model, solo(inputs, i))
-        assert torch.equal(tokens[i:i + 1], alone_tokens)
-        torch.testing.assert_close(logits[i:i + 1], alone_logits, atol=1e-5, rtol=1e-5)
+    model = tokenreduce.apply(make_llava(attn), name, **REDUCING[name])
+    check_batch_equals_each_alone(generate_no_early_stop, model, make_inputs())
 
 
 def test_generation_equals_the_reference_generation():
@@ -220,14 +174,8 @@ def test_generation_equals_the_reference_generation():
     prompt and the hand-reduced features."""
     reference, inputs = make_llava(), uneven_prompts()
     features = reference_features(reference, inputs["pixel_values"], "prumerge+", REDUCING["prumerge+"])
-    ids, mask = shortened_by_hand(inputs, [f.shape[0] for f in features])
-    image = transformers.modeling_outputs.BaseModelOutputWithPooling(pooler_output=features)
-    tokens, logits = generate(reference, {"input_ids": ids, "attention_mask": mask,
-                                          "mm_encoder_outputs": {"image": image}})
     model = tokenreduce.apply(make_llava(), "prumerge+", **REDUCING["prumerge+"])
-    got_tokens, got_logits = generate(model, inputs)
-    assert torch.equal(got_tokens, tokens)
-    torch.testing.assert_close(got_logits, logits, atol=1e-5, rtol=1e-5)
+    check_generation_equals_the_reference(reference, features, model, inputs)
 
 
 @pytest.mark.parametrize("attn", IMPLS)
@@ -235,13 +183,9 @@ def test_without_the_decode_correction_the_padded_batch_is_wrong(attn, monkeypat
     """The control of the tests above: decode steps must get the shortened prefill's mask and positions."""
     model, inputs = make_llava(attn), uneven_prompts()
     tokenreduce.apply(model, "prumerge+", **REDUCING["prumerge+"])
-    _, alone = generate(model, solo(inputs, 0))
-    monkeypatch.setattr(hf_vlm.ReducedVLM, "_tr_continue", lambda self, entry, arguments, cache: arguments)
-    try:
-        _, logits = generate(model, inputs)
-    except (RuntimeError, IndexError, ValueError):
-        return
-    assert not torch.allclose(logits[0:1], alone, atol=1e-3)
+    check_batch_is_wrong_once_broken(
+        generate_no_early_stop, model, inputs, 0,
+        lambda: monkeypatch.setattr(hf_vlm.ReducedVLM, "_tr_continue", lambda self, entry, arguments, cache: arguments))
 
 
 def test_a_cache_filled_by_a_reduced_forward_continues_by_hand():
@@ -249,18 +193,14 @@ def test_a_cache_filled_by_a_reduced_forward_continues_by_hand():
     positions in the original prompt's numbering (as generate gives them)."""
     model, inputs = make_llava(), uneven_prompts()
     tokenreduce.apply(model, "prumerge+", **REDUCING["prumerge+"])
-    tokens, logits = generate(model, inputs)
-    with torch.no_grad():
-        positions = (inputs["attention_mask"].cumsum(-1) - 1).masked_fill(inputs["attention_mask"] == 0, 1)
-        out = model(**inputs, position_ids=positions, use_cache=True)
-        banned = torch.isin(torch.arange(64), torch.tensor([IMAGE, model.generation_config.eos_token_id]))
-        step = out.logits[:, -1].masked_fill(banned, float("-inf")).argmax(-1, keepdim=True)  # as generate() above
-        mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
-        nxt = model(input_ids=step, attention_mask=mask, position_ids=mask.cumsum(-1)[:, -1:] - 1, cache=out.cache)
-        with pytest.raises(ConfigError, match="an attention_mask of 3 columns"):
-            model(input_ids=step, attention_mask=mask[:, :3], cache=out.cache)
+    tokens, logits = generate_no_early_stop(model, inputs)
+    # generate_no_early_stop suppresses IMAGE and the end-of-sequence token
+    step, next_logits, cache, mask = continue_by_hand(model, inputs,
+                                                      banned=[IMAGE, model.generation_config.eos_token_id])
+    with torch.no_grad(), pytest.raises(ConfigError, match="an attention_mask of 3 columns"):
+        model(input_ids=step, attention_mask=mask[:, :3], cache=cache)
     assert torch.equal(step[:, 0], tokens[:, 0])
-    torch.testing.assert_close(nxt.logits[:, -1], logits[:, 1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(next_logits, logits[:, 1], atol=1e-5, rtol=1e-5)
 
 
 # --- signals -------------------------------------------------------------------------------------------
@@ -314,12 +254,8 @@ def test_prumerge_needs_a_layer_after_the_feature_layer():
     ({"vision_feature_layer": -1}, "vision_feature_layer=-1"),
 ])
 def test_generate_refuses_before_any_compute(kwargs, words):
-    model, inputs = make_llava(), prompts()
-    tokenreduce.apply(model, "visionzip", dominant=4, contextual=2)
-    counter = compute_counter(model)
-    with pytest.raises(ConfigError, match=f"{words}.*allowed: "):
-        model.generate(**inputs, max_new_tokens=2, **kwargs)
-    assert counter.calls == 0
+    model = tokenreduce.apply(make_llava(), "visionzip", dominant=4, contextual=2)
+    check_generate_refused_before_any_compute(model, kwargs, words)
 
 
 def test_forward_refusals_come_before_any_compute():

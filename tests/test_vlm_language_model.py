@@ -9,6 +9,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from vlm_checks import (
+    IMAGE,
+    IMPLS,
+    check_batch_equals_each_alone,
+    check_batch_is_wrong_once_broken,
+    check_cache_equals_no_cache,
+    check_generate_refused_before_any_compute,
+    check_unpatched_when_nothing_is_reduced,
+    compute_counter,
+    continue_by_hand,
+    generate,
+    make_llava,
+    prompts,
+    solo,
+    unreduced_macs,
+)
 
 import tokenreduce
 from tokenreduce.adapters import adapter_for, hf_vlm
@@ -17,10 +33,6 @@ from tokenreduce.errors import ConfigError, UnsupportedModelError
 
 transformers = pytest.importorskip("transformers")
 
-IMAGE = 63  # the placeholder id (the last of the 64-token vocabulary)
-PAD = 0
-NEW = 5  # tokens generated
-IMPLS = ("eager", "sdpa")
 # each reducer at a setting that drops tokens on the 5-layer language model, and its counts of image
 # tokens through layers 0..4 (16 image tokens per prompt)
 REDUCING = {
@@ -31,69 +43,12 @@ REDUCING = {
 ZERO = {"fastv": {"layer": 2, "keep": 1.0}, "pyramiddrop": {"layers": [1, 3], "ratio": 1.0}, "none": {}}
 
 
-def make_llava(attn: str = "sdpa", seed: int = 0):
-    torch.manual_seed(seed)
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, image_size=16, patch_size=4, projection_dim=32)
-    text = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
-                                    num_key_value_heads=2, vocab_size=64, max_position_embeddings=128,
-                                    pad_token_id=PAD)
-    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE,
-                                      vision_feature_layer=-2, vision_feature_select_strategy="default",
-                                      attn_implementation=attn)
-    return transformers.LlavaForConditionalGeneration(config).eval()
-
-
-def prompts():
-    """Two prompts of different lengths (16 image tokens each), left-padded into one batch."""
-    first = [1, 5, 6] + [IMAGE] * 16 + [7, 8, 9]
-    second = [4, 5] + [IMAGE] * 16 + [7, 8]
-    width = max(len(first), len(second))
-    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in (first, second)])
-    generator = torch.Generator().manual_seed(1)
-    return {"input_ids": ids, "attention_mask": (ids != PAD).long(),
-            "pixel_values": torch.randn(2, 3, 16, 16, generator=generator)}
-
-
-def solo(inputs, i):
-    keep = inputs["attention_mask"][i].bool()
-    return {"input_ids": inputs["input_ids"][i:i + 1, keep], "pixel_values": inputs["pixel_values"][i:i + 1]}
-
-
-def generate(model, inputs, **kwargs):
-    out = model.generate(**inputs, max_new_tokens=NEW, do_sample=False, suppress_tokens=[IMAGE],
-                         output_logits=True, return_dict_in_generate=True, **kwargs)
-    return out.sequences[:, -NEW:], torch.stack(out.logits, dim=1)  # [B, NEW], [B, NEW, V]
-
-
-class Counter:
-    """Counts the calls of the modules it hooks (to show a refusal came before any compute)."""
-
-    def __init__(self, *modules):
-        self.calls = 0
-        self.handles = [m.register_forward_pre_hook(self.hit) for m in modules]
-
-    def hit(self, module, args):
-        self.calls += 1
-
-
-def compute_counter(model):
-    return Counter(model.model.vision_tower, model.model.language_model.embed_tokens)
-
-
 # --- exactness, removal, counts ----------------------------------------------------------------------
 @pytest.mark.parametrize("attn", IMPLS)
 @pytest.mark.parametrize("name", sorted(ZERO))
 def test_zero_reduction_equals_the_unpatched_model(attn, name):
-    model, inputs = make_llava(attn), prompts()
-    with torch.no_grad():
-        expected = model(**inputs).logits
-    tokens, logits = generate(model, inputs)
-    tokenreduce.apply(model, name, **ZERO[name])
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, expected)
-    got_tokens, got_logits = generate(model, inputs)
-    assert torch.equal(got_tokens, tokens) and torch.equal(got_logits, logits)
+    model = make_llava(attn)
+    check_unpatched_when_nothing_is_reduced(generate, model, prompts(), name, ZERO[name])
     assert tokenreduce.stats(model)["visual_tokens"] == [16] * 5
 
 
@@ -129,36 +84,21 @@ def test_visual_tokens_per_layer_follow_the_schedule(name):
     schedule = {"fastv": [fastv_keep_count(16, 1 - 0.25)], "pyramiddrop": pyramid_schedule(16, [1, 3], 0.5),
                 "dart": [dart_keep_count(8, 1, 1)]}[name]
     assert sorted(set(expected) - {16}, reverse=True) == schedule
-    unreduced = tokenreduce.apply(make_llava(), "none")
-    with torch.no_grad():
-        unreduced(**inputs)
-    assert 0 < stats["macs"] < tokenreduce.stats(unreduced)["macs"]
+    assert 0 < stats["macs"] < unreduced_macs(inputs)
 
 
 # --- generation ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("attn", IMPLS)
 @pytest.mark.parametrize("name", sorted(REDUCING))
 def test_generation_with_the_cache_equals_generation_without(attn, name):
-    model, inputs = make_llava(attn), prompts()
-    _, unreduced = generate(model, inputs)
-    tokenreduce.apply(model, name, **REDUCING[name][0])
-    tokens, logits = generate(model, inputs)
-    no_cache_tokens, no_cache_logits = generate(model, inputs, use_cache=False)
-    assert torch.equal(tokens, no_cache_tokens)
-    torch.testing.assert_close(logits, no_cache_logits, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(logits, unreduced, atol=1e-3)  # the reduction changed the outputs
+    check_cache_equals_no_cache(generate, make_llava(attn), prompts(), name, REDUCING[name][0])
 
 
 @pytest.mark.parametrize("attn", IMPLS)
 @pytest.mark.parametrize("name", sorted(REDUCING))
 def test_a_padded_batch_gives_each_prompt_what_it_gets_alone(attn, name):
-    model, inputs = make_llava(attn), prompts()
-    tokenreduce.apply(model, name, **REDUCING[name][0])
-    tokens, logits = generate(model, inputs)
-    for i in range(2):
-        alone_tokens, alone_logits = generate(model, solo(inputs, i))
-        assert torch.equal(tokens[i:i + 1], alone_tokens)
-        torch.testing.assert_close(logits[i:i + 1], alone_logits, atol=1e-5, rtol=1e-5)
+    model = tokenreduce.apply(make_llava(attn), name, **REDUCING[name][0])
+    check_batch_equals_each_alone(generate, model, prompts())
 
 
 @pytest.mark.parametrize("attn", IMPLS)
@@ -166,13 +106,9 @@ def test_without_the_decode_mask_correction_the_padded_batch_is_wrong(attn, monk
     """The control of the test above: the decode steps' mask columns must follow the kept positions."""
     model, inputs = make_llava(attn), prompts()
     tokenreduce.apply(model, "fastv", **REDUCING["fastv"][0])
-    _, alone = generate(model, solo(inputs, 1))
-    monkeypatch.setattr(hf_vlm.LayerHook, "decode", lambda self, run, hidden, kwargs: kwargs)
-    try:
-        _, logits = generate(model, inputs)
-    except (RuntimeError, IndexError, ValueError):
-        return
-    assert not torch.allclose(logits[1:2], alone, atol=1e-3)
+    check_batch_is_wrong_once_broken(
+        generate, model, inputs, 1,
+        lambda: monkeypatch.setattr(hf_vlm.LayerHook, "decode", lambda self, run, hidden, kwargs: kwargs))
 
 
 def test_a_cache_filled_by_a_reduced_forward_continues_by_hand():
@@ -180,15 +116,9 @@ def test_a_cache_filled_by_a_reduced_forward_continues_by_hand():
     model, inputs = make_llava(), prompts()
     tokenreduce.apply(model, "fastv", **REDUCING["fastv"][0])
     tokens, logits = generate(model, inputs)
-    with torch.no_grad():
-        positions = (inputs["attention_mask"].cumsum(-1) - 1).masked_fill(inputs["attention_mask"] == 0, 1)
-        out = model(**inputs, position_ids=positions, use_cache=True)  # positions as generate numbers them
-        step = out.logits[:, -1].masked_fill(torch.arange(64) == IMAGE, float("-inf")).argmax(-1, keepdim=True)
-        mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
-        position = mask.cumsum(-1)[:, -1:] - 1
-        nxt = model(input_ids=step, attention_mask=mask, position_ids=position, cache=out.cache)
+    step, next_logits, _, _ = continue_by_hand(model, inputs, banned=[IMAGE])  # generate suppresses IMAGE
     assert torch.equal(step[:, 0], tokens[:, 0])
-    torch.testing.assert_close(nxt.logits[:, -1], logits[:, 1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(next_logits, logits[:, 1], atol=1e-5, rtol=1e-5)
 
 
 # --- selections against plain references -----------------------------------------------------------
@@ -304,12 +234,7 @@ def test_sdpa_and_eager_select_the_same_tokens(name):
     ({"cache_implementation": "static"}, "cache_implementation='static'"),
 ])
 def test_generate_refuses_before_any_compute(kwargs, words):
-    model, inputs = make_llava(), prompts()
-    tokenreduce.apply(model, "fastv")
-    counter = compute_counter(model)
-    with pytest.raises(ConfigError, match=f"{words}.*allowed: "):
-        model.generate(**inputs, max_new_tokens=2, **kwargs)
-    assert counter.calls == 0
+    check_generate_refused_before_any_compute(tokenreduce.apply(make_llava(), "fastv"), kwargs, words)
 
 
 def test_forward_refusals_come_before_any_compute():

@@ -2,7 +2,7 @@
 (placement (a), docs/vlm.md): a vision reducer (pitome, tome, tofu, ...) applied to the LLaVA model is
 placed in its tower by the CLIP adapter (hf_clip), which returns the merged tokens at LLaVA's feature
 layer; the placeholder runs are shortened as at the boundary (placement (b)). On the tiny random
-LLaVA of tests/test_vlm_language_model.py: zero reduction is the unpatched model; `remove` restores
+LLaVA of tests/vlm_checks.py: zero reduction is the unpatched model; `remove` restores
 it; the image tokens entering the language model are what the tower's reducer leaves at the feature
 layer; the reduced model equals a hand-built reference; generation with the cache equals generation
 without; a left-padded batch gives each prompt what it gets alone; refusals come before any compute.
@@ -14,9 +14,20 @@ import copy
 
 import pytest
 import torch
-from test_vlm_boundary import shortened_by_hand, uneven_prompts
-from test_vlm_language_model import IMPLS, compute_counter, make_llava, prompts, solo
-from test_vlm_language_model import generate as generate_tokens
+from vlm_checks import (
+    IMPLS,
+    check_batch_equals_each_alone,
+    check_cache_equals_no_cache,
+    check_generation_equals_the_reference,
+    check_unpatched_when_nothing_is_reduced,
+    compute_counter,
+    generate_no_early_stop,
+    logits_and_language_model_width,
+    make_llava,
+    prompts,
+    reference_inputs,
+    uneven_prompts,
+)
 
 import tokenreduce
 from tokenreduce.errors import ConfigError
@@ -26,10 +37,6 @@ transformers = pytest.importorskip("transformers")
 PATCHES = 16  # the tiny tower's patches per image; one CLS before them; 2 layers, feature layer -2 (layer 0's output)
 REDUCING = {"pitome": {"ratio": 0.7}, "tome": {"r": 3}, "tofu": {"r": 3}}
 ZERO = {"pitome": {"ratio": 1.0}, "tome": {"r": 0}, "tofu": {"r": 0}}
-
-
-def generate(model, inputs, **kwargs):
-    return generate_tokens(model, inputs, min_new_tokens=5, **kwargs)
 
 
 def reduced_tower(model, name, params):
@@ -74,15 +81,8 @@ def test_the_clip_tower_refuses_other_selections(select, words):
 # --- exactness, removal, counts ----------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(ZERO))
 def test_zero_reduction_equals_the_unpatched_model(name):
-    model, inputs = make_llava(), prompts()
-    with torch.no_grad():
-        expected = model(**inputs).logits
-    tokens, logits = generate(model, inputs)
-    tokenreduce.apply(model, name, **ZERO[name])
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, expected)
-    got_tokens, got_logits = generate(model, inputs)
-    assert torch.equal(got_tokens, tokens) and torch.equal(got_logits, logits)
+    model = make_llava()
+    check_unpatched_when_nothing_is_reduced(generate_no_early_stop, model, prompts(), name, ZERO[name])
     stats = tokenreduce.stats(model)
     assert stats["visual_per_image"] == [PATCHES, PATCHES] and stats["tower"]["feature_tokens"] == PATCHES + 1
 
@@ -108,14 +108,9 @@ def test_remove_restores_the_model(name):
 def test_image_tokens_entering_the_language_model_are_what_the_tower_leaves(name):
     model, inputs = make_llava(), prompts()
     tokenreduce.apply(model, name, **REDUCING[name])
-    seen = {}
-    hook = model.model.language_model.layers[0].register_forward_pre_hook(
-        lambda m, args, kwargs: seen.update(width=(args[0] if args else kwargs["hidden_states"]).shape[1]),
-        with_kwargs=True)
+    logits, entering = logits_and_language_model_width(model, inputs)
     with torch.no_grad():
-        logits = model(**inputs).logits
         alone = reduced_tower(model, name, REDUCING[name])(inputs["pixel_values"], output_hidden_states=-2)
-    hook.remove()
     stats = tokenreduce.stats(model)
     k = alone.hidden_states[-2].shape[1] - 1  # strategy "default": the CLS token is not a feature
     # the one layer before the feature layer merged 3 of the 16 patches (pitome: 30% of them, 4)
@@ -124,7 +119,7 @@ def test_image_tokens_entering_the_language_model_are_what_the_tower_leaves(name
     assert stats["visual_per_image"] == [k, k] and stats["visual_per_sample"] == [k, k]
     assert stats["image_tokens"] == PATCHES and stats["image_patches"] == PATCHES
     width = int(inputs["attention_mask"].sum(1).max()) - PATCHES + k
-    assert seen["width"] == width and logits.shape[1] == width
+    assert entering == width and logits.shape[1] == width
 
 
 @pytest.mark.parametrize("attn", IMPLS)
@@ -137,13 +132,11 @@ def test_the_reduced_model_equals_a_hand_built_reference(attn, name):
         states = reduced_tower(reference, name, REDUCING[name])(inputs["pixel_values"],
                                                                output_hidden_states=-2)
         projected = reference.model.multi_modal_projector(states.hidden_states[-2][:, 1:])
-        features = list(projected)
-        ids, mask = shortened_by_hand(inputs, [f.shape[0] for f in features])
-        image = transformers.modeling_outputs.BaseModelOutputWithPooling(pooler_output=features)
-        expected = reference(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": image}).logits
+        hand = reference_inputs(inputs, list(projected))
+        expected = reference(**hand).logits
         model = tokenreduce.apply(make_llava(attn), name, **REDUCING[name])
         got = model(**inputs).logits
-    assert got.shape == expected.shape and ids.shape[1] < inputs["input_ids"].shape[1]
+    assert got.shape == expected.shape and hand["input_ids"].shape[1] < inputs["input_ids"].shape[1]
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
@@ -151,26 +144,14 @@ def test_the_reduced_model_equals_a_hand_built_reference(attn, name):
 @pytest.mark.parametrize("attn", IMPLS)
 @pytest.mark.parametrize("name", ["pitome", "tofu"])
 def test_generation_with_the_cache_equals_generation_without(attn, name):
-    model, inputs = make_llava(attn), prompts()
-    _, unreduced = generate(model, inputs)
-    tokenreduce.apply(model, name, **REDUCING[name])
-    tokens, logits = generate(model, inputs)
-    no_cache_tokens, no_cache_logits = generate(model, inputs, use_cache=False)
-    assert torch.equal(tokens, no_cache_tokens)
-    torch.testing.assert_close(logits, no_cache_logits, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(logits, unreduced, atol=1e-3)  # the reduction changed the generation
+    check_cache_equals_no_cache(generate_no_early_stop, make_llava(attn), prompts(), name, REDUCING[name])
 
 
 @pytest.mark.parametrize("attn", IMPLS)
 @pytest.mark.parametrize("make_inputs", [prompts, uneven_prompts], ids=["even", "uneven"])
 def test_a_padded_batch_gives_each_prompt_what_it_gets_alone(attn, make_inputs):
-    model, inputs = make_llava(attn), make_inputs()
-    tokenreduce.apply(model, "pitome", **REDUCING["pitome"])
-    tokens, logits = generate(model, inputs)
-    for i in range(2):
-        alone_tokens, alone_logits = generate(model, solo(inputs, i))
-        assert torch.equal(tokens[i:i + 1], alone_tokens)
-        torch.testing.assert_close(logits[i:i + 1], alone_logits, atol=1e-5, rtol=1e-5)
+    model = tokenreduce.apply(make_llava(attn), "pitome", **REDUCING["pitome"])
+    check_batch_equals_each_alone(generate_no_early_stop, model, make_inputs())
 
 
 @pytest.mark.parametrize("attn", IMPLS)
@@ -182,14 +163,8 @@ def test_generation_equals_the_reference_generation(attn):
     with torch.no_grad():
         states = reduced_tower(reference, "pitome", REDUCING["pitome"])(inputs["pixel_values"], output_hidden_states=-2)
         features = list(reference.model.multi_modal_projector(states.hidden_states[-2][:, 1:]))
-    ids, mask = shortened_by_hand(inputs, [f.shape[0] for f in features])
-    image = transformers.modeling_outputs.BaseModelOutputWithPooling(pooler_output=features)
-    tokens, logits = generate(reference, {"input_ids": ids, "attention_mask": mask,
-                                          "mm_encoder_outputs": {"image": image}})
     model = tokenreduce.apply(make_llava(attn), "pitome", **REDUCING["pitome"])
-    got_tokens, got_logits = generate(model, inputs)
-    assert torch.equal(got_tokens, tokens)
-    torch.testing.assert_close(got_logits, logits, atol=1e-5, rtol=1e-5)
+    check_generation_equals_the_reference(reference, features, model, inputs)
 
 
 # --- refusals ------------------------------------------------------------------------------------------

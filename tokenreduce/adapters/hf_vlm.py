@@ -456,10 +456,10 @@ def _key_width(layer: nn.Module) -> int:
     return layer.self_attn.k_proj.out_features
 
 
-def boundary_image_features(patch: VLMPatch, original):
-    """The patched get_image_features of the inner LlavaModel: the model's own, inside a TowerPass
-    (so the feature layer's hooks and the projector's pre-hook reduce), each image's projected tokens
-    cut to its count. It keeps the original's signature (generate selects its arguments by it)."""
+def checked_image_features(patch: VLMPatch, original, body):
+    """The patched get_image_features of the inner LlavaModel, both placements (a) and (b): the
+    refusals of arguments the reduction cannot follow, before any compute, then body(*args, **kwargs).
+    It keeps the original's signature (generate selects its arguments by it)."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)
@@ -472,6 +472,16 @@ def boundary_image_features(patch: VLMPatch, original):
             _refuse("return_dict=False", "the reduced features are cut per image in the output object",
                     "return_dict=True")
         refuse_outputs(patch.model_ref(), extra)
+        return body(*args, **kwargs)
+
+    return get_image_features
+
+
+def boundary_image_features(patch: VLMPatch, original):
+    """get_image_features under placement (b): the model's own, inside a TowerPass (so the feature
+    layer's hooks and the projector's pre-hook reduce), each image's projected tokens cut to its count."""
+
+    def reduced(*args, **kwargs):
         tower = TowerPass()
         previous = getattr(patch.local, "tower", None)
         patch.local.tower = tower
@@ -486,26 +496,15 @@ def boundary_image_features(patch: VLMPatch, original):
         patch.local.tower_done = tower
         return out
 
-    return get_image_features
+    return checked_image_features(patch, original, reduced)
 
 
 def tower_image_features(patch: VLMPatch, original):
-    """The patched get_image_features of the inner LlavaModel under placement (a): the model's own,
-    whose tower (patched by hf_clip) returns the feature layer's merged tokens, so the projector gets
-    and projects fewer tokens per image; each image's count is its feature count. It keeps the
-    original's signature (generate selects its arguments by it)."""
-    signature = inspect.signature(original)
+    """get_image_features under placement (a): the model's own, whose tower (patched by hf_clip)
+    returns the feature layer's merged tokens, so the projector gets and projects fewer tokens per
+    image; each image's count is its feature count."""
 
-    @functools.wraps(original)
-    def get_image_features(*args, **kwargs):
-        arguments = signature.bind(*args, **kwargs).arguments
-        extra = arguments.get("kwargs", {})
-        check_vision_arguments(patch, arguments.get("vision_feature_layer"),
-                               arguments.get("vision_feature_select_strategy"), arguments.get("image_sizes"))
-        if extra.get("return_dict") is False:
-            _refuse("return_dict=False", "the reduced features are cut per image in the output object",
-                    "return_dict=True")
-        refuse_outputs(patch.model_ref(), extra)
+    def counted(*args, **kwargs):
         out = original(*args, **kwargs)
         config = patch.model_ref().config
         vision = config.vision_config
@@ -513,7 +512,7 @@ def tower_image_features(patch: VLMPatch, original):
         patch.local.tower_done = TowerPass(counts=[int(f.shape[0]) for f in out.pooler_output], patches=patches)
         return out
 
-    return get_image_features
+    return checked_image_features(patch, original, counted)
 
 
 def tower_facts(model: nn.Module, reducer) -> ModelInfo:
@@ -613,6 +612,19 @@ def check_cache(cache) -> None:
                 "only a plain DynamicCache of full-attention layers keeps", "a DynamicCache (the default), or none")
 
 
+def decode_entry(patch: VLMPatch, cache, arguments: dict, cut: str):
+    """What the reduced prefill that filled the non-empty `cache` stored for the decode steps (Decode,
+    BoundaryDecode); ConfigError for a cache no reduced prefill filled (its layers hold every token)
+    or for images after the prefill (`cut`: what the prefill cut of them)."""
+    entry = patch.caches.get(cache)
+    if entry is None:
+        _refuse("a non-empty cache not filled by a reduced prefill", "its layers hold every token",
+                "an empty cache, or the cache a reduced pass returned")
+    if arguments.get("pixel_values") is not None or arguments.get("mm_encoder_outputs"):
+        _refuse("images after the prefill", f"the {cut} are cut in the prefill only", "pixel_values in the first pass")
+    return entry
+
+
 class ReducedVLM:
     """The methods a patched LlavaForConditionalGeneration takes in front of its own."""
 
@@ -634,14 +646,7 @@ class ReducedVLM:
         if patch.boundary:
             return self._tr_boundary(original, arguments, extra)
         if cache is not None and cache.get_seq_length() > 0:
-            entry = patch.caches.get(cache)
-            if entry is None:
-                _refuse("a non-empty cache not filled by a reduced prefill", "its layers hold every token",
-                        "an empty cache, or the cache a reduced pass returned")
-            if arguments.get("pixel_values") is not None or arguments.get("mm_encoder_outputs"):
-                _refuse("images after the prefill", "the image tokens are cut in the prefill only",
-                        "pixel_values in the first pass")
-            return self._tr_run(original, arguments, extra, entry)
+            return self._tr_run(original, arguments, extra, decode_entry(patch, cache, arguments, "image tokens"))
         input_ids = arguments.get("input_ids")
         if input_ids is None:
             _refuse("inputs_embeds without input_ids", "the image tokens are found by their placeholder id",
@@ -686,13 +691,7 @@ class ReducedVLM:
         patch: VLMPatch = self._tokenreduce
         cache = arguments.get("cache")
         if cache is not None and cache.get_seq_length() > 0:
-            entry = patch.caches.get(cache)
-            if entry is None:
-                _refuse("a non-empty cache not filled by a reduced prefill", "its layers hold the image's every token",
-                        "an empty cache, or the cache a reduced pass returned")
-            if arguments.get("pixel_values") is not None or arguments.get("mm_encoder_outputs"):
-                _refuse("images after the prefill", "the image features are cut in the prefill only",
-                        "pixel_values in the first pass")
+            entry = decode_entry(patch, cache, arguments, "image features")
             return original(self, **self._tr_continue(entry, arguments, cache), **extra)
         input_ids = arguments.get("input_ids")
         if input_ids is None:
