@@ -86,9 +86,9 @@ def stats(model: nn.Module) -> dict:
     if own is not None:  # a family whose passes are not a chain of shrinking blocks (a diffusion U-Net)
         return {"reducer": model.token_reducer.name, "params": model.token_reducer.params(), **own}
     result = {"reducer": model.token_reducer.name, "params": model.token_reducer.params(),
-              **_pass_stats(model, adapter, state), "source": _public_source(state)}
+              **adapter.chain_stats(model, state), "source": _public_source(state)}
     if state.groups:  # a padded batch run in groups: per image, and MACs averaged over the images
-        per_group = [(index, _pass_stats(model, adapter, group)) for index, group in state.groups]
+        per_group = [(index, adapter.chain_stats(model, group)) for index, group in state.groups]
         images = sum(len(index) for index, _ in per_group)
         parts = {key: round(sum(len(index) * s["macs_parts"][key] for index, s in per_group) / images)
                  for key in result["macs_parts"] if key != "total"}
@@ -96,14 +96,6 @@ def stats(model: nn.Module) -> dict:
         result["macs"] = result["macs_parts"]["total"]
         result["groups"] = [{"images": index.tolist(), **s} for index, s in per_group]
     return result
-
-
-def _pass_stats(model: nn.Module, adapter, state) -> dict:
-    tokens = state.tokens_per_layer()
-    entering = [rec.tokens_in for rec in state.records] + [state.final_tokens]
-    macs = adapter.pass_macs(model, state)
-    return {"tokens": tokens, "removed": [a - b for a, b in zip(entering[:-1], entering[1:], strict=True)],
-            "macs": macs["total"], "macs_parts": macs}
 
 
 def _public_source(state) -> Tensor | None:

@@ -60,6 +60,15 @@ class Adapter:
         """The family's own `stats` of the pass that left `state`; None: the block loop's."""
         return None
 
+    def chain_stats(self, model: nn.Module, state: ReductionState) -> dict:
+        """The block loop's `stats` of the pass that left `state`: tokens through each block, those
+        each block removed, and the MACs of one image."""
+        tokens = state.tokens_per_layer()
+        entering = [rec.tokens_in for rec in state.records] + [state.final_tokens]
+        macs = self.pass_macs(model, state)
+        return {"tokens": tokens, "removed": [a - b for a, b in zip(entering[:-1], entering[1:], strict=True)],
+                "macs": macs["total"], "macs_parts": macs}
+
     def check_options(self, options: dict | None) -> dict:
         """The adapter's options with defaults filled in; an unknown name or value is a ConfigError."""
         if options is not None and not isinstance(options, Mapping):

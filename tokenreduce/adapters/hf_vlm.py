@@ -932,10 +932,10 @@ def tower_stats(model: nn.Module) -> dict | None:
     state = tower._tokenreduce.last_state
     if state is None:
         return None
-    out = tower._tokenreduce.adapter.pass_stats(tower, state)
+    adapter = tower._tokenreduce.adapter
+    out = adapter.pass_stats(tower, state)
     if out is None:
-        from tokenreduce.api import stats
-        out = stats(tower)
+        out = adapter.chain_stats(tower, state)
     records = state.records
     position = model.config.vision_feature_layer % (len(records) + 1)  # 0: the embeddings, j: layer j - 1's output
     out["feature_tokens"] = records[position].tokens_in if position < len(records) else state.final_tokens
