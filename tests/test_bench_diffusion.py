@@ -50,6 +50,13 @@ def test_the_cases_pair_ours_with_the_original_tomesd_at_each_ratio():
     assert {c.reducer for c in cases} == {bench.NONE, "tomesd", bench.ORIGINAL, "todo", "tome", "pitome", "tofu"}
 
 
+def test_the_mergers_keep_what_tomesd_keeps_at_each_ratio():
+    # tomesd's ratio is the fraction merged away, the mergers' the fraction kept: 0.3 -> 0.7, 0.5 -> 0.5;
+    # 0.6 would merge more than the half a bipartite merge can
+    kept = {(c.reducer, c.params["ratio"]) for c in bench.default_cases() if c.reducer in ("tome", "pitome", "tofu")}
+    assert kept == {(name, keep) for name in ("tome", "pitome", "tofu") for keep in (0.7, 0.5)}
+
+
 def fake_cases():
     return [Case("unreduced", bench.NONE), Case("tomesd ratio=0.5", "tomesd", {"ratio": 0.5}),
             Case("original tomesd ratio=0.5", bench.ORIGINAL, {"ratio": 0.5}), Case("todo", "todo", {"downsample": 2})]

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
+import sys
+import time
 
 import torch
 from torch import nn
@@ -19,7 +22,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce
-from tokenreduce.bench.harness import Case, in_fresh_process, peak_of_call
+from tokenreduce.bench.harness import (
+    Case,
+    check_timing_settings,
+    in_fresh_process,
+    peak_of_call,
+    ratio_text,
+    spread_too_wide,
+)
 from tokenreduce.engine.speed import (
     DTYPES,
     NOISY,
@@ -64,6 +74,7 @@ TEXT_TOKENS = 77  # CLIP's context length
 TIMESTEP = 500
 LATENTS = (64, 96)  # 512x512 and 768x768 images (the VAE downsamples by 8)
 RATIOS = (0.3, 0.5, 0.6)
+BIPARTITE_MOST = 0.5  # a bipartite merge pairs each token of one half with one of the other: at most half goes
 NONE = "none"  # the U-Net as diffusers runs it: no patch, no hooks
 ORIGINAL = "original-tomesd"  # tomesd 0.1.3's own `apply_patch`
 # tomesd's README: SD 1.5, 512x512, ratio 0.5, fp16 on an RTX 4090, 50 PLMS steps, seconds per image
@@ -72,14 +83,16 @@ PUBLISHED_SETTING = {"unet": "sd15", "latent": 64, "ratio": 0.5}
 
 
 def default_cases() -> list[Case]:
-    """The unreduced call first, then ours and the original tomesd side by side at each ratio; the
-    mergers keep half the tokens (their `ratio` is the fraction kept), as tomesd's 0.5 does."""
+    """The unreduced call first, then ours and the original tomesd side by side at each ratio, `todo`,
+    and the mergers at the same merged fractions up to half (`BIPARTITE_MOST`; tomesd's 0.6 is out of
+    their reach): their `ratio` is the fraction kept, so tomesd's ratio r is their 1 - r."""
     cases = [Case("unreduced", NONE)]
     for ratio in RATIOS:
         cases += [Case(f"tomesd ratio={ratio}", "tomesd", {"ratio": ratio}),
                   Case(f"original tomesd ratio={ratio}", ORIGINAL, {"ratio": ratio})]
     cases.append(Case("todo downsample=2", "todo", {"downsample": 2}))
-    cases += [Case(f"{name} ratio=0.5", name, {"ratio": 0.5}) for name in ("tome", "pitome", "tofu")]
+    cases += [Case(f"{name} ratio={round(1 - ratio, 2)}", name, {"ratio": round(1 - ratio, 2)})
+              for name in ("tome", "pitome", "tofu") for ratio in RATIOS if ratio <= BIPARTITE_MOST]
     return cases
 
 
@@ -101,19 +114,7 @@ def check_settings(unet_name: str, latents, dtype: str, device: str, rounds: int
         if isinstance(latent, bool) or not isinstance(latent, int) or latent < factor or latent % factor:
             raise ConfigError(f"--latents={latent!r} is invalid; allowed: multiples of {factor} (the U-Net halves "
                               f"the latent {factor.bit_length() - 1} times), e.g. 64 (512x512 images) or 96 (768x768)")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ConfigError(f"--rounds={rounds!r} is invalid; allowed: an integer >= 1")
-    try:
-        target = torch.device(device)
-    except (RuntimeError, TypeError):
-        target = None
-    if target is None or target.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device={device!r} is invalid; allowed: cpu, cuda, cuda:N")
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device={device!r} but this machine has no usable GPU; allowed here: cpu")
-    allowed = list(DTYPES) if target.type == "cuda" else ["float32"]
-    if dtype not in allowed:
-        raise ConfigError(f"--dtype={dtype!r} is invalid on {target.type}; allowed there: {', '.join(allowed)}")
+    check_timing_settings(dtype, device, rounds)
 
 
 def build_unet(unet_name: str, dtype: torch.dtype, device: str) -> nn.Module:
@@ -246,10 +247,16 @@ def time_cases(unet: nn.Module, inputs: tuple, cases: list[Case], rounds: int
     block_macs = [base_blocks] + [None] * (len(cases) - 1)
     warmed = iter(range(len(cases)))
 
+    calls = itertools.count(1)
+    started = time.perf_counter()
+
     def after_pass():  # the first calls follow each case's warm-up call, whose stats are the case's
         index = next(warmed, None)
         if index is not None and ours[index]:
             block_macs[index] = tokenreduce.stats(unet)["macs"]
+        # a call of the SD 1.5 U-Net takes seconds to minutes on a CPU: say how far the rounds are
+        print(f"  call {next(calls)} of {len(cases) * (rounds + 1)}, {time.perf_counter() - started:.0f} s",
+              file=sys.stderr, flush=True)
 
     setups = [functools.partial(place, unet, c, r) for c, r in zip(cases, reducers, strict=True)]
     try:
@@ -290,11 +297,7 @@ def summarise(cases: list[Case], seconds: list[list[float]], block_macs: list[fl
 
 
 def _noisy(row: dict) -> bool:
-    return (row["spread"] or 0) > SPREAD_LIMIT
-
-
-def _ratio(value: float | None, digits: int = 2, unit: str = "x") -> str:
-    return "-" if value is None else f"{value:.{digits}f}{unit}"
+    return spread_too_wide(row["spread"])
 
 
 def format_table(rows: list[dict]) -> str:
@@ -303,9 +306,9 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
         mark = NOISY if _noisy(r) else ""
-        cells = [r["case"], f"{r['seconds']:.3f}{mark}", _ratio(r["speedup"]), _ratio(r["vs_original"]),
-                 _ratio(r["mac_fraction_blocks"], 3, ""), _ratio(r["mac_fraction"], 3, ""),
-                 "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}", _ratio(r["memory"])]
+        cells = [r["case"], f"{r['seconds']:.3f}{mark}", ratio_text(r["speedup"]), ratio_text(r["vs_original"]),
+                 ratio_text(r["mac_fraction_blocks"], 3, ""), ratio_text(r["mac_fraction"], 3, ""),
+                 "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}", ratio_text(r["memory"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -333,8 +336,8 @@ def report(rows: list[dict]) -> str:
     theirs = next((r for r in rows if r["reducer"] == ORIGINAL and r["params"].get("ratio") == 0.5), None)
     if ours is not None:
         setting = {"unet": first["unet"], "latent": latent, "ratio": 0.5}
-        here = f"here tomesd ratio=0.5 {_ratio(ours['speedup'])}" + (
-            f", the original {_ratio(theirs['speedup'])}" if theirs is not None else "")
+        here = f"here tomesd ratio=0.5 {ratio_text(ours['speedup'])}" + (
+            f", the original {ratio_text(theirs['speedup'])}" if theirs is not None else "")
         note = "" if setting == PUBLISHED_SETTING else " (not the published setting)"
         lines.append(f"published: {PUBLISHED_SPEEDUP:.2f}x (tomesd README: SD 1.5, 512x512, ratio 0.5, fp16 on an "
                      f"RTX 4090, a GPU figure for whole 50-step generations); {here} on {first['device']} "
