@@ -30,7 +30,7 @@ def fraction_of(model, reducer: str, **params) -> float:
 
 def test_every_reducer_with_a_strength_is_searchable():
     assert set(searchable()) == {"tome", "pitome", "tofu", "mctf", "mstm", "evit", "topk", "norm", "random", "atc", "ppt",
-                                  "zerotprune"}
+                                  "zerotprune", "fastv", "pyramiddrop", "dart", "sparsevlm", "visionzip"}
     assert reducer_class("tome").strength[0].param == "ratio"  # finer steps than r on small models
     assert [s.param for s in reducer_class("mctf").strength] == ["r", "r"]
 

@@ -36,6 +36,7 @@ EXPORTS = {
 # Reducers for other model families, which a timm ViT refuses at apply.
 NOT_FOR_VIT = {"todo": "diffusion models", "tomesd": "diffusion models", "fastv": "vision-language models",
                "pyramiddrop": "vision-language models", "dart": "vision-language models",
+               "sparsevlm": "vision-language models",
                "visionzip": "vision-language models", "prumerge": "vision-language models",
                "prumerge+": "vision-language models"}
 RANDOM_DRAWS = {"random"}  # ONNX has its own random source: only the shapes can be compared

@@ -99,7 +99,9 @@ BAD = {
     "video_classification": (["experiment=video_videomae_k400", "data.batch_size=0"], "batch_size=0 is invalid"),
     "audio_classification": (["experiment=audio_ast_audioset", "data.batch_size=0"], "batch_size=0 is invalid"),
     "train_diffusion": (["experiment=train_fmnist_diffusion", "diffusion.optim.lr=-1"], "lr=-1 is invalid"),
+    "train_vlm": (["experiment=train_fmnist_vlm", "vlm.optim.lr=-1"], "lr=-1 is invalid"),
     "generate": (["experiment=quickstart_diffusion", "generate.samples=0"], "samples=0 is invalid"),
+    "vqa": (["experiment=vqa_llava15_7b_gqa", "vqa.limit=0"], "limit=0 is invalid"),
 }
 
 

@@ -8,15 +8,22 @@ import pytest
 import torch
 
 from tokenreduce.core.visual_tokens import (
+    attention_relevance,
     attention_scores,
     dart_keep,
     dart_keep_count,
+    density_peak_clusters,
     fastv_keep,
     fastv_keep_count,
     iqr_outlier_count,
     prumerge,
     pyramid_schedule,
+    select_raters,
     sequence_keep,
+    sparsevlm_keep,
+    sparsevlm_keep_count,
+    sparsevlm_recycle_counts,
+    text_relevance,
     top_k_in_order,
     visionzip,
 )
@@ -653,6 +660,18 @@ def test_prumerge_without_outliers():
     assert out.index.tolist() == [[1, 3, 5]]
 
 
+def test_prumerge_plus_keeping_every_patch_adds_no_extra_token():
+    # 8 patches, 2 outliers: stride (8 // 2) // 3 = 1 samples patches 0..6, with the outliers all 8 are kept;
+    # nothing is left for the extra token, so an image never holds more tokens than its patches
+    cls = torch.tensor([[0.0] + [0.1] * 6 + [5.0, 6.0]])
+    hidden = torch.randn(1, 9, 4, generator=gen(1))
+    keys = torch.randn(1, 9, 3, generator=gen(2))
+    out = prumerge(cls, keys, hidden, True, neighbours=0)
+    assert int(out.valid.sum()) == 8 and sorted(out.index[out.valid].tolist()) == list(range(1, 9))
+    fewer = prumerge(cls, keys, hidden, False, neighbours=0)  # PruMerge alone: 2 kept and the extra token
+    assert int(fewer.valid.sum()) == 3 and fewer.index[0, 2].item() == -1
+
+
 def test_prumerge_kept_tokens_without_updates_are_the_inputs():
     """No neighbours and no extra token: the kept patches, unchanged, each once."""
     g = gen(2)
@@ -804,3 +823,265 @@ def test_dart_refusals(call, who, name):
 def test_sequence_keep():
     image = torch.tensor([[False, True, True, True, False], [True, True, True, False, False]])
     assert sequence_keep(image, torch.tensor([[3], [0]])).tolist() == [[0, 3, 4], [0, 3, 4]]
+
+
+# ------------------------------------------------------------------------------------------ SparseVLM
+
+
+def ref_text_relevance(embeddings, image, text):
+    """Per sample: r_t = mean over the image tokens v of softmax over the text tokens of h_v . h_t."""
+    out = []
+    for b in range(embeddings.shape[0]):
+        rows = [t for t in text[b].tolist() if t >= 0]
+        visual = [j for j in range(embeddings.shape[1]) if image[b, j]]
+        h = [embeddings[b, j].tolist() for j in range(embeddings.shape[1])]
+        r = [0.0] * len(rows)
+        for v in visual:
+            logits = [dot(h[v], h[t]) for t in rows]
+            top = max(logits)
+            e = [math.exp(x - top) for x in logits]
+            for i in range(len(rows)):
+                r[i] += e[i] / sum(e) / len(visual)
+        out.append(r + [0.0] * (text.shape[1] - len(rows)))
+    return out
+
+
+def ref_attention_relevance(attn, image, text):
+    _, h, t, n = attn.shape
+    out = []
+    for b in range(attn.shape[0]):
+        visual = [j for j in range(n) if image[b, j]]
+        row = []
+        for i in range(t):
+            if text[b, i] < 0:
+                row.append(0.0)
+                continue
+            row.append(sum(attn[b, head, i, v].item() for head in range(h) for v in visual) / (h * len(visual)))
+        out.append(row)
+    return out
+
+
+def rows_after_image(image, valid):
+    """[B, T] rows: the valid tokens after each sample's last image token, then -1."""
+    rows = []
+    for b in range(image.shape[0]):
+        last = max(j for j in range(image.shape[1]) if image[b, j])
+        rows.append([j for j in range(last + 1, image.shape[1]) if valid[b, j]])
+    width = max(map(len, rows))
+    return torch.tensor([r + [-1] * (width - len(r)) for r in rows])
+
+
+def sparse_inputs(seed, starts=(2, 1), counts=(10, 7), n=20, h=3, d=5, dtype=torch.float32):
+    """Two samples whose image runs differ in length (as after a stage that kept per-sample counts)."""
+    g = gen(seed)
+    b = len(starts)
+    image = torch.zeros(b, n, dtype=torch.bool)
+    for i, (start, count) in enumerate(zip(starts, counts, strict=True)):
+        image[i, start:start + count] = True
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[1, -1] = False  # the second sample has one text token less (padding, never a text row)
+    text = rows_after_image(image, valid)
+    attn = torch.softmax(torch.randn(b, h, text.shape[1], n, generator=g, dtype=dtype) * 2, dim=-1)
+    hidden = torch.randn(b, n, d, generator=g, dtype=dtype)
+    return attn, text, image, hidden
+
+
+def ref_dpc(points, c):
+    """DPC-KNN as the rule says, with Python floats: centres (ascending) and each point's centre slot."""
+    m, width = len(points), len(points[0])
+    dist = [[math.sqrt(sum((a - b) ** 2 for a, b in zip(points[i], points[j], strict=True))) / math.sqrt(width)
+             for j in range(m)] for i in range(m)]
+    density = [math.exp(-sum(x * x for x in sorted(dist[i])[:c]) / c) for i in range(m)]
+    largest = max(max(row) for row in dist)
+    delta = []
+    for i in range(m):
+        denser = [j for j in range(m) if density[j] > density[i] or (density[j] == density[i] and j < i)]
+        delta.append(min(dist[i][j] for j in denser) if denser else largest)
+    centres = sorted(sorted(range(m), key=lambda i: (-delta[i] * density[i], i))[:c])
+    assignment = [centres.index(i) if i in centres else min(range(c), key=lambda s: (dist[i][centres[s]], s))
+                  for i in range(m)]
+    return centres, assignment
+
+
+def ref_sparsevlm(attn, text, raters, image, hidden, scale, bias, recycle, clusters, keep=None):
+    """Per sample: kept positions, their states, the recycled positions, rated count, clusters, rank."""
+    b_count, h, _, n = attn.shape
+    out = []
+    for b in range(b_count):
+        visual = [j for j in range(n) if image[b, j]]
+        rows = [i for i in range(text.shape[1]) if text[b, i] >= 0 and raters[b, i]]
+        a = [[sum(attn[b, head, i, v].item() for head in range(h)) / h for v in visual] for i in rows]
+        rank = int(torch.linalg.matrix_rank(torch.tensor(a, dtype=torch.float32)))
+        score = {v: sum(a[r][x] for r in range(len(rows))) / len(rows) for x, v in enumerate(visual)}
+        k = len(visual) if rank >= len(visual) else min(max(math.floor(scale * rank + bias), 0), len(visual))
+        k = k if keep is None else min(k, keep)
+        order = sorted(visual, key=lambda v: (-score[v], v))
+        pruned = order[k:]
+        m = min(len(pruned), math.floor(recycle * len(pruned)) + 1) if pruned and recycle else 0
+        c = min(m, math.floor(clusters * m) + 1) if m else 0
+        chosen = pruned[:m]
+        states = {j: hidden[b, j].tolist() for j in range(n)}
+        centres = []
+        if m:
+            centre_at, assignment = ref_dpc([states[j] for j in chosen], c)
+            centres = [chosen[i] for i in centre_at]
+            for slot, centre in enumerate(centres):
+                members = [states[chosen[i]] for i in range(m) if assignment[i] == slot]
+                states[centre] = [sum(col) / len(members) for col in zip(*members, strict=True)]
+        positions = sorted([j for j in range(n) if not image[b, j]] + order[:k] + centres)
+        out.append((positions, [states[j] for j in positions], centres, k, c, rank))
+    return out
+
+
+def test_text_relevance_matches_the_loop():
+    g = gen(4)
+    image = torch.zeros(2, 9, dtype=torch.bool)
+    image[0, 1:5], image[1, 2:4] = True, True
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, 8] = False
+    text = rows_after_image(image, valid)
+    embeddings = torch.randn(2, 9, 4, generator=g, dtype=torch.float64)
+    got = text_relevance(embeddings, image, text)
+    torch.testing.assert_close(got, torch.tensor(ref_text_relevance(embeddings, image, text), dtype=torch.float64))
+    assert torch.allclose(got.sum(dim=1), torch.ones(2, dtype=torch.float64))  # a mean of softmaxes over the text
+
+
+def test_attention_relevance_matches_the_loop():
+    attn, text, image, _ = sparse_inputs(5, dtype=torch.float64)
+    got = attention_relevance(attn, image, text)
+    torch.testing.assert_close(got, torch.tensor(ref_attention_relevance(attn, image, text), dtype=torch.float64))
+
+
+def test_select_raters_fixture():
+    text = torch.tensor([[5, 6, 7, 8], [4, 5, -1, -1], [9, -1, -1, -1]])
+    relevance = torch.tensor([[0.1, 0.4, 0.25, 0.25], [0.3, 0.3, 9.0, 9.0], [0.2, 0.0, 0.0, 0.0]])
+    # mean 0.25: at or above it (0.25 itself counts); equal ones all rate; padding rows never
+    assert select_raters(relevance, text).tolist() == [[False, True, True, True], [True, True, False, False],
+                                                       [True, False, False, False]]
+
+
+def test_sparsevlm_keep_count():
+    assert sparsevlm_keep_count(576, 20) == 270  # the reference's 192-token setting: 13.5 * rank
+    assert sparsevlm_keep_count(576, 20, 9, 6) == 186  # 128 tokens: 9 * rank + 6
+    assert sparsevlm_keep_count(576, 5, 0.8) == 4  # 64 tokens: 0.8 * 5 is exactly 4 (decimal as written)
+    assert sparsevlm_keep_count(576, 50) == 576  # 675 is more than there are: nothing pruned
+    assert sparsevlm_keep_count(576, 20, keep=200) == 200  # a cap (the reference's v1.5 budgets)
+    assert sparsevlm_keep_count(576, 20, 0, 66) == 66  # scale 0: exactly the bias
+    assert sparsevlm_keep_count(8, 8, 0.5) == 8  # rank = V: the layer is skipped
+    assert sparsevlm_keep_count(8, 8, 0.5, keep=3) == 3  # unless the cap is lower
+    assert sparsevlm_keep_count(10, 2, 1, -5) == 0  # never below 0
+    assert sparsevlm_keep_count(10, 0) == 0  # no raters' information: a rank of 0
+
+
+def test_sparsevlm_recycle_counts():
+    assert sparsevlm_recycle_counts(306) == (92, 10)  # 576 - 270 pruned: floor(91.8) + 1, floor(9.2) + 1
+    assert sparsevlm_recycle_counts(10) == (4, 1)  # 0.3 * 10 is exactly 3 (decimal as written)
+    assert sparsevlm_recycle_counts(1) == (1, 1)
+    assert sparsevlm_recycle_counts(0) == (0, 0)
+    assert sparsevlm_recycle_counts(10, 0) == (0, 0)  # recycling off
+    assert sparsevlm_recycle_counts(10, 1, 1) == (10, 10)  # every pruned token, each its own cluster
+    assert sparsevlm_recycle_counts(20, 0.5, 0.5) == (11, 6)
+
+
+def test_density_peak_clusters_fixture():
+    # two tight groups of three, far apart; two clusters: one centre in each, every point with its own group
+    x = torch.tensor([[0.0, 0], [0.1, 0], [0, 0.1], [5, 5], [5.1, 5], [5, 5.2]])
+    centres, assignment = density_peak_clusters(x, 2)
+    assert len(set(assignment[:3].tolist())) == 1 and len(set(assignment[3:].tolist())) == 1
+    assert assignment[0] != assignment[3]
+    assert centres[0] < 3 <= centres[1] and assignment[centres].tolist() == [0, 1]
+    # one cluster: every density is exp(0) (the nearest neighbour is the point itself): the tie goes to the
+    # lowest index, which is then the only denser-than-none point and the centre
+    centres, assignment = density_peak_clusters(x, 1)
+    assert centres.tolist() == [0] and assignment.tolist() == [0] * 6
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_density_peak_clusters_match_the_loop(seed):
+    g = gen(seed)
+    x = torch.randn(13, 4, generator=g, dtype=torch.float64)
+    for c in (1, 2, 4, 13):
+        centres, assignment = density_peak_clusters(x, c)
+        want_centres, want_assignment = ref_dpc(x.tolist(), c)
+        assert centres.tolist() == want_centres and assignment.tolist() == want_assignment
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("setting", [(1.5, 0.0, 0.3, 0.1, None), (0.0, 4.0, 0.6, 0.5, None),
+                                     (2.0, 1.0, 1.0, 0.4, 3), (1.0, 0.0, 0.0, 0.1, None)])
+def test_sparsevlm_keep_matches_the_loop(seed, setting):
+    scale, bias, recycle, clusters, keep = setting
+    attn, text, image, hidden = sparse_inputs(seed, dtype=torch.float64)
+    g = gen(seed + 100)
+    raters = (torch.rand(text.shape, generator=g) < 0.6) & (text >= 0)
+    raters[:, 0] = True  # at least one rater per sample
+    out = sparsevlm_keep(attn, text, raters, image, hidden, scale=scale, bias=bias, keep=keep, recycle=recycle,
+                         clusters=clusters)
+    width = out.index.shape[1]
+    for b, (positions, states, centres, k, c, rank) in enumerate(
+            ref_sparsevlm(attn, text, raters, image, hidden, scale, bias, recycle, clusters, keep)):
+        pad = width - len(positions)
+        assert out.index[b].tolist() == [-1] * pad + positions
+        torch.testing.assert_close(out.hidden[b, pad:], torch.tensor(states, dtype=torch.float64))
+        assert out.hidden[b, :pad].abs().sum() == 0
+        assert [positions[i] for i in range(len(positions)) if out.recycled[b, pad + i]] == sorted(centres)
+        assert (out.visual[b], out.clusters[b], out.rank[b]) == (k, c, rank)
+    assert width == max(len(r[0]) for r in ref_sparsevlm(attn, text, raters, image, hidden, scale, bias, recycle,
+                                                         clusters, keep))
+
+
+def test_sparsevlm_keep_counts_differ_per_sample_and_do_not_depend_on_the_batch():
+    attn, text, image, hidden = sparse_inputs(7)
+    raters = text >= 0
+    together = sparsevlm_keep(attn, text, raters, image, hidden, scale=1.0)
+    assert together.visual[0] != together.visual[1]  # ranks 4 and 3 (the text rows that rate)
+    for b in range(2):
+        t = text[b:b + 1, :int((text[b] >= 0).sum())]
+        alone = sparsevlm_keep(attn[b:b + 1, :, :t.shape[1]], t, raters[b:b + 1, :t.shape[1]], image[b:b + 1],
+                               hidden[b:b + 1], scale=1.0)
+        pad = together.index.shape[1] - alone.index.shape[1]
+        assert torch.equal(together.index[b, pad:], alone.index[0]) and (together.index[b, :pad] == -1).all()
+        assert torch.equal(together.hidden[b, pad:], alone.hidden[0])
+
+
+def test_sparsevlm_keep_without_pruning_is_the_identity():
+    attn, text, image, hidden = sparse_inputs(8)
+    out = sparsevlm_keep(attn, text, text >= 0, image, hidden, scale=0.0, bias=20.0)
+    assert out.index.tolist() == [list(range(20))] * 2 and torch.equal(out.hidden, hidden)
+    assert not out.recycled.any() and out.clusters.tolist() == [0, 0]
+
+
+def test_sparsevlm_keep_keeps_the_dtype_and_recycles_in_float32():
+    attn, text, image, hidden = sparse_inputs(9)
+    out = sparsevlm_keep(attn, text, text >= 0, image, hidden.bfloat16(), scale=1.0, recycle=1.0, clusters=0.2)
+    ref = sparsevlm_keep(attn, text, text >= 0, image, hidden.bfloat16().float(), scale=1.0, recycle=1.0,
+                         clusters=0.2)
+    assert out.hidden.dtype == torch.bfloat16 and torch.equal(out.index, ref.index)
+    assert torch.equal(out.hidden, ref.hidden.bfloat16())
+
+
+def _svlm(**over):
+    attn, text, image, hidden = sparse_inputs(0)
+    args = dict(text_attn=attn, text=text, raters=text >= 0, image_mask=image, hidden=hidden)
+    args.update(over)
+    return lambda: sparsevlm_keep(**args)
+
+
+@pytest.mark.parametrize("call, who, name", [
+    (_svlm(scale=-1.0), "sparsevlm_keep_count", "scale"),
+    (_svlm(bias=float("nan")), "sparsevlm_keep_count", "bias"),
+    (_svlm(keep=-2), "sparsevlm_keep_count", "keep"),
+    (_svlm(recycle=1.5), "sparsevlm_recycle_counts", "recycle"),
+    (_svlm(clusters=0.0), "sparsevlm_recycle_counts", "clusters"),
+    (_svlm(text=torch.tensor([[15, 14, -1], [14, 15, 16]])), "sparsevlm_keep", "text"),  # not ascending
+    (_svlm(text=torch.tensor([[-1, 14, 15], [14, 15, 16]])), "sparsevlm_keep", "text"),  # -1 before a row
+    (_svlm(raters=torch.ones(2, 2, dtype=torch.bool)), "sparsevlm_keep", "raters"),
+    (_svlm(image_mask=torch.ones(2, 20)), "sparsevlm_keep", "image_mask"),
+    (_svlm(hidden=torch.randn(2, 19, 5)), "sparsevlm_keep", "text_attn"),
+    (lambda: density_peak_clusters(torch.randn(4, 2), 5), "density_peak_clusters", "clusters"),
+    (lambda: sparsevlm_recycle_counts(-1), "sparsevlm_recycle_counts", "pruned"),
+    (lambda: select_raters(torch.rand(2, 3), torch.zeros(2, 4, dtype=torch.long)), "select_raters", "text"),
+])
+def test_sparsevlm_refusals(call, who, name):
+    with pytest.raises(ConfigError, match=f"{who}: {name}=.*allowed"):
+        call()

@@ -10,7 +10,7 @@
 
 from tokenreduce import models  # noqa: F401  (registers the offline models with timm)
 from tokenreduce.api import apply, reducer_of, remove, stats
-from tokenreduce.cost import match_macs, reducer_macs
+from tokenreduce.cost import match_macs, match_visual_tokens, reducer_macs
 from tokenreduce.errors import ConfigError, UnsupportedModelError
 from tokenreduce.export import export_onnx, export_program
 from tokenreduce.reducers import (
@@ -34,6 +34,7 @@ __all__ = [
     "export_onnx",
     "export_program",
     "match_macs",
+    "match_visual_tokens",
     "reducer_class",
     "reducer_defaults",
     "reducer_macs",

@@ -69,6 +69,18 @@ class Adapter:
         return {"tokens": tokens, "removed": [a - b for a, b in zip(entering[:-1], entering[1:], strict=True)],
                 "macs": macs["total"], "macs_parts": macs}
 
+    def probe_inputs(self, model: nn.Module) -> dict | None:
+        """Keyword inputs of one sample for a cost probe (`cost.probe_pass`), whose token counts are
+        every sample's; None: one blank image at the model's input size, passed positionally."""
+        return None
+
+    def token_bound(self, model: nn.Module) -> int:
+        """The most tokens a removal count or a token budget can name on `model` (its patches)."""
+        count = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+        if count is None:
+            raise ConfigError(f"model {type(model).__name__} has no patch_embed.num_patches to bound a token count")
+        return int(count)
+
     def check_options(self, options: dict | None) -> dict:
         """The adapter's options with defaults filled in; an unknown name or value is a ConfigError."""
         if options is not None and not isinstance(options, Mapping):

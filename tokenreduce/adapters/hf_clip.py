@@ -57,7 +57,7 @@ from tokenreduce.adapters.hf_common import (
     spec_of,
 )
 from tokenreduce.core.macs import linear_macs, macs_parts
-from tokenreduce.core.state import ReductionState
+from tokenreduce.core.state import LayerRecord, ReductionState
 from tokenreduce.errors import ConfigError, UnclaimedModelError, UnsupportedModelError
 
 # transformers' model family (its module under transformers.models) -> the prefix of its class names
@@ -320,12 +320,26 @@ def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
     family, kind = _spec(model)
     tower = _tower(model, kind)
     num_patches = state.records[0].tokens_in - model._tokenreduce.info.num_prefix
-    embed = num_patches * tower.embeddings.patch_embedding.weight.numel()
-    costs = block_costs(tower.encoder.layers, tower.config.hidden_size, TowerLayerOps)
     head = attention_pool_macs(tower.head, state.final_tokens) if family == "siglip" and tower.use_head else 0
     projection = getattr(model, "visual_projection", None)
     head += 0 if projection is None else linear_macs(projection)
-    return macs_parts(embed, costs, state.records, head)
+    return _tower_parts(tower, num_patches, state.records, head)
+
+
+def unreduced_tower_macs(tower: nn.Module) -> dict[str, int]:
+    """MACs of one image through a CLIP tower's embedding and every encoder layer, unreduced (as a
+    model that reads its hidden states runs it: no pooling head)."""
+    config = tower.config
+    patches = (config.image_size // config.patch_size) ** 2
+    tokens = patches + 1  # CLIP's class token
+    records = [LayerRecord(tokens_attn=tokens, tokens_mlp=tokens, tokens_in=tokens) for _ in tower.encoder.layers]
+    return _tower_parts(tower, patches, records, head=0)
+
+
+def _tower_parts(tower: nn.Module, num_patches: int, records: list[LayerRecord], head: int) -> dict[str, int]:
+    embed = num_patches * tower.embeddings.patch_embedding.weight.numel()
+    costs = block_costs(tower.encoder.layers, tower.config.hidden_size, TowerLayerOps)
+    return macs_parts(embed, costs, records, head)
 
 
 @register_adapter("hf_clip")
@@ -341,6 +355,7 @@ class HFCLIPAdapter(HFAdapterBase):  # the tower's forward keeps its signature
     claimed_class = staticmethod(_claimed_class)
     model_info = staticmethod(describe)
     model_macs = staticmethod(pass_macs)
+    unreduced_macs = staticmethod(unreduced_tower_macs)
 
     def patch(self, model: nn.Module, reducer, info: ModelInfo, options: dict) -> None:
         super().patch(model, reducer, info, options)

@@ -15,8 +15,8 @@ each image's projected tokens to its count, and the model's `forward` cuts each 
 run to that count, re-left-pads the batch and carries the mask and position ids; decode steps get
 the shortened prefill's mask and shifted positions (`BoundaryDecode`, stored per cache);
 
-(c) inside the language model during the prefill (FastV, PyramidDrop, DART: prefill reducers),
-described below. One reducer per model: the kinds are not combined.
+(c) inside the language model during the prefill (FastV, PyramidDrop, DART, SparseVLM: prefill
+reducers), described below. One reducer per model: the kinds are not combined.
 
 The model runs its own forward and its own layers. Placement (c) is forward pre-hooks on the
 language model's decoder layers, and a wrapper of the model's `forward` and `generate`:
@@ -26,16 +26,20 @@ language model's decoder layers, and a wrapper of the model's `forward` and `gen
   per-pass object that the hooks read;
 - at a stage layer the hook computes the reducer's signals (the anchor's attention row recomputed
   from the layer's q/k projections, rotary embedding and mask row, as eager attention would give it:
-  sdpa returns no weights; or the layer's keys; or the previous layer's output through the final
-  norm), asks the reducer which positions stay and gathers the hidden states, the rotary (cos, sin),
-  the position ids and the 4-D mask's rows and columns; every later layer gets the shortened ones.
-  Kept positions are tracked in the prompt's numbering, so stages compose and positions are not
-  renumbered (FastV);
+  sdpa returns no weights; or the text tokens' attention rows, computed alike; or the layer's keys;
+  or the previous layer's output, as it is or through the final norm; or the language model's
+  input), asks the reducer which positions stay and gathers the hidden states, the rotary (cos,
+  sin), the position ids and the 4-D mask's rows and columns; every later layer gets the shortened
+  ones. Kept positions are tracked in the prompt's numbering, so stages compose and positions are
+  not renumbered (FastV). A reducer may replace the kept states (SparseVLM's recycled tokens) and
+  keep a different number per sample: the shorter samples get padding slots on the left, masked
+  out of every attention (their own row attends only to itself);
 - the KV cache of layers from the first stage on holds fewer entries than layer 0's. Decode steps
   keep the full numbering of positions (generate builds them from the 2-D mask) and get a mask of
   the full length plus the new tokens; the hook gathers, at each reduced layer, the mask's columns
   of the kept prompt positions and of the new tokens, so padding stays masked. What the prefill
-  kept is stored per cache object (weakly), so any cache a reduced prefill filled can be continued.
+  kept is stored per cache object (weakly), so any cache a reduced prefill filled can be continued;
+  the padding slots stay masked in every decode step (a mask is built where sdpa had none).
 
 Refused before any compute, with the reason: beams and num_return_sequences > 1, chunked prefill,
 static/offloaded/quantized caches and caches with sliding-window layers, a non-empty cache not
@@ -71,13 +75,17 @@ from tokenreduce.core.state import LayerRecord, ReductionState
 from tokenreduce.core.vlm import (
     ANCHOR_ATTN,
     CLS_ATTENTION,
+    EMBEDDINGS,
     FEATURE_KEYS,
+    HIDDEN,
     LAYER_KEYS,
     NEXT_CLS_ATTENTION,
     NEXT_KEYS,
     NORMED_OUTPUT,
+    TEXT_ATTN,
     BoundaryView,
     LanguageModelInfo,
+    PrefillKeep,
     PrefillView,
     is_boundary_reducer,
     is_prefill_reducer,
@@ -85,7 +93,7 @@ from tokenreduce.core.vlm import (
 from tokenreduce.errors import ConfigError, UnsupportedModelError
 
 SUPPORTED = ("LlavaForConditionalGeneration",)
-REDUCERS = ("fastv", "pyramiddrop", "dart", "none")  # inside the language model (placement (c))
+REDUCERS = ("fastv", "pyramiddrop", "dart", "sparsevlm", "none")  # inside the language model (placement (c))
 BOUNDARY_REDUCERS = ("visionzip", "prumerge", "prumerge+")  # at the vision-language boundary (placement (b))
 
 
@@ -170,16 +178,22 @@ class Prefill:
     replaced: dict | None = None  # the shortened layer arguments, once a stage dropped tokens
     entering: list[int] = field(default_factory=list)  # per layer: sequence tokens before its drop (per sample)
     tokens: list[int] = field(default_factory=list)  # per layer: sequence tokens through it (per sample)
-    visual: list[int] = field(default_factory=list)  # per layer: image tokens through it
-    kept_at: list = field(default_factory=list)  # per layer: kept full-sequence indices, None: all
+    visual: list[int] = field(default_factory=list)  # per layer: image tokens through it (the most of any sample)
+    kept_at: list = field(default_factory=list)  # per layer: kept full-sequence indices (-1: a padding slot), None: all
+    padded: list[bool] = field(default_factory=list)  # per layer: whether kept_at holds padding slots
+    has_pads: bool = False  # whether the sequence holds padding slots (a reducer kept per-sample counts)
+    marks: Tensor | None = None  # [B, N] what the reducer marked for its later stages (PrefillKeep.marks)
+    embeddings: Tensor | None = None  # decoder layer 0's input, when a stage reads EMBEDDINGS
     reducer_macs: int = 0
 
 
 @dataclass
 class Decode:
-    """One pass that continues a reduced prefill's cache: per layer the prefill's kept indices."""
+    """One pass that continues a reduced prefill's cache: per layer the prefill's kept indices (-1: a
+    padding slot, masked out) and whether there are any."""
 
     kept_at: list
+    padded: list | None = None
 
 
 @dataclass
@@ -227,32 +241,73 @@ def layer_keys(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor) -> Te
     return _rotary(k, _per_sample(cos, b), _per_sample(sin, b))
 
 
-def anchor_attention(layer: nn.Module, hidden: Tensor, mask: Tensor | None, cos: Tensor, sin: Tensor,
-                     anchor: Tensor) -> Tensor:
-    """The anchor token's attention probabilities [B, H, 1, N] in `layer`, as eager attention computes
-    them: softmax(q_a k^T * scaling + mask row) in float32, q_a and k after the rotary embedding,
-    the keys repeated over each key-value head's query heads."""
+def query_attention(layer: nn.Module, hidden: Tensor, mask: Tensor | None, cos: Tensor, sin: Tensor,
+                    rows: Tensor) -> Tensor:
+    """The attention probabilities [B, H, Q, N] of the query positions `rows` [B, Q] in `layer`, as
+    eager attention computes them: softmax(q_r k^T * scaling + mask rows) in float32, q_r and k after
+    the rotary embedding, the keys repeated over each key-value head's query heads."""
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
     b, n, _ = x.shape
+    r = rows.shape[1]
     cos, sin = _per_sample(cos, b), _per_sample(sin, b)
-    pick = anchor.view(b, 1)
-    xa = _gather_tokens(x, pick)
-    q = attn.q_proj(xa).view(b, 1, -1, attn.head_dim).transpose(1, 2)
-    q = _rotary(q, _gather_tokens(cos, pick), _gather_tokens(sin, pick))
+    xa = _gather_tokens(x, rows)
+    q = attn.q_proj(xa).view(b, r, -1, attn.head_dim).transpose(1, 2)
+    q = _rotary(q, _gather_tokens(cos, rows), _gather_tokens(sin, rows))
     k = attn.k_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)
     k = modeling("llama").repeat_kv(_rotary(k, cos, sin), attn.num_key_value_groups)
-    logits = torch.matmul(q, k.transpose(2, 3)) * attn.scaling  # [B, H, 1, N]
+    logits = torch.matmul(q, k.transpose(2, 3)) * attn.scaling  # [B, H, Q, N]
     if mask is None:  # sdpa without padding: causal
-        row = torch.arange(n, device=x.device).view(1, 1, 1, n) <= anchor.view(b, 1, 1, 1)
+        row = torch.arange(n, device=x.device).view(1, 1, 1, n) <= rows.view(b, 1, r, 1)
     else:
         mask = _per_sample(mask, b)
-        row = mask.gather(2, anchor.view(b, 1, 1, 1).expand(b, mask.shape[1], 1, mask.shape[-1]))
+        row = mask.gather(2, rows.view(b, 1, r, 1).expand(b, mask.shape[1], r, mask.shape[-1]))
     if row.dtype == torch.bool:
         logits = logits.masked_fill(~row, torch.finfo(logits.dtype).min)
     else:
         logits = logits + row
     return torch.softmax(logits, dim=-1, dtype=torch.float32)
+
+
+def anchor_attention(layer: nn.Module, hidden: Tensor, mask: Tensor | None, cos: Tensor, sin: Tensor,
+                     anchor: Tensor) -> Tensor:
+    """The anchor token's attention probabilities [B, H, 1, N] in `layer` (`query_attention` of one row)."""
+    return query_attention(layer, hidden, mask, cos, sin, anchor.view(-1, 1))
+
+
+def text_rows(image_mask: Tensor, prompt: Tensor) -> Tensor:
+    """Each sample's text tokens [B, T]: the real prompt tokens after its last image token, ascending,
+    then -1 (T: the most of any sample)."""
+    b, n = image_mask.shape
+    position = torch.arange(n, device=image_mask.device)
+    last_image = position.masked_fill(~image_mask, -1).amax(dim=1, keepdim=True) if n else position.view(1, 0)
+    text = prompt & (position > last_image)
+    width = int(text.sum(dim=1).max()) if b else 0
+    rows = torch.where(text, position, n).sort(dim=1).values[:, :width]
+    return rows.masked_fill(rows == n, -1)
+
+
+def _mask_padding_slots(mask: Tensor | None, pad: Tensor, queries: int, prefill: bool) -> Tensor:
+    """The 4-D mask [B, h, Q, K] (Q = `queries`, the last Q of the K keys) with the key columns of the
+    padding slots `pad` [B, K] masked out for every query. In a prefill (Q = K) a padding slot's own
+    row attends only to itself, so its state stays finite. A None mask (sdpa without padding) is
+    first made the causal boolean mask it stands for."""
+    b, k = pad.shape
+    if mask is None:
+        causal = torch.ones(queries, k, dtype=torch.bool, device=pad.device).tril(diagonal=k - queries)
+        mask = causal.expand(b, 1, queries, k)
+    mask = _per_sample(mask, b)
+    blocked = pad.view(b, 1, 1, k)
+    own = None
+    if prefill:
+        eye = torch.eye(k, dtype=torch.bool, device=pad.device).view(1, 1, k, k)
+        own = eye & pad.view(b, 1, k, 1)  # a padding slot's own entry
+        blocked = (blocked | pad.view(b, 1, k, 1)) & ~eye
+    if mask.dtype == torch.bool:
+        mask = mask & ~blocked
+        return mask | own if own is not None else mask
+    mask = mask.masked_fill(blocked, torch.finfo(mask.dtype).min)
+    return mask.masked_fill(own, 0.0) if own is not None else mask
 
 
 def _gather_mask(mask: Tensor | None, index: Tensor) -> Tensor | None:
@@ -287,30 +342,40 @@ class LayerHook:
     def decode(self, run: Decode, hidden: Tensor, kwargs: dict) -> dict:
         kept = run.kept_at[self.index]
         mask = kwargs.get("attention_mask")
-        if kept is None or mask is None:
+        padded = run.padded is not None and run.padded[self.index]
+        if kept is None or (mask is None and not padded):
             return kwargs
         b, q = hidden.shape[:2]
         cached = kwargs["cache"].get_seq_length(self.index)
         new = cached + q - kept.shape[1]  # the decode tokens this layer's cache holds after this step
-        full = mask.shape[-1]
-        columns = torch.cat([kept, torch.arange(full - new, full, device=kept.device).expand(b, new)], dim=1)
-        mask = _per_sample(mask, b)
-        kwargs["attention_mask"] = mask.gather(3, columns.view(b, 1, 1, -1).expand(b, mask.shape[1], mask.shape[2], -1))
+        if mask is not None:
+            full = mask.shape[-1]
+            columns = torch.cat([kept.clamp_min(0), torch.arange(full - new, full, device=kept.device).expand(b, new)],
+                                dim=1)
+            mask = _per_sample(mask, b)
+            mask = mask.gather(3, columns.view(b, 1, 1, -1).expand(b, mask.shape[1], mask.shape[2], -1))
+        if padded:  # the prefill's padding slots stay out of every step's attention
+            pad = torch.cat([kept < 0, torch.zeros(b, new, dtype=torch.bool, device=kept.device)], dim=1)
+            mask = _mask_padding_slots(mask, pad, q, prefill=False)
+        kwargs["attention_mask"] = mask
         return kwargs
 
     def prefill(self, run: Prefill, layer: nn.Module, hidden: Tensor, kwargs: dict) -> tuple[Tensor, dict]:
         if run.replaced is not None:
             kwargs.update(run.replaced)
-        for s, stage in enumerate(run.stages):
-            if stage.signal_layer == self.index and stage.layer > self.index:
-                run.stage_inputs[s] = (hidden, dict(kwargs))
+        if self.index == 0 and any(EMBEDDINGS in stage.needs for stage in run.stages):
+            run.embeddings = hidden
         run.entering.append(hidden.shape[1])
         for s, stage in enumerate(run.stages):
             if stage.layer == self.index:
                 hidden, kwargs = self.drop(run, s, stage, hidden, kwargs)
+        for s, stage in enumerate(run.stages):  # what this layer gets, after a drop at its input
+            if stage.signal_layer == self.index and stage.layer > self.index:
+                run.stage_inputs[s] = (hidden, dict(kwargs))
         run.tokens.append(hidden.shape[1])
-        run.visual.append(int(run.image_mask[0].sum()) if run.image_mask.shape[0] else 0)
+        run.visual.append(int(run.image_mask.sum(dim=1).max()) if run.image_mask.shape[0] else 0)
         run.kept_at.append(None if run.replaced is None else run.kept)
+        run.padded.append(run.replaced is not None and run.has_pads)
         return hidden, kwargs
 
     def drop(self, run: Prefill, s: int, stage, hidden: Tensor, kwargs: dict) -> tuple[Tensor, dict]:
@@ -318,31 +383,57 @@ class LayerHook:
         source = self.lm.layers[stage.signal_layer]
         cos, sin = source_kwargs["position_embeddings"]
         n = hidden.shape[1]
-        view = PrefillView(image_mask=run.image_mask, anchor=run.anchor, prompt=run.prompt)
+        view = PrefillView(image_mask=run.image_mask, anchor=run.anchor, prompt=run.prompt, marks=run.marks)
         attn = source.self_attn
         k_macs = linear_macs(attn.k_proj)
         if ANCHOR_ATTN in stage.needs:
             view.anchor_attn = anchor_attention(source, source_hidden, source_kwargs.get("attention_mask"), cos, sin,
                                                 run.anchor)
             run.reducer_macs += n * k_macs + linear_macs(attn.q_proj) + n * attn.q_proj.out_features
+        if TEXT_ATTN in stage.needs:
+            view.text = text_rows(run.image_mask, run.prompt)
+            rows = view.text.clamp_min(0)
+            view.text_attn = query_attention(source, source_hidden, source_kwargs.get("attention_mask"), cos, sin,
+                                             rows) * (view.text >= 0).view(rows.shape[0], 1, -1, 1)
+            t = rows.shape[1]
+            run.reducer_macs += n * k_macs + t * linear_macs(attn.q_proj) + t * n * attn.q_proj.out_features
         if LAYER_KEYS in stage.needs:
             view.layer_keys = layer_keys(source, source_hidden, cos, sin)
             run.reducer_macs += n * k_macs
         if NORMED_OUTPUT in stage.needs:
             view.normed_output = self.lm.norm(hidden)
-        index = run.reducer.select(s, view, run.counts[s])  # [B, M] ascending positions of the current sequence
-        run.image_mask = run.image_mask.gather(1, index)
-        run.prompt = run.prompt.gather(1, index)
+        if HIDDEN in stage.needs:
+            view.hidden = hidden
+        if EMBEDDINGS in stage.needs:
+            view.embeddings = _gather_tokens(run.embeddings, run.kept.clamp_min(0))
+            if view.text is not None:  # the image-by-text products of a relevance
+                run.reducer_macs += run.num_visual * view.text.shape[1] * hidden.shape[-1]
+        out = run.reducer.select(s, view, run.counts[s])
+        keep = out if isinstance(out, PrefillKeep) else PrefillKeep(index=out)
+        index = keep.index  # [B, M] ascending positions of the current sequence; -1: a padding slot (left)
+        source_index = index.clamp_min(0)
+        new_pad = index < 0
+        if keep.marks is not None:
+            run.marks = keep.marks
+        if run.marks is not None:
+            run.marks = run.marks.gather(1, source_index) & ~new_pad
+        run.image_mask = run.image_mask.gather(1, source_index) & ~new_pad
+        run.prompt = run.prompt.gather(1, source_index) & ~new_pad
         run.anchor = (index < run.anchor.unsqueeze(1)).sum(dim=1)  # the anchor is text: always kept
-        run.kept = run.kept.gather(1, index)
+        run.kept = run.kept.gather(1, source_index).masked_fill(new_pad, -1)
         cos, sin = kwargs["position_embeddings"]
+        mask = _gather_mask(kwargs.get("attention_mask"), source_index)
+        pad = run.kept < 0
+        run.has_pads = bool(pad.any())
+        if run.has_pads:
+            mask = _mask_padding_slots(mask, pad, pad.shape[1], prefill=True)
         run.replaced = {
-            "attention_mask": _gather_mask(kwargs.get("attention_mask"), index),
-            "position_embeddings": (_gather_tokens(cos, index), _gather_tokens(sin, index)),
-            "position_ids": _gather_tokens(kwargs["position_ids"], index),
+            "attention_mask": mask,
+            "position_embeddings": (_gather_tokens(cos, source_index), _gather_tokens(sin, source_index)),
+            "position_ids": _gather_tokens(kwargs["position_ids"], source_index),
         }
         kwargs.update(run.replaced)
-        return _gather_tokens(hidden, index), kwargs
+        return (_gather_tokens(hidden, source_index) if keep.hidden is None else keep.hidden.to(hidden.dtype)), kwargs
 
 
 # --- placement (b): the boundary between the vision tower and the language model ------------------------
@@ -668,6 +759,8 @@ class ReducedVLM:
         mask2d = arguments.get("attention_mask")
         valid = torch.ones_like(input_ids, dtype=torch.bool) if mask2d is None else mask2d.bool()
         position = torch.arange(n, device=input_ids.device)
+        if stages:
+            reducer.check_prompt(image_mask, valid & (position < prompt))
         anchor = torch.where(valid[:, :prompt], position[:prompt], -1).amax(dim=1) if b else position[:0]
         if b and bool((anchor < 0).any()):
             _refuse("a sample whose prompt is all padding", "it has no last prompt token to rank by",
@@ -680,7 +773,7 @@ class ReducedVLM:
                       num_visual=num_visual)
         out = self._tr_run(original, arguments, extra, run)
         if cache is not None:
-            patch.caches[cache] = Decode(kept_at=run.kept_at)
+            patch.caches[cache] = Decode(kept_at=run.kept_at, padded=run.padded)
         patch.last_state = prefill_state(run)
         return out
 
@@ -814,7 +907,7 @@ def prefill_state(run: Prefill) -> ReductionState:
                      for e, t in zip(run.entering, run.tokens, strict=True)]
     state.final_tokens = run.tokens[-1] if run.tokens else 0
     state.extras.update(visual=list(run.visual), kept=run.kept, image_tokens=run.num_visual,
-                        reducer_macs=run.reducer_macs)
+                        visual_per_sample=run.image_mask.sum(dim=1).tolist(), reducer_macs=run.reducer_macs)
     return state
 
 
@@ -836,6 +929,63 @@ def boundary_state(model: nn.Module, placeholder: Tensor, keep: Tensor, index: T
                         image_patches=tower.patches if tower is not None else None,
                         reducer_macs=tower.reducer_macs // b if tower is not None else 0)
     return state
+
+
+def prefill_macs(model: nn.Module, state: ReductionState, tower: dict | None = None) -> dict[str, int]:
+    """MACs of one sample's prefill by part: the vision tower on the sample's images (`tower`: the
+    reduced tower's stats, per image; else the unreduced tower's), the projector on the image
+    features it is given, the language model's decoder layers and the reducer's signals
+    (`pass_macs`); the language-model head is left out (generate computes it for one position)."""
+    lm = pass_macs(model, state)
+    info = model._tokenreduce.info
+    extras = state.extras
+    if "visual_per_image" in extras:  # boundary and tower: each image's count is known
+        samples = max(len(extras["visual_per_sample"]), 1)
+        images = len(extras["visual_per_image"]) / samples
+        projected = sum(extras["visual_per_image"]) / samples
+    else:  # the projector ran on every feature; the cut (if any) came inside the language model
+        images = extras["image_tokens"] / info.image_features if info.image_features else 0
+        projected = extras["image_tokens"]
+    vision = model.model.vision_tower
+    per_image = tower["macs"] if tower is not None else adapters()["hf_clip"].unreduced_macs(vision)["total"]
+    parts = {"vision_tower": round(images * per_image),
+             "projector": round(projected * linear_macs(model.model.multi_modal_projector)),
+             "blocks": lm["blocks"], "reducer": lm["reducer"]}
+    return {**parts, "total": sum(parts.values())}
+
+
+def decode_macs(model: nn.Module, state: ReductionState) -> int:
+    """MACs of the first token decoded after the prefill, per sample: every decoder layer's linear
+    layers, its q.k^T and attention.v over the cache that layer holds (the prompt tokens it ran)
+    and the new token, and the language-model head."""
+    lm = language_model(model)
+    total = linear_macs(model.lm_head)
+    for layer, rec in zip(lm.layers, state.records, strict=False):
+        attn_dim = layer.self_attn.q_proj.out_features
+        total += linear_macs(layer.self_attn) + linear_macs(layer.mlp) + 2 * (rec.tokens_attn + 1) * attn_dim
+    return total
+
+
+def model_facts(model: nn.Module) -> LanguageModelInfo:
+    """The model's facts, also once reduced (a tower patched for placement (a) is no longer the plain
+    CLIP tower `describe` checks for)."""
+    return model._tokenreduce.info if is_patched(model) else describe(model)
+
+
+def probe_inputs(model: nn.Module) -> dict:
+    """One prompt for a cost probe (`cost.probe_pass`): a seeded random image of the tower's size and
+    its placeholder run between a few text tokens (token counts do not depend on the content, but
+    for PruMerge's, which adapt to the image)."""
+    info = model_facts(model)
+    vision = model.config.vision_config
+    param = next(model.parameters())
+    text = next(t for t in range(3) if t not in (info.image_token_id, model.config.text_config.pad_token_id))
+    ids = [text] * 4 + [info.image_token_id] * info.image_features + [text] * 8
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(1, vision.num_channels, vision.image_size, vision.image_size, generator=generator)
+    return {"input_ids": torch.tensor([ids], device=param.device),
+            "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=param.device),
+            "pixel_values": pixels.to(device=param.device, dtype=param.dtype)}
 
 
 def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
@@ -913,16 +1063,24 @@ class VLMAdapter(HFAdapterBase):
         super().unpatch(model)
 
     def pass_stats(self, model: nn.Module, state: ReductionState) -> dict:
-        macs = pass_macs(model, state)
+        tower = tower_stats(model) if model._tokenreduce.in_tower else None
+        macs = prefill_macs(model, state, tower)
         stats = {"tokens": state.tokens_per_layer(), "removed": [r.tokens_in - r.tokens_attn for r in state.records],
                  "visual_tokens": state.extras["visual"], "image_tokens": state.extras["image_tokens"],
-                 "kept": state.extras["kept"], "macs": macs["total"], "macs_parts": macs, "source": None}
+                 "kept": state.extras["kept"], "macs": macs["total"], "macs_parts": macs,
+                 "decode_macs": decode_macs(model, state), "source": None}
         for key in ("visual_per_sample", "visual_per_image", "image_patches"):
             if key in state.extras:
                 stats[key] = state.extras[key]
-        if model._tokenreduce.in_tower:
-            stats["tower"] = tower_stats(model)
+        if tower is not None:
+            stats["tower"] = tower
         return stats
+
+    def probe_inputs(self, model: nn.Module) -> dict:
+        return probe_inputs(model)
+
+    def token_bound(self, model: nn.Module) -> int:
+        return model_facts(model).image_features
 
 
 def tower_stats(model: nn.Module) -> dict | None:

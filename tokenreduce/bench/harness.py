@@ -22,12 +22,15 @@ from torch.profiler import ProfilerActivity, profile
 
 import tokenreduce
 from tokenreduce.engine.speed import (
+    DTYPES,
+    SPREAD_LIMIT,
     compiling_many,
     images_per_second,
     interleaved_model_times,
     interleaved_times,
     peak_memory,
 )
+from tokenreduce.errors import ConfigError
 from tokenreduce.reducers.base import REDUCE_SCOPE, create_reducer
 from tokenreduce.reducers.limit import SpeedLimit
 
@@ -67,6 +70,34 @@ def _quiet_stderr():
 
 
 @torch.inference_mode()
+def check_timing_settings(dtype: str, device: str, rounds: int) -> None:
+    """A ConfigError naming --rounds, --device or --dtype and what is allowed (the suites that time
+    their cases in rounds on one device: diffusion, vlm); on a CPU float32 only."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"--rounds={rounds!r} is invalid; allowed: an integer >= 1")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        target = None
+    if target is None or target.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device={device!r} is invalid; allowed: cpu, cuda, cuda:N")
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device={device!r} but this machine has no usable GPU; allowed here: cpu")
+    allowed = list(DTYPES) if target.type == "cuda" else ["float32"]
+    if dtype not in allowed:
+        raise ConfigError(f"--dtype={dtype!r} is invalid on {target.type}; allowed there: {', '.join(allowed)}")
+
+
+def spread_too_wide(value: float | None) -> bool:
+    """A timing's rounds disagree: their spread (`engine.speed.spread`) is above SPREAD_LIMIT."""
+    return (value or 0) > SPREAD_LIMIT
+
+
+def ratio_text(value: float | None, digits: int = 2, unit: str = "x") -> str:
+    """A table cell: "-" for a value not measured."""
+    return "-" if value is None else f"{value:.{digits}f}{unit}"
+
+
 def reducer_share(model, images) -> float:
     """Fraction of one forward's CPU time spent inside the reducer's own matching and merging."""
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:

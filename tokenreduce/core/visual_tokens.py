@@ -386,7 +386,8 @@ def prumerge(cls_attention: Tensor, keys: Tensor, hidden: Tensor, plus: bool = F
        `normalise_weights` `w_j = a_j / sum_{J_i} a`. The reference uses add_self=True,
        normalise_weights=False (its division is commented out), neighbours=32; the paper's
        Algorithm 1 writes the update as the attention-weighted sum of the neighbours.
-    4. `extra_token`: one more token, `sum_{j not kept} a_j y_j`, appended (the reference's).
+    4. `extra_token`: one more token, `sum_{j not kept} a_j y_j`, appended (the reference's), where
+       some patch is not kept.
 
     The reference's signals: `a` is the CLS row of `softmax(q k^T / sqrt(C))` from the last
     vision layer's query and key projections taken whole (one head of width C, not the model's
@@ -460,7 +461,10 @@ def prumerge(cls_attention: Tensor, keys: Tensor, hidden: Tensor, plus: bool = F
         out = torch.cat([out, out.new_zeros(b, 1, d)], dim=1).scatter(
             1, count.view(b, 1, 1).expand(b, 1, d), rest)
         index = torch.cat([index, index.new_full((b, 1), -1)], dim=1)
-        valid = torch.arange(width + 1, device=hidden.device) < (count + 1).unsqueeze(1)
+        # no extra token where every patch is kept (PruMerge+'s samples cover a small grid): nothing is left
+        # to sum, and the image would hold more tokens than its patches
+        extra = (count < m).long()
+        valid = torch.arange(width + 1, device=hidden.device) < (count + extra).unsqueeze(1)
     return PrunedTokens(out.to(hidden.dtype), valid, index)
 
 
@@ -544,3 +548,295 @@ def dart_keep(tokens: Tensor, keys: Tensor, image_mask: Tensor, keep: int, image
         available.scatter_(1, taken, False)
         kept.scatter_(1, taken, True)
     return (~image_mask | kept).nonzero()[:, 1].view(b, -1)
+
+
+# ------------------------------------------------------------------------------------------ SparseVLM
+#
+# SparseVLM (arXiv 2410.04417, v1; reference code: github.com/Gumpest/SparseVLMs, v1 of October 2024).
+# At each pruning layer l of the language model: the attention of a few relevant text tokens (the
+# raters) to the visual tokens rates them; the number kept follows the rank of that raters-by-visual
+# matrix; the best-rated pruned tokens are clustered and each cluster is recycled as one token.
+#
+# The text tokens of a sample are given as rows `text` [B, T]: the positions of its text tokens
+# (the real prompt tokens after its last image token), ascending, then -1 where a sample has fewer
+# than T. Counts of visual tokens may differ per sample (the count adapts to each sample's rank), so
+# these functions, unlike the ones above, accept a different number of image tokens per sample.
+
+
+class SparseVLMKeep(NamedTuple):
+    """What one SparseVLM stage keeps, per sample (counts differ per sample).
+
+    index:    [B, M] long, the positions that stay, ascending, after `M - count[b]` left padding slots
+              marked -1 (M: the most any sample keeps).
+    hidden:   [B, M, D] the states of the kept positions: `hidden[b, index]`, except at a recycled
+              token's position (its cluster's centre), which holds the cluster's mean; zeros at -1.
+    recycled: [B, M] bool, the positions holding a recycled token.
+    visual:   [B] long, image tokens kept by rating (recycled tokens not counted).
+    clusters: [B] long, recycled tokens.
+    rank:     [B] long, the rank of each sample's raters-by-visual attention matrix.
+    """
+
+    index: Tensor
+    hidden: Tensor
+    recycled: Tensor
+    visual: Tensor
+    clusters: Tensor
+    rank: Tensor
+
+
+def _decimal(value: float) -> Fraction:
+    """`value` as the decimal number it is written as (0.3 is 3/10, not the binary float below it)."""
+    return Fraction(repr(float(value)))
+
+
+def _check_rows(who: str, text: Tensor, batch: int, n: int) -> Tensor:
+    """`text` [B, T] long: each row's valid entries (>= 0) first, ascending positions in [0, N); then -1."""
+    _check_tensor(who, "text", text, (2,), "a [B, T] integer tensor of text positions, -1 after each sample's last",
+                  "int")
+    if text.shape[0] != batch:
+        _refuse(who, "text", f"a tensor of shape {tuple(text.shape)}", f"an integer tensor of shape ({batch}, T)")
+    valid = text >= 0
+    ok = bool((text < n).all()) and bool((text >= -1).all())
+    ok = ok and bool((valid[:, 1:] <= valid[:, :-1]).all())  # the valid entries first
+    ok = ok and bool(((text[:, 1:] > text[:, :-1]) | ~valid[:, 1:]).all())  # ascending
+    if not ok:
+        _refuse(who, "text", f"a tensor with values {text.tolist()}",
+                f"ascending positions in [0, {n - 1}] per row, then -1 (the valid entries first)")
+    return valid
+
+
+def text_relevance(embeddings: Tensor, image_mask: Tensor, text: Tensor) -> Tensor:
+    """How much each text token relates to the image, from the language model's input states [B, T].
+
+    SparseVLM's relevant-text selection (Sec. 3.2 of v1; the reference code computes it once, on
+    the embeddings entering the language model): with `h_v` the states of the V image tokens and
+    `h_t` those of the T text tokens of a sample,
+        `r_t = (1/V) sum_v softmax_t(h_v . h_t)`,
+    the softmax over the sample's text tokens (rows of `text`), then averaged over its image tokens.
+    The reference takes the dot product as it is (no 1/sqrt(D)). Computed in float32 (float64
+    stays). Entries of padding rows (-1) are 0; a sample without image tokens gets 0 everywhere.
+
+    embeddings: [B, N, D]; image_mask: [B, N] bool (any number per sample); text: [B, T] rows.
+    """
+    who = "text_relevance"
+    _check_tensor(who, "embeddings", embeddings, (3,), "a [B, N, D] float tensor")
+    b, n, d = embeddings.shape
+    _check_tensor(who, "image_mask", image_mask, (2,), "a [B, N] bool tensor marking the image tokens", "bool")
+    _check_shape(who, "image_mask", image_mask, (b, n), f"a bool tensor of shape ({b}, {n})")
+    valid = _check_rows(who, text, b, n)
+    x = _wide(embeddings)
+    t = x.gather(1, text.clamp_min(0).unsqueeze(-1).expand(-1, -1, d))  # [B, T, D]
+    logits = (x @ t.transpose(1, 2)).masked_fill(~valid.unsqueeze(1), float("-inf"))  # [B, N, T]
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a sample without text rows: zeros
+    image = image_mask.to(probs.dtype).unsqueeze(-1)
+    count = image.sum(dim=1).clamp_min(1)  # [B, 1]
+    return ((probs * image).sum(dim=1) / count).masked_fill(~valid, 0.0)
+
+
+def attention_relevance(text_attn: Tensor, image_mask: Tensor, text: Tensor) -> Tensor:
+    """How much each text token attends to the image at a layer, [B, T]: `r_t = (1/V) sum_v A[t, v]`,
+    `A = (1/H) sum_h text_attn[:, h]` (the attention rows of the text tokens, averaged over heads),
+    v over the sample's image tokens. A variant of SparseVLM's rater selection that reads the
+    pruning layer's own attention instead of the input embeddings. 0 at padding rows.
+
+    text_attn: [B, H, T, N] attention probabilities of the rows `text` [B, T]; image_mask: [B, N] bool.
+    """
+    who = "attention_relevance"
+    _check_tensor(who, "text_attn", text_attn, (4,), "a [B, H, T, N] float tensor of attention probabilities")
+    b, _, t, n = text_attn.shape
+    _check_tensor(who, "image_mask", image_mask, (2,), "a [B, N] bool tensor marking the image tokens", "bool")
+    _check_shape(who, "image_mask", image_mask, (b, n), f"a bool tensor of shape ({b}, {n})")
+    valid = _check_rows(who, text, b, n)
+    _check_shape(who, "text", text, (b, t), f"an integer tensor of shape ({b}, {t}) (one per row of text_attn)")
+    a = _wide(text_attn).mean(dim=1)  # [B, T, N]
+    image = image_mask.to(a.dtype).unsqueeze(1)
+    count = image.sum(dim=-1).clamp_min(1)  # [B, 1]
+    return ((a * image).sum(dim=-1) / count).masked_fill(~valid, 0.0)
+
+
+def select_raters(relevance: Tensor, text: Tensor) -> Tensor:
+    """The raters [B, T] bool: the text rows whose relevance is at or above the mean relevance of the
+    sample's text rows (`r_t >= (1/T_b) sum_t r_t`; SparseVLM Sec. 3.2). The reference code compares
+    strictly (`>`), which selects no rater when every text token is equally relevant (one text token);
+    here such a sample rates with all of them. Padding rows (-1) are never raters.
+
+    relevance: [B, T] float (text_relevance or attention_relevance); text: [B, T] rows.
+    """
+    who = "select_raters"
+    _check_tensor(who, "relevance", relevance, (2,), "a [B, T] float tensor")
+    _check_tensor(who, "text", text, (2,), "a [B, T] integer tensor of text positions, -1 after each sample's last",
+                  "int")
+    _check_shape(who, "text", text, tuple(relevance.shape), f"an integer tensor of shape {tuple(relevance.shape)}")
+    valid = text >= 0
+    r = _wide(relevance).masked_fill(~valid, 0.0)
+    mean = r.sum(dim=1, keepdim=True) / valid.sum(dim=1, keepdim=True).clamp_min(1)
+    return valid & (r >= mean)
+
+
+def sparsevlm_keep_count(num_visual: int, rank: int, scale: float = 13.5, bias: float = 0.0,
+                         keep: int | None = None) -> int:
+    """Image tokens SparseVLM keeps at a layer, given V = `num_visual` and the rank of the raters-by-
+    visual attention matrix: `min(floor(scale * rank + bias), V, keep)` (at least 0); all V when
+    `rank >= V` (the matrix has no redundancy: the reference skips the layer), unless `keep` is lower.
+
+    The reference code (v1) keeps `min(int(rank * scale + bias), V - 1)` top-rated tokens, always
+    pruning at least one (here `V` itself is allowed: nothing pruned); its settings for an average of
+    192 / 128 / 64 visual tokens over LLaVA-1.5-7B's 32 layers are scale=13.5, bias=0 / scale=9,
+    bias=6 / scale=0.8, bias=0. `scale=0` with `bias=k` keeps exactly k (at most V); `keep` caps
+    the adaptive count (e.g. the fixed per-layer budgets of the reference's v1.5: 300, 200, 110 at
+    layers 2, 6, 15 for 192). Products are exact in the decimal numbers as written (0.8 is 4/5).
+    """
+    who = "sparsevlm_keep_count"
+    check_number(who, "num_visual", num_visual, low=0, integer=True)
+    check_number(who, "rank", rank, low=0, integer=True)
+    check_number(who, "scale", scale, low=0, finite=True)
+    check_number(who, "bias", bias, finite=True)
+    if keep is not None:
+        check_number(who, "keep", keep, low=0, integer=True)
+    count = num_visual if rank >= num_visual else \
+        min(max(math.floor(_decimal(scale) * rank + _decimal(bias)), 0), num_visual)
+    return count if keep is None else min(count, keep)
+
+
+def sparsevlm_recycle_counts(pruned: int, recycle: float = 0.3, clusters: float = 0.1) -> tuple[int, int]:
+    """(recycled, cluster count) for `pruned` tokens pruned at a layer: the reference recycles the
+    `floor(recycle * P) + 1` best-rated pruned tokens (its tau = 30%) and groups them into
+    `floor(clusters * m) + 1` clusters (1/10), each bounded by what there is; nothing when P = 0 or
+    `recycle = 0`. Products are exact in the decimal numbers as written (0.3 * 10 is 3).
+    """
+    who = "sparsevlm_recycle_counts"
+    check_number(who, "pruned", pruned, low=0, integer=True)
+    check_number(who, "recycle", recycle, low=0, high=1)
+    check_number(who, "clusters", clusters, low=0, high=1, low_open=True)
+    if pruned == 0 or recycle == 0:
+        return 0, 0
+    m = min(pruned, math.floor(_decimal(recycle) * pruned) + 1)
+    return m, min(m, math.floor(_decimal(clusters) * m) + 1)
+
+
+def density_peak_clusters(x: Tensor, clusters: int) -> tuple[Tensor, Tensor]:
+    """Density-peak clustering with k nearest neighbours (DPC-KNN), SparseVLM's recycling rule.
+
+    With `d_ij = ||x_i - x_j||_2 / sqrt(C)` over the m tokens x [m, C] and k = `clusters` (the
+    reference sizes the neighbourhood by the cluster count; the token itself is its nearest):
+    1. density `rho_i = exp(-(1/k) sum_{j in kNN(i)} d_ij^2)`;
+    2. `delta_i = min_{j denser than i} d_ij`, the largest distance of all for the densest token;
+       "denser" is a higher density, or an equal one at a lower index (the reference adds random
+       noise of 1e-6 to break ties; here ties go to the lower index, so the result is deterministic);
+    3. centres: the `clusters` tokens with the largest `rho_i * delta_i` (ties: lower index), returned
+       ascending;
+    4. every token joins its nearest centre (ties: the centre of lower index), each centre itself.
+    Returns (centres [c] long, the index of each centre in x; assignment [m] long in [0, c), the
+    position in `centres` of each token's cluster). Computed in float32 (float64 stays).
+    """
+    who = "density_peak_clusters"
+    _check_tensor(who, "x", x, (2,), "an [m, C] float tensor")
+    m, c_dim = x.shape
+    check_number(who, "clusters", clusters, low=1 if m else 0, high=m, integer=True)
+    if m == 0:
+        return x.new_zeros(0, dtype=torch.long), x.new_zeros(0, dtype=torch.long)
+    w = _wide(x)
+    dist = torch.cdist(w.unsqueeze(0), w.unsqueeze(0), compute_mode="donot_use_mm_for_euclid_dist")[0] / c_dim ** 0.5
+    nearest = dist.sort(dim=-1).values[:, :clusters]  # the k smallest distances of each row (itself first)
+    density = torch.exp(-(nearest ** 2).mean(dim=-1))
+    index = torch.arange(m, device=x.device)
+    denser = (density.unsqueeze(0) > density.unsqueeze(1)) | \
+        ((density.unsqueeze(0) == density.unsqueeze(1)) & (index.unsqueeze(0) < index.unsqueeze(1)))  # [i, j]
+    delta = dist.masked_fill(~denser, float("inf")).amin(dim=-1)
+    delta = torch.where(denser.any(dim=-1), delta, dist.max())
+    centres = top_k_in_order((delta * density).unsqueeze(0), clusters)[0]  # ascending
+    to_centre = dist[:, centres]  # [m, c]
+    assignment = to_centre.argmin(dim=-1)  # the first minimum: the centre of lower index
+    assignment[centres] = torch.arange(clusters, device=x.device)
+    return centres, assignment
+
+
+def sparsevlm_keep(text_attn: Tensor, text: Tensor, raters: Tensor, image_mask: Tensor, hidden: Tensor, *,
+                   scale: float = 13.5, bias: float = 0.0, keep: int | None = None, recycle: float = 0.3,
+                   clusters: float = 0.1) -> SparseVLMKeep:
+    """One SparseVLM pruning layer (arXiv 2410.04417 v1, Sec. 3.2-3.4), per sample:
+
+    1. `P = (1/H) sum_h text_attn[:, h]` restricted to the raters' rows and the image tokens'
+       columns, [R, V] (attention probabilities over the whole sequence, not renormalised);
+    2. score of image token v: `s_v = (1/R) sum_r P[r, v]`;
+    3. `k = sparsevlm_keep_count(V, rank(P), scale, bias, keep)` (`torch.linalg.matrix_rank`, its
+       default tolerance, in float32 as the reference); the k best-scored image tokens stay (ties:
+       lower position), the other `V - k` are pruned;
+    4. recycling: `(m, c) = sparsevlm_recycle_counts(V - k, recycle, clusters)`; the m best-scored
+       pruned tokens are clustered (`density_peak_clusters` on their `hidden` states) and each cluster
+       becomes one token, the mean of its members' states, placed at its centre's position (so it
+       keeps a position of the prompt's numbering); the other pruned tokens are dropped.
+    Every non-image position stays. The kept positions are ascending; samples that keep fewer than
+    the most get -1 padding slots on the left (see SparseVLMKeep).
+
+    text_attn:  [B, H, T, N] attention probabilities of the text rows `text` [B, T] (-1: no row).
+    raters:     [B, T] bool, the rows that rate (select_raters); padding rows never rate.
+    image_mask: [B, N] bool, the image tokens (recycled tokens of an earlier layer are image tokens);
+                the number may differ per sample.
+    hidden:     [B, N, D] the states recycled tokens are averaged from (the pruning layer's output).
+    A sample without raters, or without image tokens, keeps every image token.
+    """
+    who = "sparsevlm_keep"
+    _check_tensor(who, "hidden", hidden, (3,), "a [B, N, D] float tensor")
+    b, n, d = hidden.shape
+    _check_tensor(who, "text_attn", text_attn, (4,), "a [B, H, T, N] float tensor of attention probabilities")
+    if text_attn.shape[0] != b or text_attn.shape[-1] != n:
+        _refuse(who, "text_attn", f"a tensor of shape {tuple(text_attn.shape)}", f"({b}, H, T, {n})")
+    t = text_attn.shape[2]
+    valid = _check_rows(who, text, b, n)
+    _check_shape(who, "text", text, (b, t), f"an integer tensor of shape ({b}, {t}) (one per row of text_attn)")
+    _check_tensor(who, "raters", raters, (2,), "a [B, T] bool tensor", "bool")
+    _check_shape(who, "raters", raters, (b, t), f"a bool tensor of shape ({b}, {t})")
+    _check_tensor(who, "image_mask", image_mask, (2,), "a [B, N] bool tensor marking the image tokens", "bool")
+    _check_shape(who, "image_mask", image_mask, (b, n), f"a bool tensor of shape ({b}, {n})")
+    sparsevlm_keep_count(0, 0, scale, bias, keep)  # checks scale, bias, keep
+    sparsevlm_recycle_counts(0, recycle, clusters)  # checks recycle, clusters
+
+    a = _wide(text_attn).mean(dim=1)  # [B, T, N]
+    raters = raters & valid
+    rows, states, recycled, kept_visual, n_clusters, ranks = [], [], [], [], [], []
+    for s in range(b):
+        visual = image_mask[s].nonzero()[:, 0]  # ascending
+        v = visual.numel()
+        matrix = a[s][raters[s]][:, visual]  # [R, V]
+        rank = int(torch.linalg.matrix_rank(matrix.float())) if matrix.numel() else 0
+        score = matrix.mean(dim=0) if matrix.shape[0] else matrix.new_zeros(v)
+        k = sparsevlm_keep_count(v, rank, scale, bias, keep) if matrix.shape[0] else v
+        order = stable_argsort(score, descending=True)
+        m, c = sparsevlm_recycle_counts(v - k, recycle, clusters)
+        chosen = visual[order[:m + k][k:]]  # the m best-scored pruned tokens, best first
+        state = hidden[s]
+        centres = chosen[:0]
+        merged = state.new_zeros(0, d)
+        if m:
+            centre_at, assignment = density_peak_clusters(state[chosen], c)
+            centres = chosen[centre_at]
+            sums = torch.zeros(c, d, dtype=_wide(state).dtype, device=state.device).index_add_(
+                0, assignment, _wide(state[chosen]))
+            sizes = torch.bincount(assignment, minlength=c).unsqueeze(-1)
+            merged = (sums / sizes).to(state.dtype)
+        stay = ~image_mask[s]
+        stay[visual[order[:k]]] = True
+        stay[centres] = True
+        row = stay.nonzero()[:, 0]
+        row_states = state[row]
+        is_recycled = torch.isin(row, centres)
+        if m:
+            slot = torch.searchsorted(row, centres)
+            row_states = row_states.index_copy(0, slot, merged)
+        rows.append(row)
+        states.append(row_states)
+        recycled.append(is_recycled)
+        kept_visual.append(k)
+        n_clusters.append(c)
+        ranks.append(rank)
+
+    width = max((r.numel() for r in rows), default=0)
+    index = torch.full((b, width), -1, dtype=torch.long, device=hidden.device)
+    out = hidden.new_zeros(b, width, d)
+    is_recycled = torch.zeros(b, width, dtype=torch.bool, device=hidden.device)
+    for s, (row, row_states, rec) in enumerate(zip(rows, states, recycled, strict=True)):
+        start = width - row.numel()
+        index[s, start:], out[s, start:], is_recycled[s, start:] = row, row_states, rec
+    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=hidden.device)  # noqa: E731
+    return SparseVLMKeep(index, out, is_recycled, as_long(kept_visual), as_long(n_clusters), as_long(ranks))

@@ -12,7 +12,9 @@ the adapters that place them. Two kinds:
 A reducer states its stages: at each, the decoder layer from whose input on the tokens are fewer
 (`layer`), the layer whose input its signals are computed from (`signal_layer`, <= `layer`) and the
 signals it reads. At every stage the adapter computes those signals on the sequence as it is then
-and hands them over in a `PrefillView`; the reducer answers which positions of that sequence stay.
+and hands them over in a `PrefillView`; the reducer answers which positions of that sequence stay
+(a [B, M] tensor of positions, or a `PrefillKeep` when it also replaces states, keeps a different
+number per sample, or marks positions for its later stages: SparseVLM).
 Reducers never import an adapter; the adapter finds these reducers by `is_prefill_reducer`.
 """
 
@@ -29,7 +31,10 @@ from tokenreduce.errors import ConfigError
 ANCHOR_ATTN = "anchor_attn"  # [B, H, 1, N] the anchor token's attention probabilities over the sequence
 LAYER_KEYS = "layer_keys"  # [B, H_kv, N, d] the layer's keys after the rotary embedding
 NORMED_OUTPUT = "normed_output"  # [B, N, D] the layer's output through the model's final norm
-PREFILL_SIGNALS = frozenset({ANCHOR_ATTN, LAYER_KEYS, NORMED_OUTPUT})
+TEXT_ATTN = "text_attn"  # [B, H, T, N] the attention probabilities of each sample's text rows (PrefillView.text)
+HIDDEN = "hidden"  # [B, N, D] the hidden states entering the stage's layer (the previous layer's output)
+EMBEDDINGS = "embeddings"  # [B, N, D] the language model's input (decoder layer 0's input) at the current positions
+PREFILL_SIGNALS = frozenset({ANCHOR_ATTN, LAYER_KEYS, NORMED_OUTPUT, TEXT_ATTN, HIDDEN, EMBEDDINGS})
 
 
 # signals a boundary reducer may read, computed in the vision tower from one pass over the images
@@ -88,20 +93,50 @@ class PrefillStage:
 class PrefillView:
     """What a reducer sees of the sequence at one stage (N: the positions still there).
 
-    image_mask: [B, N] bool, the image tokens still there (the same count in every sample)
+    image_mask: [B, N] bool, the image tokens still there (the same count in every sample, unless an
+                earlier stage of a reducer that keeps per-sample counts (SparseVLM) made them differ)
     anchor:     [B] long, the position of each sample's last prompt token (its query ranks FastV's
                 and PyramidDrop's tokens)
     prompt:     [B, N] bool, the prompt's real tokens (not padding, and not tokens generated after the
                 prompt, which a pass without the KV cache runs again)
-    the signals the stage asked for (None otherwise): see ANCHOR_ATTN, LAYER_KEYS, NORMED_OUTPUT.
+    marks:      [B, N] bool, what the reducer marked at an earlier stage of this pass (PrefillKeep.marks,
+                carried along with the positions), or None
+    text:       [B, T] long, with TEXT_ATTN: each sample's text tokens, the real prompt tokens after its
+                last image token, ascending, then -1 (T: the most of any sample)
+    the signals the stage asked for (None otherwise): see ANCHOR_ATTN, LAYER_KEYS, NORMED_OUTPUT,
+    TEXT_ATTN (rows of `text`; zeros at -1), HIDDEN, EMBEDDINGS.
+    Positions a stage left as padding slots (PrefillKeep) are neither image nor prompt tokens.
     """
 
     image_mask: Tensor
     anchor: Tensor
     prompt: Tensor
+    marks: Tensor | None = None
+    text: Tensor | None = None
     anchor_attn: Tensor | None = None
     layer_keys: Tensor | None = None
     normed_output: Tensor | None = None
+    text_attn: Tensor | None = None
+    hidden: Tensor | None = None
+    embeddings: Tensor | None = None
+
+
+@dataclass
+class PrefillKeep:
+    """A prefill reducer's answer at a stage, when a [B, M] tensor of positions does not say it all.
+
+    index:  [B, M] long, the positions of the stage's sequence that stay, ascending; a sample that
+            keeps fewer than M starts with padding slots marked -1 (left padding: the adapter masks
+            them out of every attention, now and in the decode steps, and `stats()["kept"]` shows -1)
+    hidden: [B, M, D] the hidden states of the kept positions from the stage's layer on (a merged
+            token stands at a position of the prompt's numbering); None: those of `index`, unchanged
+    marks:  [B, N] bool over the stage's sequence (before the cut): positions the reducer wants to
+            find again at its later stages (`PrefillView.marks`); None: keep the earlier marks
+    """
+
+    index: Tensor
+    hidden: Tensor | None = None
+    marks: Tensor | None = None
 
 
 @dataclass

@@ -8,40 +8,22 @@ average of the weights is kept (and checkpointed); validation and sampling use i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import ClassVar
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from tokenreduce.engine.module import warmup_cosine
+from tokenreduce.engine.step_training import StepOptim, step_schedule
 from tokenreduce.errors import ConfigError, check_number
 from tokenreduce.models.fmnist_diffusion import CONFIG, MODEL_CONFIG_KEY
 
-DECAYS = ("constant", "cosine")
 
+class DiffusionOptim(StepOptim):
+    """`StepOptim` (AdamW, warm-up, then constant or cosine), refused as `diffusion.optim.*`."""
 
-@dataclass
-class DiffusionOptim:
-    lr: float = 3.0e-4
-    weight_decay: float = 0.0
-    betas: tuple = (0.9, 0.999)
-    warmup_steps: int = 500  # linear from 0, then `decay`
-    decay: str = "constant"  # or cosine: half a cosine down to min_lr at the run's last step
-    min_lr: float = 0.0
-
-    def __post_init__(self):
-        check_number("diffusion.optim", "lr", self.lr, low=0, low_open=True)
-        check_number("diffusion.optim", "weight_decay", self.weight_decay, low=0)
-        check_number("diffusion.optim", "warmup_steps", self.warmup_steps, low=0, integer=True)
-        if self.decay not in DECAYS:
-            raise ConfigError(f"diffusion.optim.decay={self.decay!r} is invalid; allowed: {', '.join(DECAYS)}")
-        check_number("diffusion.optim", "min_lr", self.min_lr, low=0, high=self.lr)
-        betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else None
-        if betas is None or len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-            raise ConfigError(f"diffusion.optim.betas={self.betas!r} is invalid; allowed: two numbers in [0, 1)")
-        self.betas = betas
+    SECTION: ClassVar[str] = "diffusion.optim"
 
 
 def check_module_settings(class_dropout, ema_decay) -> None:
@@ -114,14 +96,4 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.optim
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
-        warmup = o.warmup_steps
-        if o.decay == "cosine":
-            total = int(self.trainer.estimated_stepping_batches)
-
-            def factor(step: int) -> float:
-                return warmup_cosine(step, total, warmup, o.lr, 0.0, o.min_lr) / o.lr
-        else:
-            def factor(step: int) -> float:
-                return min(1.0, (step + 1) / (warmup + 1))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": step_schedule(optimizer, o, self)}

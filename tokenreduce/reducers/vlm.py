@@ -1,5 +1,5 @@
 """Reducers that cut the visual tokens of a vision-language model (docs/vlm.md): FastV, PyramidDrop,
-DART drop them inside the language model during the prefill; VisionZip, PruMerge and PruMerge+
+DART, SparseVLM drop them inside the language model during the prefill; VisionZip, PruMerge and PruMerge+
 shrink each image's features between the vision tower and the language model. The selection rules
 are those of `tokenreduce.core.visual_tokens`; these classes only state where they act
 (`prefill_stages`, `boundary_needs`), what they read and how many image tokens they keep. An
@@ -14,41 +14,51 @@ from torch import Tensor
 from tokenreduce.core.schedule import Schedule, no_cap
 from tokenreduce.core.visual_tokens import (
     VISIONZIP_MERGES,
+    attention_relevance,
     dart_keep,
     dart_keep_count,
     fastv_keep,
     fastv_keep_count,
     prumerge,
     pyramid_schedule,
+    select_raters,
+    sparsevlm_keep,
+    sparsevlm_recycle_counts,
+    text_relevance,
     visionzip,
 )
 from tokenreduce.core.vlm import (
     ANCHOR_ATTN,
     BOUNDARY,
     CLS_ATTENTION,
+    EMBEDDINGS,
     FEATURE_KEYS,
+    HIDDEN,
     LAYER_KEYS,
     NEXT_CLS_ATTENTION,
     NEXT_KEYS,
     NORMED_OUTPUT,
+    TEXT_ATTN,
     BoundaryTokens,
     BoundaryView,
     LanguageModelInfo,
+    PrefillKeep,
     PrefillStage,
     PrefillView,
     check_layers,
     require_language_model,
 )
 from tokenreduce.errors import ConfigError, check_number, check_numbers, is_list
-from tokenreduce.reducers.base import ModelInfo, TokenReducer, register_reducer
+from tokenreduce.reducers.base import ModelInfo, Strength, TokenReducer, register_reducer
 
 
 class PrefillReducer(TokenReducer):
     """A reducer that drops image tokens at chosen decoder layers of a language model's prefill.
 
     Subclasses set `prefill_stages()`, `visual_counts(V)` (image tokens kept from each stage on,
-    given V before the first) and `select(stage, view, count)` (positions of the stage's sequence
-    that stay, ascending)."""
+    given V before the first; at most that many where the count adapts to the input) and
+    `select(stage, view, count)` (positions of the stage's sequence that stay, ascending, or a
+    `PrefillKeep`)."""
 
     strength = ()
     cap = staticmethod(no_cap)
@@ -74,7 +84,11 @@ class PrefillReducer(TokenReducer):
         """A ConfigError when the reducer's setting does not fit `num_visual` image tokens per sample
         (called before the pass computes anything)."""
 
-    def select(self, stage: int, view: PrefillView, count: int) -> Tensor:
+    def check_prompt(self, image_mask: Tensor, prompt: Tensor) -> None:
+        """A ConfigError when a prompt does not suit the reducer (image_mask, prompt: [B, N] bool, the image
+        tokens and the prompt's real tokens; called before the pass computes anything)."""
+
+    def select(self, stage: int, view: PrefillView, count: int) -> Tensor | PrefillKeep:
         raise NotImplementedError
 
 
@@ -87,6 +101,8 @@ class FastV(PrefillReducer):
     layer: K >= 1, the first layer without the dropped tokens (the paper's K=2)
     keep:  the share of image tokens kept, in [0, 1] (the paper's R=50% is keep=0.5; 1 drops nothing)
     """
+
+    strength = (Strength("keep", 0.0, 1.0, integer=False, larger_removes=False),)
 
     def __init__(self, layer: int = 2, keep: float = 0.5):
         check_number(self.name, "layer", layer, low=1, integer=True)
@@ -118,6 +134,8 @@ class PyramidDrop(PrefillReducer):
     Positions keep the full prompt's numbering (as FastV and DART); the reference renumbers them
     after each drop, which this placement does not do (docs/vlm.md).
     """
+
+    strength = (Strength("ratio", 0.0, 1.0, integer=False, larger_removes=False),)  # one lambda for every stage
 
     def __init__(self, layers: list[int] = (8, 16, 24), ratio: float | list[float] = 0.5):
         who = self.name
@@ -154,6 +172,8 @@ class DART(PrefillReducer):
     text_pivots:  pivots among the text tokens after the image
     """
 
+    strength = (Strength("budget", 0, None, integer=True, larger_removes=False),)
+
     def __init__(self, layer: int = 2, budget: int = 128, image_pivots: int = 4, text_pivots: int = 4):
         check_number(self.name, "layer", layer, low=1, integer=True)
         check_number(self.name, "budget", budget, low=0, integer=True)
@@ -189,6 +209,127 @@ class DART(PrefillReducer):
                          self.text_pivots, text_mask=text)
 
 
+SPARSEVLM_RATERS = ("embeddings", "attention")
+
+
+def _per_layer(who: str, name: str, value, layers: list[int], **rule) -> list:
+    """`value` as one entry per layer: a list of as many numbers as `layers`, or one number for all."""
+    if is_list(value):
+        values = check_numbers(who, name, value, **rule)
+        if len(values) != len(layers):
+            raise ConfigError(f"{who}: {name}={value!r} is invalid; allowed: one number for every layer, or a list of "
+                              f"{len(layers)} (one per layer of layers={layers!r})")
+        return values
+    check_number(who, name, value, **rule)
+    return [value] * len(layers)
+
+
+@register_reducer("sparsevlm")
+class SparseVLM(PrefillReducer):
+    """SparseVLM (Zhang et al., arXiv 2410.04417, v1, Sec. 3): text tokens relevant to the image (the
+    raters) rate the image tokens by their attention at each pruning layer l, averaged over heads
+    and raters; the number kept adapts to the rank of the raters-by-image attention matrix
+    (`core.visual_tokens.sparsevlm_keep_count`); the best-rated pruned tokens are clustered (DPC-KNN
+    on layer l's output) and each cluster stays as one recycled token, the mean of its members, at
+    its centre's position (`sparsevlm_keep`). Layer l runs on all tokens (its attention rates them);
+    the cut holds from layer l + 1 on. Positions keep the prompt's numbering. The count differs per
+    sample: in a batch, the samples that keep fewer get padding slots (masked out).
+
+    layers:   the pruning layers l, strictly increasing, each in [0, depth - 2] (the reference's v1
+              code: 2, 6, 15, 19 on LLaVA-1.5's 32 layers; v1.5 prunes at 2, 6, 15)
+    scale:    lambda: `floor(scale * rank + bias)` image tokens kept (the reference's settings for
+              192 / 128 / 64 tokens on average: 13.5 / 9 / 0.8 with bias 0 / 6 / 0); one for all
+              layers or one per layer
+    bias:     added to the count (one, or one per layer); `scale=0, bias=k` keeps exactly k
+    keep:     None, or the most image tokens kept at each layer (one, or one per layer; the
+              reference's v1.5 budgets for 192 / 128 / 64: [300, 200, 110] / [303, 110, 36] /
+              [66, 30, 17] at layers 2, 6, 15, with scale=0, bias=those or a large scale)
+    recycle:  tau in [0, 1], the share of pruned tokens recycled: the `floor(tau * P) + 1` best rated
+              (the reference's 0.3; 0 recycles none)
+    clusters: in (0, 1], recycled tokens per cluster: `floor(clusters * m) + 1` clusters of the m
+              recycled tokens (the reference's 0.1)
+    raters:   "embeddings" (the reference's: chosen once, before the first layer, from the language
+              model's input states, `r_t = mean_v softmax_t(h_v . h_t)`) or "attention" (chosen again
+              at each pruning layer from the text tokens' mean attention to the image tokens); the
+              raters are the text tokens (real prompt tokens after the image) with `r_t >= mean(r)`
+    """
+
+    # the cap on the adaptive count: a count asked for is met where the rank rule would keep more
+    strength = (Strength("keep", 0, None, integer=True, larger_removes=False),)
+
+    def __init__(self, layers: list[int] = (2, 6, 15, 19), scale: float | list[float] = 13.5,
+                 bias: float | list[float] = 0.0, keep: int | list[int] | None = None, recycle: float = 0.3,
+                 clusters: float = 0.1, raters: str = "embeddings"):
+        who = self.name
+        layer_list = check_numbers(who, "layers", layers, low=0, integer=True)
+        if not layer_list or any(b <= a for a, b in zip(layer_list, layer_list[1:], strict=False)):
+            raise ConfigError(f"{who}: layers={layers!r} is invalid; allowed: a non-empty, strictly increasing list "
+                              "of layer indices >= 0")
+        scales = _per_layer(who, "scale", scale, layer_list, low=0, finite=True)
+        biases = _per_layer(who, "bias", bias, layer_list, finite=True)
+        keeps = None if keep is None else _per_layer(who, "keep", keep, layer_list, low=0, integer=True)
+        check_number(who, "recycle", recycle, low=0, high=1)
+        check_number(who, "clusters", clusters, low=0, high=1, low_open=True)
+        if raters not in SPARSEVLM_RATERS:
+            raise ConfigError(f"{who}: raters={raters!r} is invalid; allowed: " + ", ".join(map(repr, SPARSEVLM_RATERS)))
+        super().__init__()
+        self.layers = list(layer_list)
+        self.scale = list(scale) if is_list(scale) else scale
+        self.bias = list(bias) if is_list(bias) else bias
+        self.keep = list(keep) if is_list(keep) else keep
+        self.recycle, self.clusters, self.raters = recycle, clusters, raters
+        self._scales, self._biases, self._keeps = scales, biases, keeps
+
+    def check_model(self, info: ModelInfo) -> None:
+        info = require_language_model(self.name, info)
+        if not all(0 <= layer <= info.depth - 2 for layer in self.layers):
+            raise ConfigError(f"{self.name}: layers={self.layers!r} is invalid for {info.name}, whose language model "
+                              f"has {info.depth} decoder layers; allowed: integers in [0, {info.depth - 2}] (the cut "
+                              "holds from the layer after each)")
+
+    def prefill_stages(self) -> list[PrefillStage]:
+        stages = []
+        for s, layer in enumerate(self.layers):
+            needs = {TEXT_ATTN, HIDDEN} | ({EMBEDDINGS} if self.raters == "embeddings" and s == 0 else set())
+            stages.append(PrefillStage(layer=layer + 1, signal_layer=layer, needs=frozenset(needs)))
+        return stages
+
+    def visual_counts(self, num_visual: int) -> list[int]:
+        """The most image tokens each stage keeps (rated and recycled; the count adapts to each input)."""
+        counts, v = [], num_visual
+        for s in range(len(self.layers)):
+            k = v if self._keeps is None else min(v, self._keeps[s])
+            v = k + sparsevlm_recycle_counts(v - k, self.recycle, self.clusters)[1] if k < v else v
+            counts.append(v)
+        return counts
+
+    def check_prompt(self, image_mask: Tensor, prompt: Tensor) -> None:
+        position = torch.arange(image_mask.shape[1], device=image_mask.device)
+        last_image = position.masked_fill(~image_mask, -1).amax(dim=1, keepdim=True)
+        without = ((prompt & (position > last_image)).sum(dim=1) == 0).nonzero()[:, 0].tolist()
+        if without:
+            raise ConfigError(f"{self.name}: samples {without} have no text token after their image; the text tokens "
+                              "after the image rate the image tokens; allowed: prompts with text after the image "
+                              "(as LLaVA's 'USER: <image>\\n... ASSISTANT:')")
+
+    def select(self, stage: int, view: PrefillView, count: int) -> PrefillKeep:
+        marks = None
+        if self.raters == "attention":
+            raters = select_raters(attention_relevance(view.text_attn, view.image_mask, view.text), view.text)
+        elif stage == 0:  # chosen once, from the language model's input; found again at later stages by the marks
+            raters = select_raters(text_relevance(view.embeddings, view.image_mask, view.text), view.text)
+            b, n = view.image_mask.shape
+            at = view.text.masked_fill(view.text < 0, n)  # padding rows write to a spare column
+            marks = view.image_mask.new_zeros(b, n + 1).scatter_(1, at, raters)[:, :n]
+        else:
+            raters = view.marks.gather(1, view.text.clamp_min(0)) & (view.text >= 0)
+        out = sparsevlm_keep(view.text_attn, view.text, raters, view.image_mask, view.hidden,
+                             scale=self._scales[stage], bias=self._biases[stage],
+                             keep=None if self._keeps is None else self._keeps[stage], recycle=self.recycle,
+                             clusters=self.clusters)
+        return PrefillKeep(index=out.index, hidden=out.hidden, marks=marks)
+
+
 # --- at the boundary between the vision tower and the language model ----------------------------------
 class BoundaryReducer(TokenReducer):
     """A reducer that shrinks each image's features from V to k tokens before the projector.
@@ -211,7 +352,7 @@ class BoundaryReducer(TokenReducer):
         if info.vision_tokens <= info.vision_prefix:
             raise ConfigError(f"{self.name}: model {info.name} has no supported vision tower (a transformers "
                               "CLIPVisionModel read at one vision_feature_layer); allowed: such a model, or the "
-                              "language-model reducers 'fastv', 'pyramiddrop', 'dart'")
+                              "language-model reducers 'fastv', 'pyramiddrop', 'dart', 'sparsevlm'")
         self.check_vision(info)
 
     def boundary_needs(self) -> frozenset[str]:
@@ -240,6 +381,9 @@ class VisionZip(BoundaryReducer):
     merge:      "mean" (each contextual token is the mean of its target and members, the paper's)
                 or "target_plus_mean" (the reference code's)
     """
+
+    # the dominant tokens, `contextual` held fixed (the paper's 64/128/192 split them 54+10, 108+20, 162+30)
+    strength = (Strength("dominant", 1, None, integer=True, larger_removes=False),)
 
     def __init__(self, dominant: int = 54, contextual: int = 10, keep_cls: bool = True, merge: str = "mean"):
         who = self.name

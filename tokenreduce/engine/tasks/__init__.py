@@ -60,14 +60,19 @@ def register_task(task: Task) -> Task:
 def available() -> list[str]:
     """The registered tasks' names: the package's own, then any registered by a plugin."""
     _load_builtin()
-    return list(_TASKS)
+    return _ordered()
+
+
+def _ordered() -> list[str]:
+    # the package's own in BUILTIN's order, whichever of their modules was imported first
+    return [name for name in BUILTIN if name in _TASKS] + [name for name in _TASKS if name not in BUILTIN]
 
 
 def get_task(name) -> Task:
     """The task registered as `name`; a ConfigError listing the registered ones otherwise."""
     _load_builtin()
     if not isinstance(name, str) or name not in _TASKS:
-        raise ConfigError(f"task={name!r} is invalid; allowed: {', '.join(_TASKS)}")
+        raise ConfigError(f"task={name!r} is invalid; allowed: {', '.join(_ordered())}")
     return _TASKS[name]
 
 
@@ -91,7 +96,7 @@ def check_settings_used(cfg: DictConfig, task: Task, overrides: list[str] | None
 # the modules of the tasks that ship with the package, imported when the registry is first read (a
 # task module imports this one for `register_task`)
 BUILTIN = ("evaluate", "finetune", "compare", "search", "retrieval", "zeroshot", "text_classification",
-           "video_classification", "audio_classification", "train_diffusion", "generate")
+           "video_classification", "audio_classification", "train_diffusion", "train_vlm", "generate", "vqa")
 
 
 def _load_builtin() -> None:

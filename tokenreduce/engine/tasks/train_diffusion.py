@@ -11,20 +11,26 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from tokenreduce.data.fashion_mnist import FashionMNISTDataModule, ShapeImages
-from tokenreduce.engine.callbacks import RunInterrupted, checkpoint_callback
 from tokenreduce.engine.config import plain
 from tokenreduce.engine.console import tell
 from tokenreduce.engine.diffusion_module import DiffusionModule, DiffusionOptim, check_module_settings
-from tokenreduce.engine.loggers import build_loggers, check_loggers, finish_loggers
+from tokenreduce.engine.loggers import check_loggers
 from tokenreduce.engine.record import staged_file, write_new
+from tokenreduce.engine.step_training import (
+    check_keys,
+    check_loss_monitor,
+    fit,
+    logged,
+    save_state_dict,
+    step_trainer,
+)
 from tokenreduce.engine.tasks import ONE_MODEL, RunContext, Task, register_task
 from tokenreduce.engine.tasks.common import build_datamodule
 from tokenreduce.engine.tasks.finetune import check_training_length
-from tokenreduce.engine.tasks.lightning import build_trainer, checkpoints_of, resume_command
+from tokenreduce.engine.tasks.lightning import checkpoints_of
 from tokenreduce.errors import ConfigError, check_number
 
 KEYS = ("model", "schedule", "optim", "class_dropout", "ema_decay", "samples")
@@ -57,22 +63,13 @@ def check(cfg: DictConfig, overrides: list[str] | None) -> DiffusionSettings:
     from tokenreduce.models.fmnist_diffusion import model_config, schedule_config
 
     d = plain(cfg.get("diffusion")) or {}
-    unknown = sorted(set(d) - set(KEYS))
-    if unknown:
-        raise ConfigError(f"diffusion.{unknown[0]} is not a setting; allowed: {', '.join(KEYS)}")
+    check_keys("diffusion", d, KEYS)
     optim_cfg = d.get("optim") or {}
-    unknown = sorted(set(optim_cfg) - set(DiffusionOptim.__dataclass_fields__))
-    if unknown:
-        raise ConfigError(f"diffusion.optim.{unknown[0]} is not a setting; allowed: "
-                          f"{', '.join(DiffusionOptim.__dataclass_fields__)}")
+    check_keys("diffusion.optim", optim_cfg, DiffusionOptim.settings())
     samples = {"per_class": 8, "steps": 50, "guidance": 4.0, "seed": 0, **(d.get("samples") or {})}
-    unknown = sorted(set(samples) - set(SAMPLE_KEYS))
-    if unknown:
-        raise ConfigError(f"diffusion.samples.{unknown[0]} is not a setting; allowed: {', '.join(SAMPLE_KEYS)}")
+    check_keys("diffusion.samples", samples, SAMPLE_KEYS)
     checkpoint = plain(cfg.checkpoint)
-    if checkpoint.get("monitor") not in ("val/loss", None) or checkpoint.get("mode") != "min":
-        raise ConfigError(f"checkpoint.monitor={checkpoint.get('monitor')!r}, checkpoint.mode={checkpoint.get('mode')!r} "
-                          "are invalid for task=train_diffusion; allowed: monitor val/loss (or null) with mode min")
+    check_loss_monitor(checkpoint, "train_diffusion")
     check_training_length(plain(cfg.trainer))
     check_loggers(plain(cfg.logger))
     model_config(**(d.get("model") or {}))
@@ -109,10 +106,7 @@ def save_grid(images: torch.Tensor, rows: int, path: Path) -> None:
 
 def save_weights(model, path: Path) -> None:
     """The model's state dict as a new safetensors file (what `load_fmnist_diffusion` reads)."""
-    from safetensors.torch import save_file
-
-    with staged_file(path) as temporary:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(temporary))
+    save_state_dict(model.state_dict(), path)
 
 
 def run(context: RunContext, settings: DiffusionSettings):
@@ -130,20 +124,8 @@ def run(context: RunContext, settings: DiffusionSettings):
                                        hflip=datamodule.hflip)
     module = DiffusionModule(model, noise_schedule("train", **settings.schedule), settings.optim,
                              settings.class_dropout, settings.ema_decay)
-    loggers = build_loggers(plain(cfg.logger), output_dir, cfg.get("run_name") or "fmnist_diffusion")
-    try:
-        callbacks = checkpoint_callback(output_dir, **settings.checkpoint)
-        if loggers:
-            callbacks.append(LearningRateMonitor(logging_interval="step"))
-        trainer = build_trainer(cfg.trainer, loggers, callbacks, output_dir, checkpointing=True)
-        for lg in loggers:
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        except RunInterrupted as stop:
-            tell(f"interrupted by {stop.signal_name} at step {stop.step}; resume with:\n  "
-                 f"{resume_command(context.overrides, stop.checkpoint)}")
-            raise
+    with step_trainer(context, settings.checkpoint, cfg.get("run_name") or "fmnist_diffusion") as trainer:
+        fit(trainer, module, datamodule, context)
         if not trainer.is_global_zero:
             return None
         s = settings.samples
@@ -154,7 +136,7 @@ def run(context: RunContext, settings: DiffusionSettings):
             save_grid(images, NUM_CLASSES, output_dir / "samples.png")
         save_weights(module.sampling_model, output_dir / WEIGHTS_FILE)
         record = {"task": "train_diffusion", "global_step": trainer.global_step,
-                  "train_loss": _metric(trainer, "train/loss"), "val_loss": _metric(trainer, "val/loss"),
+                  "train_loss": logged(trainer, "train/loss"), "val_loss": logged(trainer, "val/loss"),
                   "num_params": sum(p.numel() for p in model.parameters()), "model": dict(model.config),
                   "checkpoints": checkpoints_of(trainer), "weights": WEIGHTS_FILE, "samples": s, "seed": cfg.seed,
                   "finished": datetime.datetime.now().isoformat(timespec="seconds")}
@@ -162,13 +144,6 @@ def run(context: RunContext, settings: DiffusionSettings):
         tell(f"train_diffusion: step {record['global_step']}, val/loss {record['val_loss']}; samples in "
              f"{output_dir / 'samples.png'}")
         return DiffusionRecord(record)
-    finally:
-        finish_loggers(loggers)
-
-
-def _metric(trainer, key: str) -> float | None:
-    value = trainer.callback_metrics.get(key)
-    return None if value is None else float(value)
 
 
 TASK = register_task(Task(name="train_diffusion", check=check, run=run,
