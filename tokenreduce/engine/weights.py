@@ -47,6 +47,20 @@ def state_mismatch(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, 
     return missing, unexpected, wrong
 
 
+def weights_file(weights: str | Path | None, shipped: Path, model: str, experiment: str, given_as: str,
+                 task: str) -> Path:
+    """The weights file to load: `shipped` (the package's) when `weights` is None, else `weights`; a
+    ConfigError naming what to give instead when it is not a file."""
+    path = shipped if weights is None else Path(weights).expanduser()
+    if not path.is_file():
+        if weights is None:
+            raise ConfigError(f"the {model} weights are not in this package ({path}); allowed: a checkpoint of "
+                              f"experiment={experiment}, given as {given_as}")
+        raise ConfigError(f"weights={str(weights)!r} is not a file; allowed: a safetensors state dict or a "
+                          f"task={task} checkpoint (.ckpt)")
+    return path
+
+
 def check_fits(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: str | Path,
                model_name: str) -> None:
     """A ConfigError unless `state` has exactly the keys of `expected`, with the same shapes."""

@@ -94,14 +94,9 @@ def load_fmnist_diffusion(weights: str | Path | None = None, **overrides):
     model's state dict or a `task=train_diffusion` checkpoint (its EMA weights where it has them, as
     sampling uses; its architecture as saved with them). The architecture is `CONFIG`, or the
     checkpoint's, with `overrides`."""
-    path = WEIGHTS if weights is None else Path(weights).expanduser()
-    if not path.is_file():
-        if weights is None:
-            raise ConfigError(f"the fmnist_diffusion weights are not in this package ({path}); allowed: a checkpoint "
-                              "of experiment=train_fmnist_diffusion, given as ckpt_path")
-        raise ConfigError(f"weights={str(weights)!r} is not a file; allowed: a safetensors state dict or a "
-                          "task=train_diffusion checkpoint (.ckpt)")
-    from tokenreduce.engine.weights import check_fits
+    from tokenreduce.engine.weights import check_fits, weights_file
+
+    path = weights_file(weights, WEIGHTS, "fmnist_diffusion", "train_fmnist_diffusion", "ckpt_path", "train_diffusion")
 
     state, saved_config = _read(path)
     model = create_fmnist_diffusion(**{**saved_config, **overrides})

@@ -250,14 +250,9 @@ def load_fmnist_vlm(weights: str | Path | None = None, **overrides):
     by `experiment=train_fmnist_vlm`), or those of `weights`, a safetensors file of the model's state
     dict or a `task=train_vlm` checkpoint. The architecture is the file's (else `CONFIG`) with
     `overrides`."""
-    path = WEIGHTS if weights is None else Path(weights).expanduser()
-    if not path.is_file():
-        if weights is None:
-            raise ConfigError(f"the fmnist_vlm weights are not in this package ({path}); allowed: a checkpoint "
-                              "of experiment=train_fmnist_vlm, given as weights")
-        raise ConfigError(f"weights={str(weights)!r} is not a file; allowed: a safetensors state dict or a "
-                          "task=train_vlm checkpoint (.ckpt)")
-    from tokenreduce.engine.weights import check_fits
+    from tokenreduce.engine.weights import check_fits, weights_file
+
+    path = weights_file(weights, WEIGHTS, "fmnist_vlm", "train_fmnist_vlm", "weights", "train_vlm")
 
     state, saved_config, vocab = _read(path)
     if vocab is not None and tuple(vocab) != VOCAB:
