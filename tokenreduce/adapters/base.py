@@ -172,6 +172,13 @@ def adapter_for(model: nn.Module) -> Adapter:
     raise UnclaimedModelError(f"model {type(model).__name__} is not claimed by any adapter; supported: {families}")
 
 
+def facts_of(model: nn.Module) -> ModelInfo:
+    """The facts of `model` its reducers are checked against: those recorded when it was patched (a
+    patched model, or a part of it, may no longer look like what `describe` accepts), else its
+    adapter's `describe`."""
+    return model._tokenreduce.info if is_patched(model) else adapter_for(model).describe(model)
+
+
 def _windowed_kind(model: nn.Module) -> str | None:
     """Words for a timm windowed or hierarchical transformer, None for any other model."""
     from timm.models import (

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tokenreduce.adapters.base import ModelInfo, adapters, is_patched, register_adapter
+from tokenreduce.adapters.base import ModelInfo, adapters, facts_of, is_patched, register_adapter
 from tokenreduce.adapters.hf_common import (
     HFAdapterBase,
     bind,
@@ -966,17 +966,11 @@ def decode_macs(model: nn.Module, state: ReductionState) -> int:
     return total
 
 
-def model_facts(model: nn.Module) -> LanguageModelInfo:
-    """The model's facts, also once reduced (a tower patched for placement (a) is no longer the plain
-    CLIP tower `describe` checks for)."""
-    return model._tokenreduce.info if is_patched(model) else describe(model)
-
-
 def probe_inputs(model: nn.Module) -> dict:
     """One prompt for a cost probe (`cost.probe_pass`): a seeded random image of the tower's size and
     its placeholder run between a few text tokens (token counts do not depend on the content, but
     for PruMerge's, which adapt to the image)."""
-    info = model_facts(model)
+    info = facts_of(model)
     vision = model.config.vision_config
     param = next(model.parameters())
     text = next(t for t in range(3) if t not in (info.image_token_id, model.config.text_config.pad_token_id))
@@ -1080,7 +1074,7 @@ class VLMAdapter(HFAdapterBase):
         return probe_inputs(model)
 
     def token_bound(self, model: nn.Module) -> int:
-        return model_facts(model).image_features
+        return facts_of(model).image_features
 
 
 def tower_stats(model: nn.Module) -> dict | None:

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import nn
 
-from tokenreduce.adapters import adapter_for, is_patched
+from tokenreduce.adapters.base import facts_of
 from tokenreduce.api import apply, reducer_of, remove, stats
 from tokenreduce.errors import ConfigError
 from tokenreduce.reducers.base import available, create_reducer, reducer_defaults
@@ -149,7 +149,7 @@ def merge_maps(model: nn.Module, images: torch.Tensor, reducers: Mapping[str, tu
         raise ConfigError(f"boundaries={boundaries!r} is invalid; allowed: true or false")
     if isinstance(cell_inches, bool) or not isinstance(cell_inches, (int, float)) or not 0.2 <= cell_inches <= 20:
         raise ConfigError(f"cell_inches={cell_inches!r} is invalid; allowed: a number in [0.2, 20]")
-    info = model._tokenreduce.info if is_patched(model) else adapter_for(model).describe(model)
+    info = facts_of(model)
     grid = _check_images(model, images)
     shown = _display(model, images, mean, std)
     built = _build_reducers(reducers, info)
