@@ -117,9 +117,11 @@ def _search(who: str, model: nn.Module, reducer: str, name: str, target: float, 
         if k not in cache:
             try:
                 apply(model, reducer, **{**fixed, strength.param: value(k)})
-                cache[k] = measure(probe_pass(model))
-            except ConfigError as error:
+                probed = probe_pass(model)
+            except ConfigError as error:  # the model refuses this setting
                 cache[k], refusals[k] = math.inf, error
+                return cache[k]
+            cache[k] = measure(probed)  # a measure the model cannot give fails at the first probe
         return cache[k]
 
     # the measure falls monotonically as the strength grows (r up, ratio down): bisect for the first
