@@ -64,11 +64,20 @@ from tokenreduce.adapters.hf_common import (
     HFAdapterBase,
     bind,
     check_attention_implementation,
-    from_transformers,
     import_transformers,
     modeling,
     refuse_outputs,
 )
+from tokenreduce.adapters.hf_vlm_families import (
+    FAMILIES,
+    LLAVA,
+    VisionInputs,
+    check_language_model,
+    counted_vision_macs,
+    family_of,
+    recording_image_features,
+)
+from tokenreduce.adapters.hf_vlm_families import probe_inputs as family_probe_inputs
 from tokenreduce.core.contract import Patch
 from tokenreduce.core.macs import linear_macs
 from tokenreduce.core.state import LayerRecord, ReductionState
@@ -92,16 +101,14 @@ from tokenreduce.core.vlm import (
 )
 from tokenreduce.errors import ConfigError, UnsupportedModelError
 
-SUPPORTED = ("LlavaForConditionalGeneration",)
+SUPPORTED = tuple(FAMILIES)
 REDUCERS = ("fastv", "pyramiddrop", "dart", "sparsevlm", "none")  # inside the language model (placement (c))
 BOUNDARY_REDUCERS = ("visionzip", "prumerge", "prumerge+")  # at the vision-language boundary (placement (b))
 
 
 def _claimed_class(cls: type) -> type | None:
-    if not from_transformers(cls):
-        return None
-    llava = modeling("llava")
-    return llava.LlavaForConditionalGeneration if issubclass(cls, llava.LlavaForConditionalGeneration) else None
+    family = family_of(cls)
+    return None if family is None else getattr(modeling(FAMILIES[family]), family)
 
 
 def language_model(model: nn.Module) -> nn.Module:
@@ -111,22 +118,14 @@ def language_model(model: nn.Module) -> nn.Module:
 def describe(model: nn.Module) -> LanguageModelInfo:
     name = type(model).__name__
     lm = language_model(model)
-    llama = modeling("llama")
-    if type(lm) is not llama.LlamaModel:
-        raise UnsupportedModelError(f"model {name} has a {type(lm).__name__} language model; supported: LlamaModel "
-                                    "(the LLaVA-1.5 layout)")
-    bad = [i for i, layer in enumerate(lm.layers) if type(layer) is not llama.LlamaDecoderLayer
-           or type(layer.self_attn) is not llama.LlamaAttention]
-    if bad:
-        raise UnsupportedModelError(f"model {name} has replaced decoder layers or attention at layers {bad}; "
-                                    "supported: transformers' LlamaDecoderLayer with LlamaAttention")
+    check_language_model(name, lm)
     check_attention_implementation(name, lm.config, why="the kept tokens' 4-D mask is gathered, which these take")
     config = lm.config
     head_dim = lm.layers[0].self_attn.head_dim
     return LanguageModelInfo(name=name, depth=len(lm.layers), num_prefix=0, has_class_token=False,
                              embed_dim=config.hidden_size, num_heads=config.num_attention_heads,
                              image_token_id=int(model.config.image_token_id), num_kv_heads=config.num_key_value_heads,
-                             head_dim=head_dim, **vision_facts(model))
+                             head_dim=head_dim, **(vision_facts(model) if family_of(type(model)) == LLAVA else {}))
 
 
 def vision_layers(model: nn.Module) -> nn.ModuleList | None:
@@ -210,6 +209,8 @@ class VLMPatch(Patch):
     reducer: object = field(default=None, repr=False)  # the boundary reducer
     model_ref: object = field(default=None, repr=False)  # weakref to the model (boundary)
     caches: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
+    family: str = LLAVA  # the model class (hf_vlm_families.FAMILIES)
+    vision_costs: dict = field(default_factory=dict, repr=False)  # VisionInputs.key() -> counted_vision_macs
 
     def __reduce_ex__(self, protocol):
         raise ConfigError("a token-reduced vision-language model cannot be copied or pickled; allowed: copy or save it "
@@ -430,7 +431,8 @@ class LayerHook:
         run.replaced = {
             "attention_mask": mask,
             "position_embeddings": (_gather_tokens(cos, source_index), _gather_tokens(sin, source_index)),
-            "position_ids": _gather_tokens(kwargs["position_ids"], source_index),
+            "position_ids": None if kwargs.get("position_ids") is None else _gather_tokens(kwargs["position_ids"],
+                                                                                            source_index),
         }
         kwargs.update(run.replaced)
         return (_gather_tokens(hidden, source_index) if keep.hidden is None else keep.hidden.to(hidden.dtype)), kwargs
@@ -611,7 +613,12 @@ def tower_facts(model: nn.Module, reducer) -> ModelInfo:
     ConfigError naming what is missing (a tower hf_clip cannot reduce, one already reduced on its own,
     a feature layer that is not one int, an unknown strategy)."""
     ours = is_patched(model) and model._tokenreduce.in_tower  # re-applying: the tower carries our reducer
-    name = (model._tokenreduce.original_class if is_patched(model) else type(model)).__name__
+    cls = model._tokenreduce.original_class if is_patched(model) else type(model)
+    name = cls.__name__
+    if family_of(cls) != LLAVA:
+        raise ConfigError(f"reducer {reducer.name!r} merges in a vision tower, which tokenreduce does in the LLaVA-1.5 "
+                          f"layout ({LLAVA}) only, not in {name}'s (tiled images, or Qwen's packed patches); allowed: "
+                          + ", ".join(map(repr, REDUCERS)) + " (inside the language model)")
     tower = model.model.vision_tower
     clip = adapters()["hf_clip"]
     allowed = "the CLIP/SigLIP tower reducers, or " + ", ".join(map(repr, REDUCERS + BOUNDARY_REDUCERS))
@@ -653,6 +660,15 @@ def check_vision_arguments(patch: VLMPatch, layer, strategy, image_sizes) -> Non
     if image_sizes is not None:
         _refuse("image_sizes", "the features of one image are one run of placeholder tokens (LLaVA-1.5)",
                 "image_sizes=None")
+
+
+def check_no_videos(model: nn.Module, arguments: dict) -> None:
+    """Videos are refused: only image placeholders are found and reduced."""
+    video = getattr(model.config, "video_token_id", None)
+    ids = arguments.get("input_ids")
+    given = arguments.get("pixel_values_videos") is not None or (arguments.get("mm_encoder_outputs") or {}).get("video")
+    if given or (video is not None and ids is not None and bool((ids == video).any())):
+        _refuse("a video", "only the images' placeholder tokens are found and reduced", "images (pixel_values)")
 
 
 def cut_placeholders(placeholder: Tensor, counts: list[int]) -> Tensor:
@@ -736,6 +752,7 @@ class ReducedVLM:
             check_cache(cache)
         if patch.boundary:
             return self._tr_boundary(original, arguments, extra)
+        check_no_videos(self, arguments)
         if cache is not None and cache.get_seq_length() > 0:
             return self._tr_run(original, arguments, extra, decode_entry(patch, cache, arguments, "image tokens"))
         input_ids = arguments.get("input_ids")
@@ -765,16 +782,20 @@ class ReducedVLM:
         if b and bool((anchor < 0).any()):
             _refuse("a sample whose prompt is all padding", "it has no last prompt token to rank by",
                     "at least one real token per sample")
-        use_cache = extra.get("use_cache")
+        use_cache = arguments.get("use_cache", extra.get("use_cache"))
         if cache is None and (use_cache if use_cache is not None else lm.config.use_cache):
             cache = arguments["cache"] = cache_classes()[0](config=lm.config)
         run = Prefill(reducer=reducer, stages=stages, counts=reducer.visual_counts(num_visual) if stages else [],
                       image_mask=image_mask, anchor=anchor, prompt=valid & (position < prompt), kept=position.expand(b, n),
                       num_visual=num_visual)
+        if getattr(patch.local, "prompt", None) is None:  # outside generate, only this pass's images count
+            patch.local.vision = None
         out = self._tr_run(original, arguments, extra, run)
         if cache is not None:
             patch.caches[cache] = Decode(kept_at=run.kept_at, padded=run.padded)
         patch.last_state = prefill_state(run)
+        # the images this pass (or the generate call it belongs to) encoded; None: it was given features
+        patch.last_state.extras["vision_inputs"] = getattr(patch.local, "vision", None) if num_visual else None
         return out
 
     def _tr_boundary(self, original, arguments: dict, extra: dict):
@@ -825,7 +846,7 @@ class ReducedVLM:
         if positions is not None:  # shifted down by the cut placeholders before each token
             positions = positions.expand(b, n) - cut.long().cumsum(dim=1)
             arguments["position_ids"] = positions.gather(1, source).masked_fill(pad, 1)
-        use_cache = extra.get("use_cache")
+        use_cache = arguments.get("use_cache", extra.get("use_cache"))
         lm = language_model(self)
         if cache is None and (use_cache if use_cache is not None else lm.config.use_cache):
             cache = arguments["cache"] = cache_classes()[0](config=lm.config)
@@ -894,6 +915,7 @@ class ReducedVLM:
             _refuse("generate without input_ids", "the image tokens are found by their placeholder id", "input_ids")
         previous = getattr(patch.local, "prompt", None)
         patch.local.prompt = inputs.shape[1]
+        patch.local.vision = None
         try:
             return super().generate(*args, **kwargs)
         finally:
@@ -937,7 +959,10 @@ def prefill_macs(model: nn.Module, state: ReductionState, tower: dict | None = N
     features it is given, the language model's decoder layers and the reducer's signals
     (`pass_macs`); the language-model head is left out (generate computes it for one position)."""
     lm = pass_macs(model, state)
-    info = model._tokenreduce.info
+    patch = model._tokenreduce
+    if patch.family != LLAVA:
+        return counted_prefill_macs(model, state, lm)
+    info = patch.info
     extras = state.extras
     if "visual_per_image" in extras:  # boundary and tower: each image's count is known
         samples = max(len(extras["visual_per_sample"]), 1)
@@ -954,6 +979,23 @@ def prefill_macs(model: nn.Module, state: ReductionState, tower: dict | None = N
     return {**parts, "total": sum(parts.values())}
 
 
+def counted_prefill_macs(model: nn.Module, state: ReductionState, lm: dict[str, int]) -> dict[str, int]:
+    """prefill_macs of a tiled or Qwen model: the vision tower and projector counted on the images the
+    pass encoded (hf_vlm_families.counted_vision_macs, once per shape), per sample of the batch; 0 for a
+    pass given the image features."""
+    patch = model._tokenreduce
+    vision: VisionInputs | None = state.extras.get("vision_inputs")
+    parts = {"vision_tower": 0, "projector": 0}
+    if vision is not None:
+        key = vision.key()
+        if key not in patch.vision_costs:
+            patch.vision_costs[key] = counted_vision_macs(model, patch.family, vision)
+        samples = max(len(state.extras["visual_per_sample"]), 1)
+        parts = {part: round(macs / samples) for part, macs in patch.vision_costs[key].items()}
+    parts.update(blocks=lm["blocks"], reducer=lm["reducer"])
+    return {**parts, "total": sum(parts.values())}
+
+
 def decode_macs(model: nn.Module, state: ReductionState) -> int:
     """MACs of the first token decoded after the prefill, per sample: every decoder layer's linear
     layers, its q.k^T and attention.v over the cache that layer holds (the prompt tokens it ran)
@@ -967,6 +1009,12 @@ def decode_macs(model: nn.Module, state: ReductionState) -> int:
 
 
 def probe_inputs(model: nn.Module) -> dict:
+    """One prompt for a cost probe (`cost.probe_pass`); the tiled and Qwen models' from hf_vlm_families."""
+    family = model._tokenreduce.family if is_patched(model) else family_of(type(model))
+    return llava_probe_inputs(model) if family == LLAVA else family_probe_inputs(model, family)
+
+
+def llava_probe_inputs(model: nn.Module) -> dict:
     """One prompt for a cost probe (`cost.probe_pass`): a seeded random image of the tower's size and
     its placeholder run between a few text tokens (token counts do not depend on the content, but
     for PruMerge's, which adapt to the image)."""
@@ -1016,7 +1064,8 @@ class VLMAdapter(HFAdapterBase):
         return tower_facts(model, reducer) if is_tower_reducer(reducer) else info
 
     def patch(self, model: nn.Module, reducer, info: LanguageModelInfo, options: dict) -> None:
-        patch = VLMPatch(adapter=self, original_class=type(model), info=info, options=options)
+        patch = VLMPatch(adapter=self, original_class=type(model), info=info, options=options,
+                         family=family_of(type(model)))
         if is_tower_reducer(reducer):  # placement (a): hf_clip reduces the tower; the boundary's bookkeeping
             patch.boundary = patch.in_tower = True
             patch.reducer = reducer
@@ -1042,6 +1091,10 @@ class VLMAdapter(HFAdapterBase):
             lm = language_model(model)
             patch.handles = [layer.register_forward_pre_hook(LayerHook(patch, lm, i), with_kwargs=True)
                              for i, layer in enumerate(lm.layers)]
+            if patch.family != LLAVA:  # the tower's MACs are counted on the images each pass encodes
+                inner = model.model
+                inner.get_image_features = recording_image_features(lambda images: setattr(patch.local, "vision", images),
+                                                                    inner.get_image_features)
         model._tokenreduce = patch
         model.token_reducer = reducer
         model.__class__ = self._reduced_class(type(model))
@@ -1049,7 +1102,7 @@ class VLMAdapter(HFAdapterBase):
     def unpatch(self, model: nn.Module) -> None:
         for handle in model._tokenreduce.handles:
             handle.remove()
-        if model._tokenreduce.boundary:
+        if "get_image_features" in vars(model.model):
             del model.model.get_image_features  # the instance's override; the class's method shows again
         if model._tokenreduce.in_tower:
             tower = model.model.vision_tower
@@ -1074,7 +1127,11 @@ class VLMAdapter(HFAdapterBase):
         return probe_inputs(model)
 
     def token_bound(self, model: nn.Module) -> int:
-        return facts_of(model).image_features
+        """The image tokens of the probe prompt (LLaVA-1.5: its features per image)."""
+        info = facts_of(model)
+        if info.image_features > 0:
+            return info.image_features
+        return int((probe_inputs(model)["input_ids"] == info.image_token_id).sum())
 
 
 def tower_stats(model: nn.Module) -> dict | None:

@@ -350,9 +350,10 @@ class BoundaryReducer(TokenReducer):
     def check_model(self, info: ModelInfo) -> None:
         info = require_language_model(self.name, info, BOUNDARY)
         if info.vision_tokens <= info.vision_prefix:
-            raise ConfigError(f"{self.name}: model {info.name} has no supported vision tower (a transformers "
-                              "CLIPVisionModel read at one vision_feature_layer); allowed: such a model, or the "
-                              "language-model reducers 'fastv', 'pyramiddrop', 'dart', 'sparsevlm'")
+            raise ConfigError(f"{self.name}: model {info.name} has no supported vision tower (the LLaVA-1.5 layout, "
+                              "LlavaForConditionalGeneration, with a transformers CLIPVisionModel read at one "
+                              "vision_feature_layer); allowed: such a model, or the language-model reducers 'fastv', "
+                              "'pyramiddrop', 'dart', 'sparsevlm'")
         self.check_vision(info)
 
     def boundary_needs(self) -> frozenset[str]:
