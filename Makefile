@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist
-PIP := $(BIN)/pip install -q --disable-pip-version-check
+PIP := $(BIN)/pip install -q --disable-pip-version-check --no-cache-dir
+# a new environment takes about 6.5 GB (torch's CUDA build alone 5.5 GB): refuse at once where less is free
+NEEDED_KB := 7000000
+NO_ROOM := a new environment needs about 6.5 GB (torch's CUDA build is 5.5 GB): free some space, or set VENV=<a folder on another disk>
 # the set-up says what it is doing; pip's own output goes to SETUP_LOG, shown only when a step fails
 SETUP_LOG := $(VENV)/setup.log
 QUIET = >>$(SETUP_LOG) 2>&1 || { tail -n 40 $(SETUP_LOG); echo "setup failed; pip's whole output is in $(SETUP_LOG)" >&2; exit 1; }
@@ -13,7 +16,9 @@ QUIET = >>$(SETUP_LOG) 2>&1 || { tail -n 40 $(SETUP_LOG); echo "setup failed; pi
 .PHONY: setup data test test-all run bench lint clean
 
 $(STAMP): pyproject.toml setup.py
-	@test -x $(BIN)/python || { echo "setup: a virtual environment in $(VENV)"; $(PY) -m venv $(VENV); }
+	@test -x $(BIN)/python || { free=$$(df -Pk "$$(dirname "$$(realpath -m $(VENV))")" | awk 'NR == 2 {print $$4}'); \
+		if [ "$$free" -lt $(NEEDED_KB) ]; then echo "setup: only $$((free / 1024)) MiB free for $(VENV); $(NO_ROOM)" >&2; exit 1; fi; \
+		echo "setup: a virtual environment in $(VENV)"; $(PY) -m venv $(VENV); }
 	@: > $(SETUP_LOG)
 	@echo "setup: pip"; $(PIP) --upgrade pip $(QUIET)
 	@echo "setup: $(TORCH)"; $(PIP) $(TORCH) $(QUIET)

@@ -20,7 +20,9 @@ from vlm_checks import (
     check_unpatched_when_nothing_is_reduced,
     generate,
     generate_no_early_stop,
+    make_llava,
 )
+from vlm_checks import prompts as llava_prompts
 
 import tokenreduce
 from tokenreduce.adapters import adapter_for, hf_clip
@@ -184,8 +186,27 @@ def test_a_video_is_refused_before_any_compute(family):
 def test_a_language_model_with_sliding_window_layers_is_refused():
     model = make("qwen2_vl")
     model.model.language_model.config.layer_types = ["full_attention"] * 3 + ["sliding_attention"] * 2
-    with pytest.raises(UnsupportedModelError, match=r"sliding-window attention at layers \[3, 4\]"):
+    with pytest.raises(UnsupportedModelError, match=r"sliding-window attention .* at layers \[3, 4\]"):
         tokenreduce.apply(model, "fastv", layer=2, keep=0.5)
+    with pytest.raises(UnsupportedModelError, match=r"sliding_window=4096\) at layers \[0, 1, 2, 3, 4\]"):
+        tokenreduce.apply(llava_with_mistral(sliding_window=4096), "fastv", layer=2, keep=0.5)
+
+
+def llava_with_mistral(**kwargs):
+    """The tiny LLaVA of vlm_checks with a Mistral language model."""
+    torch.manual_seed(0)
+    llava = make_llava()
+    text = text_config(transformers.MistralConfig, **kwargs)
+    config = transformers.LlavaConfig(vision_config=llava.config.vision_config, text_config=text, image_token_index=IMAGE,
+                                      vision_feature_layer=-2)
+    return transformers.LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("name", sorted(REDUCING))
+def test_a_mistral_language_model_takes_every_reducer(name):
+    model = llava_with_mistral(sliding_window=None)
+    assert type(model.model.language_model).__name__ == "MistralModel"
+    check_cache_equals_no_cache(generate, model, llava_prompts(), name, REDUCING[name][0])
 
 
 # --- exactness, removal, counts ----------------------------------------------------------------------
@@ -257,6 +278,79 @@ def test_a_padded_batch_gives_each_prompt_what_it_gets_alone(attn, family, name)
         alone_tokens, alone_logits = generate_no_early_stop(model, solo(family, inputs, i))
         assert torch.equal(tokens[i:i + 1], alone_tokens)
         torch.testing.assert_close(logits[i:i + 1], alone_logits, atol=1e-5, rtol=1e-5)
+
+
+def uneven_prompts(family: str, model) -> dict:
+    """prompts() with images of two sizes, so the samples hold different numbers of visual tokens
+    (Qwen: 8x8 and 8x12 patches, 16 and 24 tokens; tiled: 16x32 and 32x32 images, 52 and 84)."""
+    inputs = prompts(family, model)
+    if is_qwen(family):
+        grids = [[1, QWEN_GRID, QWEN_GRID], [1, QWEN_GRID, QWEN_GRID + 4]]
+        counts = [16, 24]
+        patch = model.config.vision_config.patch_size
+        generator = torch.Generator().manual_seed(4)
+        inputs["pixel_values"] = torch.randn(sum(t * h * w for t, h, w in grids), 3 * 2 * patch * patch,
+                                             generator=generator)
+        inputs["image_grid_thw"] = torch.tensor(grids)
+    else:
+        inputs["image_sizes"] = torch.tensor([[16, 32], [32, 32]])
+        counts = [int(f.shape[0]) for f in model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True).pooler_output]
+    runs = [[START] + [IMAGE] * c + [END] if is_qwen(family) else [IMAGE] * c for c in counts]
+    rows = [[1, 5, 6] + runs[0] + [7, 8, 9], [4, 5] + runs[1] + [7, 8]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    inputs.update(input_ids=ids, attention_mask=(ids != PAD).long())
+    if is_qwen(family):
+        inputs["mm_token_type_ids"] = (ids == IMAGE).int()
+    return inputs, counts
+
+
+def uneven_solo(family: str, inputs: dict, i: int) -> dict:
+    alone = solo(family, inputs, i)
+    if is_qwen(family):  # the rows of image i's patches
+        sizes = inputs["image_grid_thw"].prod(dim=1).tolist()
+        start = sum(sizes[:i])
+        alone["pixel_values"] = inputs["pixel_values"][start:start + sizes[i]]
+    return alone
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("name", sorted(REDUCING))
+def test_samples_with_different_numbers_of_visual_tokens_each_get_what_they_get_alone(family, name):
+    """Each sample keeps its own counts (the schedule of its own image tokens); the batch is the
+    samples alone, with the cache and without."""
+    model = make(family)
+    inputs, counts = uneven_prompts(family, model)
+    assert counts[0] != counts[1]
+    tokenreduce.apply(model, name, **REDUCING[name][0])
+    tokens, logits = generate_no_early_stop(model, inputs)
+    by_sample = tokenreduce.stats(model)["visual_by_sample"]
+    assert by_sample == [REDUCING[name][1](c) for c in counts] or name == "sparsevlm"
+    assert [row[0] for row in by_sample] == counts
+    no_cache_tokens, no_cache_logits = generate_no_early_stop(model, inputs, use_cache=False)
+    assert torch.equal(tokens, no_cache_tokens)
+    torch.testing.assert_close(logits, no_cache_logits, atol=1e-5, rtol=1e-5)
+    for i in range(2):
+        alone_tokens, alone_logits = generate_no_early_stop(model, uneven_solo(family, inputs, i))
+        assert torch.equal(tokens[i:i + 1], alone_tokens)
+        torch.testing.assert_close(logits[i:i + 1], alone_logits, atol=1e-5, rtol=1e-5)
+        assert tokenreduce.stats(model)["visual_by_sample"] == [by_sample[i]]
+
+
+def test_a_sample_without_an_image_keeps_every_token():
+    """A text-only prompt beside one with an image (LLaVA-1.5): it runs as it runs alone, unreduced."""
+    model, inputs = make_llava(), llava_prompts()
+    ids = inputs["input_ids"].clone()
+    ids[1] = torch.where(ids[1] == IMAGE, 9, ids[1])  # sample 1: text only
+    inputs = {**inputs, "input_ids": ids, "pixel_values": inputs["pixel_values"][:1]}
+    tokenreduce.apply(model, "fastv", **REDUCING["fastv"][0])
+    tokens, logits = generate_no_early_stop(model, inputs)
+    assert tokenreduce.stats(model)["visual_by_sample"] == [REDUCING["fastv"][1](16), [0] * 5]
+    alone = {"input_ids": ids[1:2, inputs["attention_mask"][1].bool()]}
+    alone_tokens, alone_logits = generate_no_early_stop(model, alone)
+    assert torch.equal(tokens[1:], alone_tokens)
+    torch.testing.assert_close(logits[1:], alone_logits, atol=1e-5, rtol=1e-5)
 
 
 # --- cost ------------------------------------------------------------------------------------------------

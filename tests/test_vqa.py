@@ -205,7 +205,7 @@ def test_the_command_line_prints_the_table_and_every_reducer_is_removed(tiny_vlm
 
 def test_a_model_tokenreduce_does_not_claim_runs_unreduced_with_its_placeholder_count(tiny_vlm, tmp_path,
                                                                                       monkeypatch):
-    """Where no adapter claims the model (Qwen2.5-VL), the unreduced row counts the placeholders and has no
+    """Where no adapter claims the model, the unreduced row counts the placeholders and has no
     MACs; a reducer on such a model is refused before any question is asked."""
     def unclaimed(model, reducer, **params):
         raise tokenreduce.errors.UnclaimedModelError("no adapter claims this model")
@@ -256,7 +256,7 @@ def test_the_experiments_are_checked_up_to_their_question_file(name, tmp_path, m
     monkeypatch.chdir(tmp_path)  # no data/vqa/ here
     cfg = compose([f"experiment={name}"])
     assert cfg.task == "vqa" and cfg.vqa.metric == EXPERIMENTS[name]
-    assert len(cfg.vqa.reducers) == (0 if "qwen" in name else 14)
+    assert len(cfg.vqa.reducers) == (8 if "qwen" in name else 14)
     with pytest.raises(ConfigError, match=re.escape(f"vqa.questions='{cfg.vqa.questions}' is not a file")):
         run(cfg, tmp_path / "run")
 

@@ -44,8 +44,9 @@ language model's decoder layers, and a wrapper of the model's `forward` and `gen
 Refused before any compute, with the reason: beams and num_return_sequences > 1, chunked prefill,
 static/offloaded/quantized caches and caches with sliding-window layers, a non-empty cache not
 filled by a reduced prefill, assisted decoding, attention other than eager/sdpa, labels (the logits
-are those of the kept positions), per-layer outputs, inputs_embeds without input_ids, and batches
-whose samples hold different numbers of image tokens.
+are those of the kept positions), per-layer outputs, inputs_embeds without input_ids, and videos.
+Samples holding different numbers of image tokens are selected one by one (`select_each`), each with
+its own counts, and the shorter ones padded on the left.
 """
 
 from __future__ import annotations
@@ -167,17 +168,19 @@ class Prefill:
 
     reducer: object
     stages: list
-    counts: list[int]
+    counts: list[int]  # per stage: the image tokens kept, for num_visual before the first
     image_mask: Tensor  # [B, N] of the current sequence
     anchor: Tensor  # [B] current position of each sample's anchor
     prompt: Tensor  # [B, N] the prompt's real tokens (not padding, not generated)
     kept: Tensor  # [B, N] the current positions' indices in the full sequence
-    num_visual: int
+    num_visual: int  # image tokens per sample (the most of any sample)
+    sample_counts: list | None = None  # per sample its counts per stage (None: no image), where samples differ
     stage_inputs: dict = field(default_factory=dict)  # stage index -> (hidden, kwargs) at its signal layer
     replaced: dict | None = None  # the shortened layer arguments, once a stage dropped tokens
     entering: list[int] = field(default_factory=list)  # per layer: sequence tokens before its drop (per sample)
     tokens: list[int] = field(default_factory=list)  # per layer: sequence tokens through it (per sample)
     visual: list[int] = field(default_factory=list)  # per layer: image tokens through it (the most of any sample)
+    visual_rows: list = field(default_factory=list)  # per layer: each sample's image tokens through it
     kept_at: list = field(default_factory=list)  # per layer: kept full-sequence indices (-1: a padding slot), None: all
     padded: list[bool] = field(default_factory=list)  # per layer: whether kept_at holds padding slots
     has_pads: bool = False  # whether the sequence holds padding slots (a reducer kept per-sample counts)
@@ -374,7 +377,9 @@ class LayerHook:
             if stage.signal_layer == self.index and stage.layer > self.index:
                 run.stage_inputs[s] = (hidden, dict(kwargs))
         run.tokens.append(hidden.shape[1])
-        run.visual.append(int(run.image_mask.sum(dim=1).max()) if run.image_mask.shape[0] else 0)
+        through = run.image_mask.sum(dim=1).tolist()
+        run.visual.append(max(through, default=0))
+        run.visual_rows.append(through)
         run.kept_at.append(None if run.replaced is None else run.kept)
         run.padded.append(run.replaced is not None and run.has_pads)
         return hidden, kwargs
@@ -409,8 +414,11 @@ class LayerHook:
             view.embeddings = _gather_tokens(run.embeddings, run.kept.clamp_min(0))
             if view.text is not None:  # the image-by-text products of a relevance
                 run.reducer_macs += run.num_visual * view.text.shape[1] * hidden.shape[-1]
-        out = run.reducer.select(s, view, run.counts[s])
-        keep = out if isinstance(out, PrefillKeep) else PrefillKeep(index=out)
+        if run.sample_counts is None:
+            out = run.reducer.select(s, view, run.counts[s])
+            keep = out if isinstance(out, PrefillKeep) else PrefillKeep(index=out)
+        else:
+            keep = select_each(run.reducer, s, view, [c and c[s] for c in run.sample_counts], hidden)
         index = keep.index  # [B, M] ascending positions of the current sequence; -1: a padding slot (left)
         source_index = index.clamp_min(0)
         new_pad = index < 0
@@ -436,6 +444,34 @@ class LayerHook:
         }
         kwargs.update(run.replaced)
         return (_gather_tokens(hidden, source_index) if keep.hidden is None else keep.hidden.to(hidden.dtype)), kwargs
+
+
+def select_each(reducer, stage: int, view: PrefillView, counts: list, hidden: Tensor) -> PrefillKeep:
+    """The reducer's selection sample by sample, for samples holding different numbers of image tokens
+    (`counts`: each one's count at this stage; None: no image, every token stays), right-aligned into
+    one answer: a sample that keeps fewer starts with padding slots (-1), as PrefillKeep allows."""
+    b, n = view.image_mask.shape
+    answers = []
+    for i, count in enumerate(counts):
+        if count is None:
+            answers.append(PrefillKeep(index=torch.arange(n, device=view.image_mask.device).view(1, n)))
+            continue
+        out = reducer.select(stage, view.sample(i), count)
+        answers.append(out if isinstance(out, PrefillKeep) else PrefillKeep(index=out))
+    width = max(a.index.shape[1] for a in answers)
+    index = torch.full((b, width), -1, dtype=torch.long, device=view.image_mask.device)
+    for i, a in enumerate(answers):
+        index[i, width - a.index.shape[1]:] = a.index[0]
+    states = marks = None
+    if any(a.hidden is not None for a in answers):  # the others' states are those of their kept positions
+        states = _gather_tokens(hidden, index.clamp_min(0)).clone()
+        for i, a in enumerate(answers):
+            if a.hidden is not None:
+                states[i, width - a.hidden.shape[1]:] = a.hidden[0].to(states.dtype)
+    if any(a.marks is not None for a in answers):
+        marks = torch.cat([a.marks if a.marks is not None else view.image_mask[i:i + 1] & False
+                           for i, a in enumerate(answers)])
+    return PrefillKeep(index=index, hidden=states, marks=marks)
 
 
 # --- placement (b): the boundary between the vision tower and the language model ------------------------
@@ -662,12 +698,13 @@ def check_vision_arguments(patch: VLMPatch, layer, strategy, image_sizes) -> Non
                 "image_sizes=None")
 
 
-def check_no_videos(model: nn.Module, arguments: dict) -> None:
-    """Videos are refused: only image placeholders are found and reduced."""
+def check_no_videos(model: nn.Module, arguments: dict, prompt: int) -> None:
+    """Videos are refused: only image placeholders are found and reduced (`prompt`: the pass's tokens
+    that belong to the prompt; a generated token is never a video)."""
     video = getattr(model.config, "video_token_id", None)
     ids = arguments.get("input_ids")
     given = arguments.get("pixel_values_videos") is not None or (arguments.get("mm_encoder_outputs") or {}).get("video")
-    if given or (video is not None and ids is not None and bool((ids == video).any())):
+    if given or (video is not None and ids is not None and bool((ids[:, :prompt] == video).any())):
         _refuse("a video", "only the images' placeholder tokens are found and reduced", "images (pixel_values)")
 
 
@@ -752,8 +789,11 @@ class ReducedVLM:
             check_cache(cache)
         if patch.boundary:
             return self._tr_boundary(original, arguments, extra)
-        check_no_videos(self, arguments)
-        if cache is not None and cache.get_seq_length() > 0:
+        continuing = cache is not None and cache.get_seq_length() > 0
+        ids = arguments.get("input_ids")
+        check_no_videos(self, arguments, 0 if continuing or ids is None else getattr(patch.local, "prompt", None) or
+                        ids.shape[1])
+        if continuing:
             return self._tr_run(original, arguments, extra, decode_entry(patch, cache, arguments, "image tokens"))
         input_ids = arguments.get("input_ids")
         if input_ids is None:
@@ -764,15 +804,12 @@ class ReducedVLM:
         prompt = getattr(patch.local, "prompt", None) or n
         image_mask = input_ids == info.image_token_id
         image_mask[:, prompt:] = False
-        counts = image_mask.sum(dim=1)
-        if b and bool((counts != counts[0]).any()):
-            _refuse(f"a batch with {counts.tolist()} image tokens per sample", "every sample keeps the same number, "
-                    "so the kept tokens stay one tensor", "the same number of images (and image tokens) in every sample")
-        num_visual = int(counts[0]) if b else 0
+        per_sample = image_mask.sum(dim=1).tolist()
+        num_visual = max(per_sample, default=0)
         reducer = self.token_reducer
         stages = reducer.prefill_stages() if is_prefill_reducer(reducer) and num_visual else []
-        if stages:
-            reducer.check_visual(num_visual)
+        for v in sorted(set(per_sample) - {0}) if stages else ():
+            reducer.check_visual(v)
         mask2d = arguments.get("attention_mask")
         valid = torch.ones_like(input_ids, dtype=torch.bool) if mask2d is None else mask2d.bool()
         position = torch.arange(n, device=input_ids.device)
@@ -788,6 +825,8 @@ class ReducedVLM:
         run = Prefill(reducer=reducer, stages=stages, counts=reducer.visual_counts(num_visual) if stages else [],
                       image_mask=image_mask, anchor=anchor, prompt=valid & (position < prompt), kept=position.expand(b, n),
                       num_visual=num_visual)
+        if stages and len(set(per_sample)) > 1:  # each sample's own counts; None: a sample without an image
+            run.sample_counts = [reducer.visual_counts(v) if v else None for v in per_sample]
         if getattr(patch.local, "prompt", None) is None:  # outside generate, only this pass's images count
             patch.local.vision = None
         out = self._tr_run(original, arguments, extra, run)
@@ -929,6 +968,7 @@ def prefill_state(run: Prefill) -> ReductionState:
                      for e, t in zip(run.entering, run.tokens, strict=True)]
     state.final_tokens = run.tokens[-1] if run.tokens else 0
     state.extras.update(visual=list(run.visual), kept=run.kept, image_tokens=run.num_visual,
+                        visual_by_sample=[list(row) for row in zip(*run.visual_rows, strict=True)],
                         visual_per_sample=run.image_mask.sum(dim=1).tolist(), reducer_macs=run.reducer_macs)
     return state
 
@@ -969,8 +1009,9 @@ def prefill_macs(model: nn.Module, state: ReductionState, tower: dict | None = N
         images = len(extras["visual_per_image"]) / samples
         projected = sum(extras["visual_per_image"]) / samples
     else:  # the projector ran on every feature; the cut (if any) came inside the language model
-        images = extras["image_tokens"] / info.image_features if info.image_features else 0
-        projected = extras["image_tokens"]
+        entering = [row[0] for row in extras.get("visual_by_sample", []) if row]  # each sample's image tokens
+        projected = sum(entering) / len(entering) if entering else extras["image_tokens"]
+        images = projected / info.image_features if info.image_features else 0
     vision = model.model.vision_tower
     per_image = tower["macs"] if tower is not None else adapters()["hf_clip"].unreduced_macs(vision)["total"]
     parts = {"vision_tower": round(images * per_image),
@@ -1047,7 +1088,7 @@ def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
 @register_adapter("hf_vlm")
 class VLMAdapter(HFAdapterBase):
     family = ("Hugging Face transformers vision-language models, visual tokens dropped in the language model's "
-              "prefill (LlavaForConditionalGeneration with a Llama language model; reducers: "
+              "prefill (" + ", ".join(SUPPORTED) + "; reducers: "
               + ", ".join(REDUCERS) + ") or shrunk between the vision tower and the language model (a CLIP tower; "
               "reducers: " + ", ".join(BOUNDARY_REDUCERS) + ") or merged inside the CLIP tower (the CLIP adapter's "
               "reducers)")
@@ -1116,7 +1157,7 @@ class VLMAdapter(HFAdapterBase):
                  "visual_tokens": state.extras["visual"], "image_tokens": state.extras["image_tokens"],
                  "kept": state.extras["kept"], "macs": macs["total"], "macs_parts": macs,
                  "decode_macs": decode_macs(model, state), "source": None}
-        for key in ("visual_per_sample", "visual_per_image", "image_patches"):
+        for key in ("visual_per_sample", "visual_by_sample", "visual_per_image", "image_patches"):
             if key in state.extras:
                 stats[key] = state.extras[key]
         if tower is not None:

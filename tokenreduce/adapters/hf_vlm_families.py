@@ -79,10 +79,13 @@ def check_language_model(name: str, lm: nn.Module) -> None:
     if bad:
         raise UnsupportedModelError(f"model {name} has replaced decoder layers or attention at layers {bad}; "
                                     f"supported: transformers' {layer_cls} with {attention_cls}")
-    sliding = [i for i, kind in enumerate(getattr(lm.config, "layer_types", None) or []) if kind != "full_attention"]
+    kinds = getattr(lm.config, "layer_types", None)
+    window = getattr(lm.config, "sliding_window", None)
+    sliding = ([i for i, kind in enumerate(kinds) if kind != "full_attention"] if kinds
+               else list(range(len(lm.layers))) if window is not None else [])
     if sliding:
-        raise UnsupportedModelError(f"model {name} has sliding-window attention at layers {sliding}; supported: "
-                                    "full attention in every layer (set use_sliding_window=False)")
+        raise UnsupportedModelError(f"model {name} has sliding-window attention (sliding_window={window}) at layers "
+                                    f"{sliding}; supported: full attention in every layer (sliding_window=None)")
 
 
 def visual_token_ids(model: nn.Module) -> tuple[int, ...]:

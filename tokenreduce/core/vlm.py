@@ -20,7 +20,7 @@ Reducers never import an adapter; the adapter finds these reducers by `is_prefil
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from torch import Tensor
 
@@ -94,7 +94,8 @@ class PrefillView:
     """What a reducer sees of the sequence at one stage (N: the positions still there).
 
     image_mask: [B, N] bool, the image tokens still there (the same count in every sample, unless an
-                earlier stage of a reducer that keeps per-sample counts (SparseVLM) made them differ)
+                earlier stage of a reducer that keeps per-sample counts (SparseVLM) made them differ;
+                samples that hold different counts from the start are given to the reducer one by one)
     anchor:     [B] long, the position of each sample's last prompt token (its query ranks FastV's
                 and PyramidDrop's tokens)
     prompt:     [B, N] bool, the prompt's real tokens (not padding, and not tokens generated after the
@@ -119,6 +120,11 @@ class PrefillView:
     text_attn: Tensor | None = None
     hidden: Tensor | None = None
     embeddings: Tensor | None = None
+
+    def sample(self, i: int) -> PrefillView:
+        """The view of sample i alone (row i of every tensor)."""
+        rows = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PrefillView(**{k: v[i:i + 1] if isinstance(v, Tensor) else v for k, v in rows.items()})
 
 
 @dataclass

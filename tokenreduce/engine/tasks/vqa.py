@@ -429,9 +429,10 @@ class Setting:
         if "visual_per_image" in stats:  # cut at the boundary or in the tower: the same count at every layer
             visual = statistics.fmean(stats["visual_per_sample"])
             layer_mean = visual
-        else:  # inside the language model: every sample keeps the same counts, layer by layer
-            visual = float(stats["visual_tokens"][-1])
-            layer_mean = statistics.fmean(stats["visual_tokens"])
+        else:  # inside the language model: each sample's counts, layer by layer
+            rows = stats["visual_by_sample"]
+            visual = statistics.fmean(row[-1] for row in rows)
+            layer_mean = statistics.fmean(statistics.fmean(row) for row in rows)
         parts = {f"{PART}{k}": v for k, v in (stats.get("macs_parts") or {}).items() if k != "total"}
         return {"visual_tokens": visual, "visual_tokens_layer_mean": layer_mean, "prefill_macs": stats["macs"],
                 "decode_macs": stats.get("decode_macs"), **parts}
@@ -448,7 +449,7 @@ def settings_to_measure(model, settings: VQASettings) -> list[Setting]:
     except (ConfigError, UnsupportedModelError):
         if settings.reducers:
             raise
-        base.reducible = False  # e.g. Qwen2.5-VL: unreduced only, counted from its placeholders
+        base.reducible = False  # a model no adapter claims: unreduced only, counted from its placeholders
     measured = [base] + [Setting(r["name"], r["params"]) for r in settings.reducers] + matched(model, settings.match)
     for s in measured[1:]:
         with s.placed(model):
