@@ -43,19 +43,42 @@ QUESTIONS = [  # prompts of different lengths: the batches are left-padded
 ]
 
 
+def word_level_tokenizer(vocab: list[str], **special: str):
+    """A tokenizer that splits on spaces and punctuation, one id per word of `vocab` (its first four:
+    padding, unknown, start, end), with the processor's `special` tokens (e.g. image_token)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=vocab[1]))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token=vocab[0], unk_token=vocab[1],
+                                                bos_token=vocab[2], eos_token=vocab[3], extra_special_tokens=special)
+
+
+def save_vqa_folder(root, model, processor, items, shape):
+    """`model` and `processor` saved in root/model, a random PNG image per item (question, answers, and
+    the line's other fields) of `shape(i)` pixels in root/images, and root/questions.jsonl."""
+    from PIL import Image
+
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    (root / "images").mkdir()
+    generator = torch.Generator().manual_seed(3)
+    lines = []
+    for i, (question, answers, fields) in enumerate(items):
+        pixels = (torch.rand(*shape(i), 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
+        lines.append({"image": f"images/{i}.png", "question": question, "answers": answers, **fields})
+    questions = root / "questions.jsonl"
+    questions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root / "model", questions
+
+
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory):
     """A random LlavaForConditionalGeneration and its LlavaProcessor (word-level tokenizer, CLIP image
     processor, chat template) saved as a local folder, PNG images and a question file beside them."""
-    from PIL import Image
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     root = tmp_path_factory.mktemp("vqa")
-    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=word_level, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"})
+    tokenizer = word_level_tokenizer(VOCAB, image_token="<image>")
     images = transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4,
                                             vision_feature_select_strategy="default", chat_template=TEMPLATE,
@@ -69,19 +92,9 @@ def tiny_vlm(tmp_path_factory):
     config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID,
                                       vision_feature_layer=-2, vision_feature_select_strategy="default")
     model = transformers.LlavaForConditionalGeneration(config).eval()
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    (root / "images").mkdir()
-    generator = torch.Generator().manual_seed(3)
-    lines = []
-    for i, (question, answers) in enumerate(QUESTIONS):
-        pixels = (torch.rand(20 + 2 * i, 24, 3, generator=generator) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
-        lines.append({"image": f"images/{i}.png", "question": question, "answers": answers, "question_id": 100 + i,
-                      "question_type": "color" if "color" in question else "other"})
-    questions = root / "questions.jsonl"
-    questions.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return root / "model", questions
+    items = [(question, answers, {"question_id": 100 + i, "question_type": "color" if "color" in question else "other"})
+             for i, (question, answers) in enumerate(QUESTIONS)]
+    return save_vqa_folder(root, model, processor, items, lambda i: (20 + 2 * i, 24))
 
 
 def overrides(model, questions, *extra: str) -> list[str]:

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from test_vqa import run_vqa
+from test_vqa import run_vqa, save_vqa_folder, word_level_tokenizer
 
 import tokenreduce
 from tokenreduce.core.visual_tokens import dart_keep_count
@@ -36,16 +36,9 @@ REDUCERS = ("vqa.reducers=[{name: fastv, layer: 2, keep: 0.25}, {name: pyramiddr
 
 @pytest.fixture(scope="module")
 def tiny_qwen(tmp_path_factory):
-    from PIL import Image
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     root = tmp_path_factory.mktemp("vqa_qwen")
-    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=word_level, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
+    tokenizer = word_level_tokenizer(VOCAB, image_token="<|image_pad|>", video_token="<|video_pad|>",
+                                     vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>")
     patches = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2}
     processor = transformers.Qwen2_5_VLProcessor(
         image_processor=transformers.Qwen2VLImageProcessor(min_pixels=SIDE * SIDE, max_pixels=SIDE * SIDE, **patches),
@@ -63,18 +56,8 @@ def tiny_qwen(tmp_path_factory):
                                                         ("vision_end_token_id", "<|vision_end|>"))}
     config = transformers.Qwen2_5_VLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), **ids)
     model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    (root / "images").mkdir()
-    generator = torch.Generator().manual_seed(3)
-    lines = []
-    for i, (question, answers) in enumerate(QUESTIONS):
-        pixels = (torch.rand(*SHAPES[i], 3, generator=generator) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
-        lines.append({"image": f"images/{i}.png", "question": question, "answers": answers, "question_id": i})
-    questions = root / "questions.jsonl"
-    questions.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return root / "model", questions
+    items = [(question, answers, {"question_id": i}) for i, (question, answers) in enumerate(QUESTIONS)]
+    return save_vqa_folder(root, model, processor, items, lambda i: SHAPES[i])
 
 
 @pytest.fixture(scope="module")
