@@ -282,3 +282,14 @@ def test_a_vision_transformer_refuses_the_boundary_reducers(name):
     vit = timm.create_model("test_vit", pretrained=False)
     with pytest.raises(ConfigError, match=re.escape(name) + ": shrinks the image features between the vision tower"):
         tokenreduce.apply(vit, name)
+
+
+def test_two_images_side_by_side_each_keep_their_own_count():
+    """LLaVA-1.5's runs are V long each, so two images with no text between them are two runs."""
+    placeholder = torch.tensor([[False, True, True, True, True, False], [True, True, False, False, False, False]])
+    cut = hf_vlm.cut_placeholders(placeholder, [1, 2, 0], equal_runs=True)  # runs: 0-1, 2-3 of row 0, row 1
+    assert cut.tolist() == [[False, False, True, False, False, False], [True, True, False, False, False, False]]
+    with pytest.raises(ConfigError, match="one per image, in order, with text between two images"):
+        hf_vlm.cut_placeholders(placeholder, [1, 2, 0], equal_runs=False)  # two segments for three images
+    segments = hf_vlm.cut_placeholders(placeholder, [3, 1], equal_runs=False)  # runs of 4 and 2
+    assert segments.tolist() == [[False, False, False, False, True, False], [False, True, False, False, False, False]]

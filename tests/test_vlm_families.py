@@ -155,14 +155,19 @@ def test_each_class_is_claimed_by_the_vision_language_adapter(family):
     model = make(family)
     assert adapter_for(model).name == "hf_vlm"
     info = adapter_for(model).describe(model)
-    assert (info.depth, info.image_token_id, info.vision_tokens) == (5, IMAGE, 0)  # no boundary facts
+    # boundary facts for LLaVA-NeXT's CLIP tower only (16 patches and the CLS; test_vlm_tiles)
+    assert (info.depth, info.image_token_id, info.vision_tokens) == (5, IMAGE, 17 if family == "llava_next" else 0)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize(("name", "params", "words"), [
-    ("visionzip", {"dominant": 4, "contextual": 2}, "no supported vision tower .*LLaVA-1.5"),
-    ("prumerge", {}, "no supported vision tower .*LLaVA-1.5"),
-    ("pitome", {"ratio": 0.9}, "merges in a vision tower.*LLaVA-1.5"),
+BOUNDARY_REFUSED = [family for family in FAMILIES if family != "llava_next"]  # LLaVA-NeXT's: test_vlm_tiles
+TOWER = ("pitome", {"ratio": 0.9}, "merges in a vision tower.*LLaVA-1.5")
+
+
+@pytest.mark.parametrize(("family", "name", "params", "words"), [
+    *[(family, "visionzip", {"dominant": 4, "contextual": 2}, "cannot take a reducer at the boundary .*no CLS token")
+      for family in BOUNDARY_REFUSED],
+    *[(family, "prumerge", {}, "cannot take a reducer at the boundary .*no CLS token") for family in BOUNDARY_REFUSED],
+    *[(family, *TOWER) for family in FAMILIES],
 ])
 def test_the_tower_and_boundary_placements_are_refused(family, name, params, words):
     model = make(family)
@@ -433,3 +438,12 @@ def test_the_layers_after_the_cut_get_the_kept_tokens_3d_rotary_embedding():
     index = kept.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
     assert torch.equal(kept_cos, cos.gather(1, index)) and torch.equal(kept_sin, sin.gather(1, index))
     assert not torch.equal(cos[:, :, 1], cos[:, :, -1])  # the sections differ: the positions are 3-D
+
+
+def test_renumbered_positions_are_refused_on_qwen_and_work_on_the_tiled_classes():
+    with pytest.raises(ConfigError, match="renumber=True on Qwen2VLForConditionalGeneration, whose positions are 3-D"):
+        tokenreduce.apply(make("qwen2_vl"), "pyramiddrop", layers=[1, 3], renumber=True)
+    with pytest.raises(ConfigError, match="pyramiddrop: renumber='yes' is invalid; allowed: True or False"):
+        tokenreduce.apply(make("llava_next"), "pyramiddrop", renumber="yes")
+    model, inputs = built("llava_onevision")
+    check_cache_equals_no_cache(generate, model, inputs, "pyramiddrop", {"layers": [1, 3], "ratio": 0.5, "renumber": True})

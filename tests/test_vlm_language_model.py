@@ -319,3 +319,49 @@ def test_the_recomputed_anchor_row_equals_eager_attention(attn, padded):
                                           *seen["kw"]["position_embeddings"], anchor)
             want = expected[torch.arange(b), :, anchor].unsqueeze(2)
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+# --- PyramidDrop with renumbered positions ------------------------------------------------------------
+RENUMBERED = {"layers": [1, 3], "ratio": 0.5, "renumber": True}
+
+
+def test_renumbered_positions_are_contiguous_after_each_drop():
+    """From each stage layer on, the kept tokens move down by the tokens dropped before them: a plain
+    forward numbers the padded rows 0..N-1, so the rows become 0..M-1, with the rotary (cos, sin) of
+    those positions; the logits differ from the kept numbering's."""
+    model, inputs = make_llava(), prompts()
+    lm = model.model.language_model
+    with torch.no_grad():
+        kept_numbering = tokenreduce.apply(model, "pyramiddrop", **{**RENUMBERED, "renumber": False})(**inputs).logits
+    tokenreduce.remove(model)
+    tokenreduce.apply(model, "pyramiddrop", **RENUMBERED)
+    seen = {}
+    hooks = [lm.layers[i].register_forward_pre_hook(
+        lambda m, args, kwargs, i=i: seen.update({i: (kwargs["position_ids"], kwargs["position_embeddings"])}),
+        with_kwargs=True) for i in (1, 3)]
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    for hook in hooks:
+        hook.remove()
+    assert [seen[i][0].shape[1] for i in (1, 3)] == [inputs["input_ids"].shape[1] - 8, inputs["input_ids"].shape[1] - 12]
+    for positions, (cos, sin) in seen.values():
+        assert torch.equal(positions, torch.arange(positions.shape[1]).expand_as(positions))
+        expected_cos, expected_sin = lm.rotary_emb(logits, positions)
+        assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
+    assert not torch.allclose(logits, kept_numbering, atol=1e-4)
+
+
+@pytest.mark.parametrize("attn", IMPLS)
+def test_renumbered_generation_with_the_cache_equals_generation_without(attn):
+    check_cache_equals_no_cache(generate, make_llava(attn), prompts(), "pyramiddrop", RENUMBERED)
+
+
+@pytest.mark.parametrize("attn", IMPLS)
+def test_renumbered_padded_batch_gives_each_prompt_what_it_gets_alone(attn):
+    model = tokenreduce.apply(make_llava(attn), "pyramiddrop", **RENUMBERED)
+    check_batch_equals_each_alone(generate, model, prompts())
+
+
+def test_renumbering_nothing_dropped_is_the_unpatched_model():
+    check_unpatched_when_nothing_is_reduced(generate, make_llava(), prompts(), "pyramiddrop",
+                                            {**RENUMBERED, "ratio": 1.0})

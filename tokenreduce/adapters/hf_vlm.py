@@ -1,6 +1,7 @@
 """Cutting the visual tokens of a Hugging Face `transformers` vision-language model,
 `LlavaForConditionalGeneration` (the LLaVA-1.5 layout: a CLIP tower, a projector, a Llama language
-model), in one of three placements (`tokenreduce.reducers.vlm`; docs/vlm.md):
+model), in one of three placements (`tokenreduce.reducers.vlm`; docs/vlm.md; the other classes, and
+which placements they take: hf_vlm_families):
 
 (a) inside the vision tower (any other reducer: pitome, tome, tofu, ...): the CLIP adapter (hf_clip)
 patches the tower, which returns the merged tokens at the `vision_feature_layer` LLaVA selects (as
@@ -13,7 +14,10 @@ keep its input and output, a pre-hook on the projector hands it the reducer's k 
 in place of the V features, the inner model's `get_image_features` (wrapped, signature kept) cuts
 each image's projected tokens to its count, and the model's `forward` cuts each image's placeholder
 run to that count, re-left-pads the batch and carries the mask and position ids; decode steps get
-the shortened prefill's mask and shifted positions (`BoundaryDecode`, stored per cache);
+the shortened prefill's mask and shifted positions (`BoundaryDecode`, stored per cache). On
+LLaVA-NeXT (`LlavaNextForConditionalGeneration`) `get_image_features` is the adapter's own
+(`tiled_image_features`): every view of an image (its base view and its tiles) is reduced on its own,
+and the image's tokens are laid out by `tiled_layout` (no unpadding, no newline tokens);
 
 (c) inside the language model during the prefill (FastV, PyramidDrop, DART, SparseVLM: prefill
 reducers), described below. One reducer per model: the kinds are not combined.
@@ -70,8 +74,12 @@ from tokenreduce.adapters.hf_common import (
     refuse_outputs,
 )
 from tokenreduce.adapters.hf_vlm_families import (
+    BOUNDARY_FAMILIES,
     FAMILIES,
     LLAVA,
+    LLAVA_NEXT,
+    NO_BOUNDARY,
+    QWEN,
     VisionInputs,
     check_language_model,
     counted_vision_macs,
@@ -126,7 +134,8 @@ def describe(model: nn.Module) -> LanguageModelInfo:
     return LanguageModelInfo(name=name, depth=len(lm.layers), num_prefix=0, has_class_token=False,
                              embed_dim=config.hidden_size, num_heads=config.num_attention_heads,
                              image_token_id=int(model.config.image_token_id), num_kv_heads=config.num_key_value_heads,
-                             head_dim=head_dim, **(vision_facts(model) if family_of(type(model)) == LLAVA else {}))
+                             head_dim=head_dim,
+                             **(vision_facts(model) if family_of(type(model)) in BOUNDARY_FAMILIES else {}))
 
 
 def vision_layers(model: nn.Module) -> nn.ModuleList | None:
@@ -172,6 +181,8 @@ class Prefill:
     image_mask: Tensor  # [B, N] of the current sequence
     anchor: Tensor  # [B] current position of each sample's anchor
     prompt: Tensor  # [B, N] the prompt's real tokens (not padding, not generated)
+    valid: Tensor  # [B, N] the real tokens (not padding), generated ones included
+    valid_total: Tensor  # [B] the real tokens of the pass
     kept: Tensor  # [B, N] the current positions' indices in the full sequence
     num_visual: int  # image tokens per sample (the most of any sample)
     sample_counts: list | None = None  # per sample its counts per stage (None: no image), where samples differ
@@ -183,6 +194,8 @@ class Prefill:
     visual_rows: list = field(default_factory=list)  # per layer: each sample's image tokens through it
     kept_at: list = field(default_factory=list)  # per layer: kept full-sequence indices (-1: a padding slot), None: all
     padded: list[bool] = field(default_factory=list)  # per layer: whether kept_at holds padding slots
+    shifts: list = field(default_factory=list)  # per layer: [B] real tokens dropped before it, once renumbered
+    renumbered: bool = False  # whether a stage renumbered the positions
     has_pads: bool = False  # whether the sequence holds padding slots (a reducer kept per-sample counts)
     marks: Tensor | None = None  # [B, N] what the reducer marked for its later stages (PrefillKeep.marks)
     embeddings: Tensor | None = None  # decoder layer 0's input, when a stage reads EMBEDDINGS
@@ -196,6 +209,7 @@ class Decode:
 
     kept_at: list
     padded: list | None = None
+    shifts: list | None = None  # per layer: [B] positions to take off the new tokens' (renumbered), or None
 
 
 @dataclass
@@ -344,6 +358,11 @@ class LayerHook:
         return (hidden, *args[1:]), kwargs
 
     def decode(self, run: Decode, hidden: Tensor, kwargs: dict) -> dict:
+        shift = run.shifts[self.index] if run.shifts is not None else None
+        if shift is not None:  # the prefill renumbered this layer's tokens: the new ones follow them
+            positions = kwargs["position_ids"] - shift.view(-1, 1)
+            kwargs["position_ids"] = positions
+            kwargs["position_embeddings"] = self.lm.rotary_emb(hidden, positions)
         kept = run.kept_at[self.index]
         mask = kwargs.get("attention_mask")
         padded = run.padded is not None and run.padded[self.index]
@@ -382,6 +401,7 @@ class LayerHook:
         run.visual_rows.append(through)
         run.kept_at.append(None if run.replaced is None else run.kept)
         run.padded.append(run.replaced is not None and run.has_pads)
+        run.shifts.append(run.valid_total - run.valid.sum(dim=1) if run.renumbered else None)
         return hidden, kwargs
 
     def drop(self, run: Prefill, s: int, stage, hidden: Tensor, kwargs: dict) -> tuple[Tensor, dict]:
@@ -428,6 +448,7 @@ class LayerHook:
             run.marks = run.marks.gather(1, source_index) & ~new_pad
         run.image_mask = run.image_mask.gather(1, source_index) & ~new_pad
         run.prompt = run.prompt.gather(1, source_index) & ~new_pad
+        run.valid = run.valid.gather(1, source_index) & ~new_pad
         run.anchor = (index < run.anchor.unsqueeze(1)).sum(dim=1)  # the anchor is text: always kept
         run.kept = run.kept.gather(1, source_index).masked_fill(new_pad, -1)
         cos, sin = kwargs["position_embeddings"]
@@ -442,6 +463,12 @@ class LayerHook:
             "position_ids": None if kwargs.get("position_ids") is None else _gather_tokens(kwargs["position_ids"],
                                                                                             source_index),
         }
+        if stage.renumber:  # each kept token moves down by the tokens dropped before it; padding slots 1
+            dropped_before = source_index - ((~new_pad).long().cumsum(dim=1) - 1)
+            positions = (run.replaced["position_ids"] - dropped_before).masked_fill(new_pad, 1)
+            run.replaced["position_ids"] = positions
+            run.replaced["position_embeddings"] = self.lm.rotary_emb(hidden, positions)
+            run.renumbered = True
         kwargs.update(run.replaced)
         return (_gather_tokens(hidden, source_index) if keep.hidden is None else keep.hidden.to(hidden.dtype)), kwargs
 
@@ -483,7 +510,9 @@ class TowerPass:
     inputs: Tensor | None = None  # [I, N, Dv] the feature layer's input
     output: Tensor | None = None  # [I, N, Dv] its output (the features, CLS included)
     counts: list[int] | None = None
-    patches: int = 0  # patch tokens per image before the reduction
+    positions: Tensor | None = None  # [I, k] the tower token each kept token stands at (BoundaryTokens)
+    views: int | None = None  # the images (LLaVA-NeXT: views) the reducer was given; None: not reduced here
+    patches: int = 0  # patch tokens per image (LLaVA-NeXT: per view) before the reduction
     reducer_macs: int = 0
 
 
@@ -576,6 +605,8 @@ class ProjectorHook:
                      + n * _key_width(following))
         out = reducer.reduce_features(view)
         tower.counts = [int(c) for c in out.counts]
+        tower.positions = out.positions
+        tower.views = i
         tower.patches = features.shape[1]
         tower.reducer_macs = i * macs
         return (out.tokens.to(features.dtype),)
@@ -586,14 +617,14 @@ def _key_width(layer: nn.Module) -> int:
 
 
 def checked_image_features(patch: VLMPatch, original, body):
-    """The patched get_image_features of the inner LlavaModel, both placements (a) and (b): the
+    """The patched get_image_features of the inner LlavaModel (LlavaNextModel), placements (a) and (b): the
     refusals of arguments the reduction cannot follow, before any compute, then body(*args, **kwargs).
     It keeps the original's signature (generate selects its arguments by it)."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)
     def get_image_features(*args, **kwargs):
-        arguments = signature.bind(*args, **kwargs).arguments
+        arguments = signature.bind_partial(*args, **kwargs).arguments  # a missing image_sizes is refused below
         extra = arguments.get("kwargs", {})
         check_vision_arguments(patch, arguments.get("vision_feature_layer"),
                                arguments.get("vision_feature_select_strategy"), arguments.get("image_sizes"))
@@ -642,6 +673,102 @@ def tower_image_features(patch: VLMPatch, original):
         return out
 
     return checked_image_features(patch, original, counted)
+
+
+def tiled_image_features(patch: VLMPatch, original):
+    """get_image_features of a LLaVA-NeXT under placement (b), in place of the model's own (whose
+    unpadding and newline tokens need every patch of every tile): every view of every image (its base
+    view, then its tiles) through the CLIP tower at once, each view's features reduced on their own by
+    the projector's pre-hook, projected, and laid out per image by `tiled_layout`."""
+
+    def reduced(pixel_values, image_sizes=None, vision_feature_layer=None, vision_feature_select_strategy=None,
+                **kwargs):  # the feature layer and strategy: checked by checked_image_features
+        model = patch.model_ref()
+        config = model.config
+        views, grids = image_tiles(model, pixel_values, image_sizes)
+        if pixel_values.dim() == 5:  # [images, views of the most tiled image, C, H, W]: each image's own views
+            pixel_values = torch.cat([p[:v] for p, v in zip(pixel_values, views, strict=True)])
+        kwargs.pop("return_dict", None)
+        tower = TowerPass()
+        previous = getattr(patch.local, "tower", None)
+        patch.local.tower = tower
+        try:
+            out = model.model.vision_tower(pixel_values, return_dict=True, **kwargs)
+            features = tower.output if config.vision_feature_select_strategy == "full" else tower.output[:, 1:]
+            projected = model.model.multi_modal_projector(features)  # the pre-hook reduces each view
+        finally:
+            patch.local.tower = previous
+        if tower.positions is None:
+            raise ConfigError(f"reducer {patch.reducer.name!r} does not say which patch each of its tokens stands at "
+                              "(BoundaryTokens.positions), by which a tiled image's tokens are laid out; allowed: "
+                              + ", ".join(map(repr, BOUNDARY_REDUCERS)))
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        out.pooler_output = tiled_layout(projected, tower.counts, tower.positions, views, grids, side,
+                                         patch.info.vision_prefix)
+        patch.local.tower_done = tower
+        return out
+
+    return checked_image_features(patch, original, reduced)
+
+
+def image_tiles(model: nn.Module, pixel_values, image_sizes) -> tuple[list[int], list[tuple[int, int]]]:
+    """Each image's views (its base view and its tiles) and its grid of tiles (rows, columns), as
+    LLaVA-NeXT reads them from image_sizes; a ConfigError, before any compute, where image_sizes and
+    pixel_values do not fit one another."""
+    config = model.config
+    if not isinstance(pixel_values, Tensor) or pixel_values.dim() not in (4, 5):
+        _refuse(f"pixel_values of shape {tuple(getattr(pixel_values, 'shape', ()))}", "each image's views are "
+                "reduced one by one", "[images, views, C, H, W] or [views, C, H, W] (the processor's)")
+    allowed = "one (height, width) of positive integers per image (the processor's image_sizes)"
+    if image_sizes is None:
+        _refuse("image_sizes=None", "each image's tiles and their grid follow its size", allowed)
+    sizes = torch.as_tensor(image_sizes)
+    stacked = pixel_values.dim() == 5
+    if sizes.dim() != 2 or sizes.shape[1] != 2 or sizes.is_floating_point() or bool((sizes < 1).any()) \
+            or (stacked and sizes.shape[0] != pixel_values.shape[0]):
+        held = f"pixel_values hold {pixel_values.shape[0]} images" if stacked else "pixel_values are views"
+        _refuse(f"image_sizes={sizes.tolist()}", f"{held}, whose tiles follow their sizes", allowed)
+    next_model = modeling("llava_next")
+    pinpoints, size = config.image_grid_pinpoints, config.vision_config.image_size
+    views = [next_model.image_size_to_num_patches(image_size=s, grid_pinpoints=pinpoints, patch_size=size)
+             for s in sizes.tolist()]
+    held = pixel_values.shape[1] if stacked else pixel_values.shape[0]
+    if (stacked and max(views, default=0) > held) or (not stacked and sum(views) != held):
+        _refuse(f"image_sizes={sizes.tolist()}", f"images of those sizes have {views} views (a base view and its "
+                f"tiles), but pixel_values hold {'at most ' if stacked else ''}{held}"
+                f"{' per image' if stacked else ' in all'}", allowed + ", matching pixel_values")
+    grids = [tuple(next_model.get_anyres_image_grid_shape(s, pinpoints, size)) for s in sizes.tolist()]
+    return views, grids
+
+
+def tiled_layout(projected: Tensor, counts: list[int], positions: Tensor, views: list[int],
+                 grids: list[tuple[int, int]], side: int, prefix: int) -> list[Tensor]:
+    """Each image's tokens [k_i, D] from the reduced tokens of its views (projected [T, k, D], the
+    views image by image, each image's base view first, then its tiles in row-major order of its grid;
+    counts[t] real tokens of view t; positions [T, k] the tower token each stands at, -1 for none):
+    the base view's tokens as the reducer gives them; then the tiles' tokens that stand at a patch,
+    each put at that patch's place in the image's whole grid (rows * side by columns * side patches)
+    and read in raster order of it; then the tiles' CLS tokens, tile by tile; then their merged
+    tokens, tile by tile, in the reducer's order. No unpadding and no newline tokens."""
+    k = projected.shape[1]
+    slot = torch.arange(k, device=projected.device)
+    kept = slot < torch.tensor(counts, device=projected.device).unsqueeze(1)  # [T, k] the real tokens
+    out, start = [], 0
+    for n, (rows, cols) in zip(views, grids, strict=True):
+        base, tiles = start, slice(start + 1, start + n)
+        start += n
+        at = positions[tiles]
+        tile = torch.arange(n - 1, device=projected.device).unsqueeze(1)
+        patch = at - prefix
+        place = ((tile // cols) * side + patch // side) * (cols * side) + (tile % cols) * side + patch % side
+        grid = rows * cols * side * side
+        # one sort key: the grid's places, then the CLS tokens (tile by tile), then the merged tokens
+        key = torch.where(patch >= 0, place, torch.where(at >= 0, grid + tile * prefix + at,
+                                                          grid + (n - 1) * prefix + tile * k + slot))
+        real = kept[tiles]
+        order = key[real].argsort()
+        out.append(torch.cat([projected[base][kept[base]], projected[tiles][real][order]]))
+    return out
 
 
 def tower_facts(model: nn.Module, reducer) -> ModelInfo:
@@ -693,7 +820,7 @@ def check_vision_arguments(patch: VLMPatch, layer, strategy, image_sizes) -> Non
     if strategy is not None and strategy != config.vision_feature_select_strategy:
         _refuse(f"vision_feature_select_strategy={strategy!r}", "the reducer follows the config's strategy",
                 f"None or {config.vision_feature_select_strategy!r}")
-    if image_sizes is not None:
+    if image_sizes is not None and patch.family == LLAVA:  # LLaVA-NeXT's are checked with its pixel values
         _refuse("image_sizes", "the features of one image are one run of placeholder tokens (LLaVA-1.5)",
                 "image_sizes=None")
 
@@ -708,20 +835,32 @@ def check_no_videos(model: nn.Module, arguments: dict, prompt: int) -> None:
         _refuse("a video", "only the images' placeholder tokens are found and reduced", "images (pixel_values)")
 
 
-def cut_placeholders(placeholder: Tensor, counts: list[int]) -> Tensor:
-    """The placeholder tokens [B, N] bool cut when image i keeps the first `counts[i]` of its run: the
-    placeholders in row-major order (batch, then sequence) are the images' runs of V each, as
-    transformers fills them."""
+def cut_placeholders(placeholder: Tensor, counts: list[int], equal_runs: bool) -> Tensor:
+    """The placeholder tokens [B, N] bool cut when image i keeps the first `counts[i]` of its run. The
+    placeholders in row-major order (batch, then sequence) are the images' runs, as transformers fills
+    them: `equal_runs` (LLaVA-1.5), runs of V each, two images side by side included; otherwise
+    (LLaVA-NeXT, whose runs follow each image's size) the contiguous segments, one per image."""
     b, n = placeholder.shape
-    total, images = int(placeholder.sum()), len(counts)
-    if images == 0 or total % images or total // images < max(counts):
-        _refuse(f"a batch with {total} image placeholder tokens for {images} images of {counts} tokens each",
-                "each image's run of placeholder tokens is cut to its kept tokens", "the processor's "
-                "placeholder runs, one of the same length per image")
-    v = total // images
-    ordinal = placeholder.flatten().long().cumsum(0).view(b, n) - 1
-    limit = torch.tensor(counts, device=placeholder.device)[(ordinal // v).clamp(0, images - 1)]
-    return placeholder & (ordinal % v >= limit)
+    flat = placeholder.flatten()
+    total, images = int(flat.sum()), len(counts)
+    if equal_runs:
+        lengths = [total // images] * images if images and total % images == 0 else []
+        shape = "one of the same length per image"
+    else:
+        starts = (placeholder & ~torch.nn.functional.pad(placeholder[:, :-1], (1, 0), value=False)).flatten()
+        lengths = torch.bincount((starts.long().cumsum(0) - 1)[flat], minlength=int(starts.sum())).tolist()
+        shape = "one per image, in order, with text between two images"
+    if len(lengths) != images or any(c > length for c, length in zip(counts, lengths, strict=True)):
+        _refuse(f"a batch with {total} image placeholder tokens in runs of {lengths} for {images} images of {counts} "
+                "tokens", "each image's run of placeholder tokens is cut to its kept tokens",
+                f"the processor's placeholder runs, {shape}, each at least as long as its image's kept tokens")
+    ordinal = flat.long().cumsum(0) - 1  # each placeholder's place among all
+    length = torch.tensor(lengths, dtype=torch.long, device=placeholder.device)
+    ends = length.cumsum(0)
+    run = torch.searchsorted(ends, ordinal, right=True).clamp_max(images - 1)
+    offset = ordinal - (ends - length)[run]  # its place in its run
+    limit = torch.tensor(counts, dtype=torch.long, device=placeholder.device)[run]
+    return (flat & (offset >= limit)).view(b, n)
 
 
 def left_padded(keep: Tensor) -> Tensor:
@@ -824,14 +963,15 @@ class ReducedVLM:
             cache = arguments["cache"] = cache_classes()[0](config=lm.config)
         run = Prefill(reducer=reducer, stages=stages, counts=reducer.visual_counts(num_visual) if stages else [],
                       image_mask=image_mask, anchor=anchor, prompt=valid & (position < prompt), kept=position.expand(b, n),
-                      num_visual=num_visual)
+                      num_visual=num_visual, valid=valid, valid_total=valid.sum(dim=1))
         if stages and len(set(per_sample)) > 1:  # each sample's own counts; None: a sample without an image
             run.sample_counts = [reducer.visual_counts(v) if v else None for v in per_sample]
         if getattr(patch.local, "prompt", None) is None:  # outside generate, only this pass's images count
             patch.local.vision = None
         out = self._tr_run(original, arguments, extra, run)
         if cache is not None:
-            patch.caches[cache] = Decode(kept_at=run.kept_at, padded=run.padded)
+            patch.caches[cache] = Decode(kept_at=run.kept_at, padded=run.padded,
+                                         shifts=run.shifts if run.renumbered else None)
         patch.last_state = prefill_state(run)
         # the images this pass (or the generate call it belongs to) encoded; None: it was given features
         patch.last_state.extras["vision_inputs"] = getattr(patch.local, "vision", None) if num_visual else None
@@ -855,7 +995,8 @@ class ReducedVLM:
         encoded = dict(arguments.get("mm_encoder_outputs") or {})
         pixel_values = arguments.get("pixel_values")
         if pixel_values is not None and encoded.get("image") is None:
-            encoded["image"] = self.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+            encoded["image"] = self.model.get_image_features(pixel_values=pixel_values,
+                                                             image_sizes=arguments.get("image_sizes"), return_dict=True)
             arguments["pixel_values"], arguments["mm_encoder_outputs"] = None, encoded
         image = encoded.get("image")
         b, n = input_ids.shape
@@ -863,9 +1004,10 @@ class ReducedVLM:
         placeholder = input_ids == patch.info.image_token_id
         placeholder[:, prompt:] = False
         tower = getattr(patch.local, "tower_done", None)
-        patch.local.tower_done = None
+        if getattr(patch.local, "prompt", None) is None:  # outside generate, only this pass's own tower run counts
+            patch.local.tower_done = None
         counts = [] if image is None else [int(f.shape[0]) for f in image.pooler_output]
-        cut = cut_placeholders(placeholder, counts) if counts else torch.zeros_like(placeholder)
+        cut = cut_placeholders(placeholder, counts, patch.family == LLAVA) if counts else torch.zeros_like(placeholder)
         mask = arguments.get("attention_mask")
         # the kept tokens: every real one but the cut placeholders; padding is made again on the left
         keep = ~cut if mask is None or not bool(cut.any()) else ~cut & mask.bool()
@@ -954,11 +1096,12 @@ class ReducedVLM:
             _refuse("generate without input_ids", "the image tokens are found by their placeholder id", "input_ids")
         previous = getattr(patch.local, "prompt", None)
         patch.local.prompt = inputs.shape[1]
-        patch.local.vision = None
+        patch.local.vision = patch.local.tower_done = None
         try:
             return super().generate(*args, **kwargs)
         finally:
             patch.local.prompt = previous
+            patch.local.tower_done = None
 
 
 # --- what a pass did -----------------------------------------------------------------------------------
@@ -989,6 +1132,7 @@ def boundary_state(model: nn.Module, placeholder: Tensor, keep: Tensor, index: T
     state.extras.update(visual=[visual] * depth, kept=index, image_tokens=int(placeholder.sum(dim=1).max()) if
                         placeholder.shape[0] else 0, visual_per_sample=per_sample, visual_per_image=list(counts),
                         image_patches=tower.patches if tower is not None else None,
+                        views=tower.views if tower is not None else None,
                         reducer_macs=tower.reducer_macs // b if tower is not None else 0)
     return state
 
@@ -1000,14 +1144,17 @@ def prefill_macs(model: nn.Module, state: ReductionState, tower: dict | None = N
     (`pass_macs`); the language-model head is left out (generate computes it for one position)."""
     lm = pass_macs(model, state)
     patch = model._tokenreduce
-    if patch.family != LLAVA:
+    if patch.family != LLAVA and not patch.boundary:
         return counted_prefill_macs(model, state, lm)
     info = patch.info
     extras = state.extras
     if "visual_per_image" in extras:  # boundary and tower: each image's count is known
         samples = max(len(extras["visual_per_sample"]), 1)
-        images = len(extras["visual_per_image"]) / samples
-        projected = sum(extras["visual_per_image"]) / samples
+        images, projected = len(extras["visual_per_image"]), sum(extras["visual_per_image"])
+        if patch.family != LLAVA:  # LLaVA-NeXT: the tower ran once per view; not at all for a pass given the features
+            views = extras.get("views")
+            images, projected = (views, projected) if views is not None else (0, 0)
+        images, projected = images / samples, projected / samples
     else:  # the projector ran on every feature; the cut (if any) came inside the language model
         entering = [row[0] for row in extras.get("visual_by_sample", []) if row]  # each sample's image tokens
         projected = sum(entering) / len(entering) if entering else extras["image_tokens"]
@@ -1050,7 +1197,8 @@ def decode_macs(model: nn.Module, state: ReductionState) -> int:
 
 
 def probe_inputs(model: nn.Module) -> dict:
-    """One prompt for a cost probe (`cost.probe_pass`); the tiled and Qwen models' from hf_vlm_families."""
+    """One prompt for a cost probe (`cost.probe_pass`); the tiled and Qwen models' from hf_vlm_families,
+    whose placeholder run is as long as the unreduced model's features."""
     family = model._tokenreduce.family if is_patched(model) else family_of(type(model))
     return llava_probe_inputs(model) if family == LLAVA else family_probe_inputs(model, family)
 
@@ -1089,9 +1237,9 @@ def pass_macs(model: nn.Module, state: ReductionState) -> dict[str, int]:
 class VLMAdapter(HFAdapterBase):
     family = ("Hugging Face transformers vision-language models, visual tokens dropped in the language model's "
               "prefill (" + ", ".join(SUPPORTED) + "; reducers: "
-              + ", ".join(REDUCERS) + ") or shrunk between the vision tower and the language model (a CLIP tower; "
-              "reducers: " + ", ".join(BOUNDARY_REDUCERS) + ") or merged inside the CLIP tower (the CLIP adapter's "
-              "reducers)")
+              + ", ".join(REDUCERS) + ") or shrunk between the vision tower and the language model (LLaVA-1.5 and "
+              "LLaVA-NeXT with a CLIP tower; reducers: " + ", ".join(BOUNDARY_REDUCERS) + ") or merged inside the CLIP "
+              "tower (LLaVA-1.5; the CLIP adapter's reducers)")
     reduced_methods = ReducedVLM
     claimed_class = staticmethod(_claimed_class)
     model_info = staticmethod(describe)
@@ -1100,6 +1248,17 @@ class VLMAdapter(HFAdapterBase):
     def check_reducer(self, model: nn.Module, reducer, info: LanguageModelInfo, options: dict) -> None:
         if is_tower_reducer(reducer):  # placement (a): the tower must be one hf_clip reduces
             tower_facts(model, reducer)
+        family = family_of(type(model))
+        if is_boundary_reducer(reducer) and family in NO_BOUNDARY:
+            inside = ", ".join(repr(r) for r in REDUCERS if r != "none")
+            raise ConfigError(f"{reducer.name}: model {info.name} cannot take a reducer at the boundary between its vision "
+                              f"tower and its language model: {NO_BOUNDARY[family]}; allowed: the language-model "
+                              f"reducers {inside} on this model, or {reducer.name!r} on {LLAVA} or {LLAVA_NEXT} with "
+                              "a CLIP vision tower")
+        renumbers = is_prefill_reducer(reducer) and any(stage.renumber for stage in reducer.prefill_stages())
+        if renumbers and family_of(type(model)) in QWEN:
+            raise ConfigError(f"{reducer.name}: renumber=True on {type(model).__name__}, whose positions are 3-D (time, "
+                              "height, width) and have no renumbering; allowed: renumber=False")
 
     def reducer_info(self, model: nn.Module, reducer, info: LanguageModelInfo):
         return tower_facts(model, reducer) if is_tower_reducer(reducer) else info
@@ -1127,7 +1286,8 @@ class VLMAdapter(HFAdapterBase):
                              feature.register_forward_hook(hook.after, with_kwargs=True),
                              model.model.multi_modal_projector.register_forward_pre_hook(ProjectorHook(patch, layers))]
             inner = model.model
-            inner.get_image_features = boundary_image_features(patch, inner.get_image_features)
+            wrap = tiled_image_features if patch.family == LLAVA_NEXT else boundary_image_features
+            inner.get_image_features = wrap(patch, inner.get_image_features)
         else:
             lm = language_model(model)
             patch.handles = [layer.register_forward_pre_hook(LayerHook(patch, lm, i), with_kwargs=True)
@@ -1170,7 +1330,8 @@ class VLMAdapter(HFAdapterBase):
     def token_bound(self, model: nn.Module) -> int:
         """The image tokens of the probe prompt (LLaVA-1.5: its features per image)."""
         info = facts_of(model)
-        if info.image_features > 0:
+        family = model._tokenreduce.family if is_patched(model) else family_of(type(model))
+        if family == LLAVA and info.image_features > 0:
             return info.image_features
         return int((probe_inputs(model)["input_ids"] == info.image_token_id).sum())
 

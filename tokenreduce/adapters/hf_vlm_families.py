@@ -8,7 +8,9 @@ functions, and the vision tower's MACs on the images a pass encoded.
   `LlavaOnevisionForConditionalGeneration`): the image tiled (a base view and the tiles of its
   best-fitting grid), the tiles' features unpadded and an `image_newline` token closing each row,
   all in one run of placeholders per image; placement (c) (inside the language model), which takes
-  every one of those tokens, newline tokens included, as the visual tokens.
+  every one of those tokens, newline tokens included, as the visual tokens. LLaVA-NeXT with a CLIP
+  tower also takes placement (b) (at the boundary): each view reduced on its own, the tiles' kept
+  patches laid out in the image's grid (hf_vlm.tiled_layout), no unpadding and no newline tokens.
 - Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`):
   images of any size cut into 2x2-merged patches, the language model's 3-D rotary positions (time,
   height, width) computed by the model for the full sequence; placement (c) carries each kept
@@ -40,7 +42,8 @@ FAMILIES = {
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
 }
-TILED = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
+LLAVA_NEXT = "LlavaNextForConditionalGeneration"
+TILED = (LLAVA_NEXT, "LlavaOnevisionForConditionalGeneration")
 QWEN = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 # language models whose decoder layers are Llama's (input_layernorm, q/k/v/o projections, rotary (cos,
 # sin) applied as Llama applies them, grouped key-value heads): modeling module -> (model, layer, attention)
@@ -51,6 +54,15 @@ LANGUAGE_MODELS = {
     "qwen2_vl": ("Qwen2VLTextModel", "Qwen2VLDecoderLayer", "Qwen2VLAttention"),
     "qwen2_5_vl": ("Qwen2_5_VLTextModel", "Qwen2_5_VLDecoderLayer", "Qwen2_5_VLAttention"),
 }
+# the classes whose CLIP tower the boundary reducers read (placement (b)); why the others cannot
+BOUNDARY_FAMILIES = (LLAVA, LLAVA_NEXT)
+NO_BOUNDARY = {
+    "LlavaOnevisionForConditionalGeneration": "its SigLIP vision tower has no CLS token, by whose attention "
+                                              "VisionZip and PruMerge rank the patches",
+    "Qwen2VLForConditionalGeneration": "its vision tower has no CLS token, by whose attention VisionZip and PruMerge "
+                                       "rank the patches, and merges packed patches 2x2 before the language model",
+}
+NO_BOUNDARY["Qwen2_5_VLForConditionalGeneration"] = NO_BOUNDARY["Qwen2VLForConditionalGeneration"]
 PROBE_GRID = 32  # a Qwen probe image's side in patches (448 px at Qwen's 14-px patches): 256 visual tokens
 
 
@@ -117,10 +129,9 @@ def probe_inputs(model: nn.Module, family: str) -> dict:
             image_size=(2 * size, 2 * size), grid_pinpoints=config.image_grid_pinpoints, patch_size=size)
         image["pixel_values"] = torch.randn(1, tiles, config.vision_config.num_channels, size, size, generator=generator)
         image["image_sizes"] = torch.tensor([[2 * size, 2 * size]])
-        with torch.inference_mode():
-            features = model.model.get_image_features(pixel_values=image["pixel_values"].to(param.device, param.dtype),
-                                                      image_sizes=image["image_sizes"].to(param.device),
-                                                      return_dict=True)
+        with torch.inference_mode():  # the unreduced count: the placeholder run the processor would give
+            features = own_image_features(model)(pixel_values=image["pixel_values"].to(param.device, param.dtype),
+                                                 image_sizes=image["image_sizes"].to(param.device), return_dict=True)
         run = [config.image_token_id] * int(features.pooler_output[0].shape[0])
     special = set(visual_token_ids(model)) | {getattr(config.text_config, "pad_token_id", None)} | set(run)
     text = next(t for t in range(len(special) + 1) if t not in special)
@@ -163,6 +174,13 @@ class VisionInputs:
         return self.shape, self.dtype, tuple((k, tuple(v.flatten().tolist())) for k, v in sorted(self.sizes.items()))
 
 
+def own_image_features(model: nn.Module):
+    """The model's own `get_image_features`, not an override of the adapter's (which records its calls or
+    reduces the features; each keeps the model's as `__wrapped__`)."""
+    override = vars(model.model).get("get_image_features")  # the instance's; the class's own is decorated
+    return model.model.get_image_features if override is None else override.__wrapped__
+
+
 def projector(model: nn.Module, family: str) -> nn.Module:
     """The module that maps the vision tower's features to the language model's width."""
     return model.model.visual.merger if family in QWEN else model.model.multi_modal_projector
@@ -182,11 +200,9 @@ def counted_vision_macs(model: nn.Module, family: str, inputs: VisionInputs) -> 
     pixels = torch.zeros(inputs.shape, dtype=inputs.dtype, device=param.device)
     sizes = {k: v.to(param.device) for k, v in inputs.sizes.items()}
     counter = FlopCounterMode(display=False)
-    encode = model.model.get_image_features
-    encode = getattr(encode, "__wrapped__", encode)  # the model's own, not one that records its calls
     try:
         with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), counter:
-            encode(pixel_values=pixels, **sizes)
+            own_image_features(model)(pixel_values=pixels, **sizes)
     finally:
         hook.remove()
     rows = sum(tokens)

@@ -87,6 +87,7 @@ class PrefillStage:
     layer: int
     signal_layer: int
     needs: frozenset[str]
+    renumber: bool = False  # from this layer on each kept token's position drops by the tokens dropped before it
 
 
 @dataclass
@@ -168,10 +169,18 @@ class BoundaryView:
 @dataclass
 class BoundaryTokens:
     """A boundary reducer's answer: tokens [I, n, Dv] in the tower's width (the projector follows),
-    image i's `counts[i]` first (then padding rows, which are cut off after the projector)."""
+    image i's `counts[i]` first (then padding rows, which are cut off after the projector).
+
+    positions: [I, n] long, the tower token each token stands at (an index into BoundaryView.hidden's
+               N tokens: the CLS tokens first, then the patches), -1 for a token merged from several
+               (VisionZip's contextual tokens, PruMerge's token of the rest) and for padding rows;
+               None: not stated. A tiled image (LLaVA-NeXT) puts each tile's patch tokens back at
+               their places in the image's grid by it.
+    """
 
     tokens: Tensor
     counts: Tensor
+    positions: Tensor | None = None
 
 
 def is_boundary_reducer(reducer) -> bool:

@@ -131,14 +131,18 @@ class PyramidDrop(PrefillReducer):
     layers: strictly increasing stage layers, each >= 1 (the paper's [8, 16, 24] on 32 layers)
     ratio:  lambda in (0, 1] (stage s keeps floor(V * lambda**s)), or a list of cumulative ratios,
             one per layer, non-increasing
-    Positions keep the full prompt's numbering (as FastV and DART); the reference renumbers them
-    after each drop, which this placement does not do (docs/vlm.md).
+    renumber: False: positions keep the full prompt's numbering (as FastV and DART); True: after
+              each drop every kept token's position drops by the tokens dropped before it, so the
+              remaining tokens are numbered without gaps (the reference code's choice), and the
+              decode steps follow on from them (not on Qwen's 3-D positions)
     """
 
     strength = (Strength("ratio", 0.0, 1.0, integer=False, larger_removes=False),)  # one lambda for every stage
 
-    def __init__(self, layers: list[int] = (8, 16, 24), ratio: float | list[float] = 0.5):
+    def __init__(self, layers: list[int] = (8, 16, 24), ratio: float | list[float] = 0.5, renumber: bool = False):
         who = self.name
+        if not isinstance(renumber, bool):
+            raise ConfigError(f"{who}: renumber={renumber!r} is invalid; allowed: True or False")
         layer_list = check_numbers(who, "layers", layers, low=1, integer=True)
         if not layer_list or any(b <= a for a, b in zip(layer_list, layer_list[1:], strict=False)):
             raise ConfigError(f"{who}: layers={layers!r} is invalid; allowed: a non-empty, strictly increasing list "
@@ -147,9 +151,11 @@ class PyramidDrop(PrefillReducer):
         super().__init__()
         self.layers = list(layer_list)
         self.ratio = list(ratio) if is_list(ratio) else ratio
+        self.renumber = renumber
 
     def prefill_stages(self) -> list[PrefillStage]:
-        return [PrefillStage(layer=layer, signal_layer=layer, needs=frozenset({ANCHOR_ATTN})) for layer in self.layers]
+        return [PrefillStage(layer=layer, signal_layer=layer, needs=frozenset({ANCHOR_ATTN}), renumber=self.renumber)
+                for layer in self.layers]
 
     def visual_counts(self, num_visual: int) -> list[int]:
         return pyramid_schedule(num_visual, self.layers, self.ratio)
@@ -336,7 +342,8 @@ class BoundaryReducer(TokenReducer):
 
     Subclasses set `boundary_needs()` (the signals, core.vlm), `check_vision(info)` (a ConfigError
     when the setting does not fit the model's vision tower, called at apply) and
-    `reduce_features(view) -> BoundaryTokens`."""
+    `reduce_features(view) -> BoundaryTokens` (with the tower token each token stands at, by which
+    the tiles of a LLaVA-NeXT image are laid out; on LLaVA-NeXT every view is one image here)."""
 
     strength = ()
     cap = staticmethod(no_cap)
@@ -350,9 +357,11 @@ class BoundaryReducer(TokenReducer):
     def check_model(self, info: ModelInfo) -> None:
         info = require_language_model(self.name, info, BOUNDARY)
         if info.vision_tokens <= info.vision_prefix:
-            raise ConfigError(f"{self.name}: model {info.name} has no supported vision tower (the LLaVA-1.5 layout, "
-                              "LlavaForConditionalGeneration, with a transformers CLIPVisionModel read at one "
-                              "vision_feature_layer); allowed: such a model, or the language-model reducers 'fastv', "
+            raise ConfigError(f"{self.name}: model {info.name} has no supported vision tower ({self.name} ranks the "
+                              "patches by the CLS token's attention in a transformers CLIPVisionModel read at one "
+                              "vision_feature_layer with strategy 'default' or 'full', as LLaVA-1.5 "
+                              "(LlavaForConditionalGeneration) and LLaVA-NeXT (LlavaNextForConditionalGeneration) "
+                              "have it); allowed: such a model, or the language-model reducers 'fastv', "
                               "'pyramiddrop', 'dart', 'sparsevlm'")
         self.check_vision(info)
 
@@ -416,10 +425,17 @@ class VisionZip(BoundaryReducer):
                 f"{' - 1' if prefix else ''} + contextual <= {patches}")
 
     def reduce_features(self, view: BoundaryView) -> BoundaryTokens:
-        tokens, _ = visionzip(view.cls_attention, view.feature_keys, view.hidden, self.dominant, self.contextual,
-                              prefix=view.prefix, keep_prefix=self.keep_cls, merge=self.merge)
-        counts = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long, device=tokens.device)
-        return BoundaryTokens(tokens=tokens, counts=counts)
+        tokens, assignment = visionzip(view.cls_attention, view.feature_keys, view.hidden, self.dominant,
+                                       self.contextual, prefix=view.prefix, keep_prefix=self.keep_cls, merge=self.merge)
+        i, k = tokens.shape[:2]
+        counts = torch.full((i,), k, dtype=torch.long, device=tokens.device)
+        # the kept tokens (CLS, dominant: the first k - contextual slots) stand at their tower token, one each;
+        # the contextual ones at none. Every other token writes to a spare column, cut off.
+        fixed = k - self.contextual
+        dest = assignment.dest.masked_fill(assignment.dest >= fixed, k)
+        source = torch.arange(dest.shape[1], device=dest.device).expand_as(dest)
+        positions = dest.new_full((i, k + 1), -1).scatter_(1, dest, source)[:, :k]
+        return BoundaryTokens(tokens=tokens, counts=counts, positions=positions)
 
 
 @register_reducer("prumerge")
@@ -459,7 +475,7 @@ class PruMerge(BoundaryReducer):
     def reduce_features(self, view: BoundaryView) -> BoundaryTokens:
         out = prumerge(view.next_cls_attention, view.next_keys, view.hidden, plus=self.plus, prefix=view.prefix,
                        neighbours=self.neighbours)
-        return BoundaryTokens(tokens=out.tokens, counts=out.valid.sum(dim=1))
+        return BoundaryTokens(tokens=out.tokens, counts=out.valid.sum(dim=1), positions=out.index)
 
 
 @register_reducer("prumerge+")
