@@ -198,12 +198,7 @@ def test_keeping_every_patch_gives_the_unpatched_features_without_newline_tokens
         expected.append(torch.cat([features[:PATCHES], grid.view(rows * SIDE, cols * SIDE + 1, -1)[:, :-1].flatten(0, 1)]))
     reference_out = reference_logits(model, inputs, expected)
     tokenreduce.apply(model, "visionzip", **KEEP_ALL)
-    with torch.no_grad():
-        got = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
-        logits = model(**inputs).logits
-    for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(logits, reference_out, atol=1e-5, rtol=1e-5)
+    check_features_and_logits(model, inputs, expected, reference_out)
     stats = tokenreduce.stats(model)
     assert stats["visual_per_image"] == [3 * PATCHES, 5 * PATCHES] and stats["image_tokens"] == 88
 
@@ -218,13 +213,19 @@ def test_the_layout_equals_a_plain_loop_reference(name, layout):
     expected = expected_features(reference, inputs, name, REDUCING[name])
     expected_logits = reference_logits(reference, inputs, expected)
     model = tokenreduce.apply(make("llava_next"), name, **REDUCING[name])
+    check_features_and_logits(model, inputs, expected, expected_logits)
+    assert tokenreduce.stats(model)["visual_per_image"] == [e.shape[0] for e in expected]
+
+
+def check_features_and_logits(model, inputs, expected, expected_logits):
+    """The reduced model's image features are `expected` (one tensor per image) and its logits
+    `expected_logits`."""
     with torch.no_grad():
         got = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
         logits = model(**inputs).logits
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
-    assert tokenreduce.stats(model)["visual_per_image"] == [e.shape[0] for e in expected]
 
 
 @pytest.mark.parametrize("name", sorted(REDUCING))
