@@ -261,7 +261,7 @@ def test_the_own_model_writes_its_question_set_into_the_run_directory(tiny_vlm, 
 
 # --- the experiments -----------------------------------------------------------------------------------
 EXPERIMENTS = {"vqa_llava15_7b_gqa": "exact", "vqa_llava15_7b_textvqa": "vqa", "vqa_llava15_7b_pope": "exact",
-               "vqa_qwen25vl_3b_gqa": "exact"}
+               "vqa_qwen25vl_3b_gqa": "exact", "vqa_qwen25vl_3b_textvqa": "vqa", "vqa_qwen25vl_3b_pope": "exact"}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
