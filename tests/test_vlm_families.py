@@ -15,7 +15,6 @@ from vlm_checks import (
     IMAGE,
     IMPLS,
     PAD,
-    Counter,
     check_cache_equals_no_cache,
     check_unpatched_when_nothing_is_reduced,
     generate,
@@ -176,16 +175,43 @@ def test_the_tower_and_boundary_placements_are_refused(family, name, params, wor
     assert not hasattr(model, "_tokenreduce")
 
 
-@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
-def test_a_video_is_refused_before_any_compute(family):
-    model, inputs = built(family)
-    tokenreduce.apply(model, "fastv", **REDUCING["fastv"][0])
-    inputs["input_ids"] = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE, VIDEO)
-    counter = Counter(model.model.language_model.embed_tokens)
-    with pytest.raises(ConfigError, match="a video is not supported.*allowed: images"):
-        with torch.no_grad():
-            model(**inputs)
-    assert counter.calls == 0
+FRAMES = 4  # a test video: OneVision pools each 16x16 frame to 2x2 (16 tokens and a newline); Qwen merges
+VIDEO_TOKENS = {"llava_onevision": FRAMES * 4 + 1, "qwen2_vl": FRAMES // 2 * QWEN_GRID ** 2 // 4,
+                "qwen2_5_vl": FRAMES // 2 * QWEN_GRID ** 2 // 4}  # Qwen: 2 frames a temporal patch
+
+
+def video_prompts(family: str, model) -> dict:
+    """prompts() with a video in place of each image (of the same length, so the same tokens)."""
+    generator = torch.Generator().manual_seed(6)
+    v = VIDEO_TOKENS[family]
+    run = [START] + [VIDEO] * v + [END] if is_qwen(family) else [VIDEO] * v
+    rows = [[1, 5, 6] + run + [7, 8, 9], [4, 5] + run + [7, 8]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    inputs = {"input_ids": ids, "attention_mask": (ids != PAD).long()}
+    if is_qwen(family):
+        patch = model.config.vision_config.patch_size
+        inputs["pixel_values_videos"] = torch.randn(2 * FRAMES * QWEN_GRID ** 2 // 2, 3 * 2 * patch * patch,
+                                                    generator=generator)
+        inputs["video_grid_thw"] = torch.tensor([[FRAMES // 2, QWEN_GRID, QWEN_GRID]] * 2)
+        inputs["mm_token_type_ids"] = (ids == VIDEO).int() * 2
+    else:
+        inputs["pixel_values_videos"] = torch.randn(2, FRAMES, 3, 16, 16, generator=generator)
+    return inputs
+
+
+@pytest.mark.parametrize("family", sorted(VIDEO_TOKENS))
+@pytest.mark.parametrize("name", ["fastv", "pyramiddrop"])
+def test_a_video_is_cut_as_an_image_is(family, name):
+    """A video's placeholders are visual tokens: the counts follow the schedule, generation with the
+    cache equals generation without, and the vision tower's MACs are counted on the video."""
+    model = make(family)
+    inputs = video_prompts(family, model)
+    check_cache_equals_no_cache(generate, model, inputs, name, REDUCING[name][0])
+    v = VIDEO_TOKENS[family]
+    stats = tokenreduce.stats(model)
+    assert stats["visual_by_sample"] == [REDUCING[name][1](v)] * 2 and stats["image_tokens"] == v
+    assert stats["macs_parts"]["vision_tower"] > 0 and stats["macs_parts"]["projector"] > 0
 
 
 def test_a_language_model_with_sliding_window_layers_is_refused():
@@ -359,18 +385,24 @@ def test_a_sample_without_an_image_keeps_every_token():
 
 
 # --- cost ------------------------------------------------------------------------------------------------
-def test_the_qwen2_vl_tower_macs_equal_a_hand_count():
-    """Qwen2-VL's tower on two 8x8-patch images: the patch embedding, per block the qkv, proj and MLP
-    per patch and full attention within each image, the merger's MLP per merged token."""
-    model, inputs = built("qwen2_vl")
+@pytest.mark.parametrize("media", ["image", "video"])
+def test_the_qwen2_vl_tower_macs_equal_a_hand_count(media):
+    """Qwen2-VL's tower on two 8x8-patch images (two videos of 2 temporal patches): the patch
+    embedding, per block the qkv, proj and MLP per patch and full attention within each image (each
+    temporal patch of a video: its cu_seqlens), the merger's MLP per merged token."""
+    model = make("qwen2_vl")
+    inputs = prompts("qwen2_vl", model) if media == "image" else video_prompts("qwen2_vl", model)
     tokenreduce.apply(model, "fastv", **REDUCING["fastv"][0])
     with torch.no_grad():
         model(**inputs)
     parts = tokenreduce.stats(model)["macs_parts"]
     vision = model.config.vision_config
-    d, n, patch_in = vision.embed_dim, QWEN_GRID ** 2, 3 * 2 * vision.patch_size ** 2
+    slices = 1 if media == "image" else FRAMES // 2  # the temporal patches, each attending within itself
+    area = QWEN_GRID ** 2
+    n = area * slices  # patches of one image (video)
+    d, patch_in = vision.embed_dim, 3 * 2 * vision.patch_size ** 2
     hidden = d * vision.mlp_ratio
-    per_image = n * patch_in * d + vision.depth * (n * (4 * d * d + 2 * d * hidden) + 2 * n * n * d)
+    per_image = n * patch_in * d + vision.depth * (n * (4 * d * d + 2 * d * hidden) + slices * 2 * area * area * d)
     merged, wide = n // 4, 4 * d
     assert parts["vision_tower"] == per_image  # per sample: one image each
     assert parts["projector"] == merged * (wide * wide + wide * vision.hidden_size)
@@ -447,3 +479,29 @@ def test_renumbered_positions_are_refused_on_qwen_and_work_on_the_tiled_classes(
         tokenreduce.apply(make("llava_next"), "pyramiddrop", renumber="yes")
     model, inputs = built("llava_onevision")
     check_cache_equals_no_cache(generate, model, inputs, "pyramiddrop", {"layers": [1, 3], "ratio": 0.5, "renumber": True})
+
+
+def test_an_image_and_a_video_in_one_prompt_are_both_visual_tokens():
+    """Qwen2-VL: one prompt with an image (16 tokens) and a video (32): FastV ranks all 48 together, and
+    the tower's MACs are the image's and the video's (each counted as in the prompts that hold one)."""
+    model = make("qwen2_vl")
+    image, video = prompts("qwen2_vl", model), video_prompts("qwen2_vl", model)
+    v = VIDEO_TOKENS["qwen2_vl"]
+    ids = torch.tensor([[1, 5, START] + [IMAGE] * 16 + [END, 6, START] + [VIDEO] * v + [END, 7, 8]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "mm_token_type_ids": (ids == IMAGE).int() + 2 * (ids == VIDEO).int(),
+              "pixel_values": image["pixel_values"][QWEN_GRID ** 2:], "image_grid_thw": image["image_grid_thw"][1:],
+              "pixel_values_videos": video["pixel_values_videos"][FRAMES * QWEN_GRID ** 2 // 2:],
+              "video_grid_thw": video["video_grid_thw"][1:]}
+    counts = [16 + v]
+    parts = {}
+    for media, given in (("image", image), ("video", video)):
+        alone = tokenreduce.apply(make("qwen2_vl"), "fastv", **REDUCING["fastv"][0])
+        with torch.no_grad():
+            alone(**given)
+        parts[media] = tokenreduce.stats(alone)["macs_parts"]
+    check_cache_equals_no_cache(generate, model, inputs, "fastv", REDUCING["fastv"][0])
+    stats = tokenreduce.stats(model)
+    assert stats["visual_by_sample"] == [REDUCING["fastv"][1](c) for c in counts]
+    for part in ("vision_tower", "projector"):
+        assert stats["macs_parts"][part] == parts["image"][part] + parts["video"][part]

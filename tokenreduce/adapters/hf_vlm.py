@@ -48,7 +48,8 @@ language model's decoder layers, and a wrapper of the model's `forward` and `gen
 Refused before any compute, with the reason: beams and num_return_sequences > 1, chunked prefill,
 static/offloaded/quantized caches and caches with sliding-window layers, a non-empty cache not
 filled by a reduced prefill, assisted decoding, attention other than eager/sdpa, labels (the logits
-are those of the kept positions), per-layer outputs, inputs_embeds without input_ids, and videos.
+are those of the kept positions), per-layer outputs and inputs_embeds without input_ids. A video's
+placeholders (Qwen2-VL/2.5-VL, OneVision) are visual tokens as an image's are.
 Samples holding different numbers of image tokens are selected one by one (`select_each`), each with
 its own counts, and the shorter ones padded on the left.
 """
@@ -75,6 +76,7 @@ from tokenreduce.adapters.hf_common import (
 )
 from tokenreduce.adapters.hf_vlm_families import (
     BOUNDARY_FAMILIES,
+    ENCODERS,
     FAMILIES,
     LLAVA,
     LLAVA_NEXT,
@@ -84,7 +86,8 @@ from tokenreduce.adapters.hf_vlm_families import (
     check_language_model,
     counted_vision_macs,
     family_of,
-    recording_image_features,
+    recording_features,
+    visual_token_ids,
 )
 from tokenreduce.adapters.hf_vlm_families import probe_inputs as family_probe_inputs
 from tokenreduce.core.contract import Patch
@@ -825,16 +828,6 @@ def check_vision_arguments(patch: VLMPatch, layer, strategy, image_sizes) -> Non
                 "image_sizes=None")
 
 
-def check_no_videos(model: nn.Module, arguments: dict, prompt: int) -> None:
-    """Videos are refused: only image placeholders are found and reduced (`prompt`: the pass's tokens
-    that belong to the prompt; a generated token is never a video)."""
-    video = getattr(model.config, "video_token_id", None)
-    ids = arguments.get("input_ids")
-    given = arguments.get("pixel_values_videos") is not None or (arguments.get("mm_encoder_outputs") or {}).get("video")
-    if given or (video is not None and ids is not None and bool((ids[:, :prompt] == video).any())):
-        _refuse("a video", "only the images' placeholder tokens are found and reduced", "images (pixel_values)")
-
-
 def cut_placeholders(placeholder: Tensor, counts: list[int], equal_runs: bool) -> Tensor:
     """The placeholder tokens [B, N] bool cut when image i keeps the first `counts[i]` of its run. The
     placeholders in row-major order (batch, then sequence) are the images' runs, as transformers fills
@@ -903,7 +896,7 @@ def decode_entry(patch: VLMPatch, cache, arguments: dict, cut: str):
     if entry is None:
         _refuse("a non-empty cache not filled by a reduced prefill", "its layers hold every token",
                 "an empty cache, or the cache a reduced pass returned")
-    if arguments.get("pixel_values") is not None or arguments.get("mm_encoder_outputs"):
+    if any(arguments.get(name) is not None for name in ENCODERS.values()) or arguments.get("mm_encoder_outputs"):
         _refuse("images after the prefill", f"the {cut} are cut in the prefill only", "pixel_values in the first pass")
     return entry
 
@@ -928,20 +921,15 @@ class ReducedVLM:
             check_cache(cache)
         if patch.boundary:
             return self._tr_boundary(original, arguments, extra)
-        continuing = cache is not None and cache.get_seq_length() > 0
-        ids = arguments.get("input_ids")
-        check_no_videos(self, arguments, 0 if continuing or ids is None else getattr(patch.local, "prompt", None) or
-                        ids.shape[1])
-        if continuing:
+        if cache is not None and cache.get_seq_length() > 0:
             return self._tr_run(original, arguments, extra, decode_entry(patch, cache, arguments, "image tokens"))
         input_ids = arguments.get("input_ids")
         if input_ids is None:
             _refuse("inputs_embeds without input_ids", "the image tokens are found by their placeholder id",
                     "input_ids")
-        info = patch.info
         b, n = input_ids.shape
         prompt = getattr(patch.local, "prompt", None) or n
-        image_mask = input_ids == info.image_token_id
+        image_mask = torch.isin(input_ids, torch.tensor(visual_token_ids(self), device=input_ids.device))
         image_mask[:, prompt:] = False
         per_sample = image_mask.sum(dim=1).tolist()
         num_visual = max(per_sample, default=0)
@@ -967,14 +955,14 @@ class ReducedVLM:
         if stages and len(set(per_sample)) > 1:  # each sample's own counts; None: a sample without an image
             run.sample_counts = [reducer.visual_counts(v) if v else None for v in per_sample]
         if getattr(patch.local, "prompt", None) is None:  # outside generate, only this pass's images count
-            patch.local.vision = None
+            patch.local.vision = []
         out = self._tr_run(original, arguments, extra, run)
         if cache is not None:
             patch.caches[cache] = Decode(kept_at=run.kept_at, padded=run.padded,
                                          shifts=run.shifts if run.renumbered else None)
         patch.last_state = prefill_state(run)
-        # the images this pass (or the generate call it belongs to) encoded; None: it was given features
-        patch.last_state.extras["vision_inputs"] = getattr(patch.local, "vision", None) if num_visual else None
+        # the images and videos this pass (or the generate call it belongs to) encoded; none: given the features
+        patch.last_state.extras["vision_inputs"] = list(getattr(patch.local, "vision", None) or []) if num_visual else []
         return out
 
     def _tr_boundary(self, original, arguments: dict, extra: dict):
@@ -1096,7 +1084,7 @@ class ReducedVLM:
             _refuse("generate without input_ids", "the image tokens are found by their placeholder id", "input_ids")
         previous = getattr(patch.local, "prompt", None)
         patch.local.prompt = inputs.shape[1]
-        patch.local.vision = patch.local.tower_done = None
+        patch.local.vision, patch.local.tower_done = [], None
         try:
             return super().generate(*args, **kwargs)
         finally:
@@ -1168,18 +1156,20 @@ def prefill_macs(model: nn.Module, state: ReductionState, tower: dict | None = N
 
 
 def counted_prefill_macs(model: nn.Module, state: ReductionState, lm: dict[str, int]) -> dict[str, int]:
-    """prefill_macs of a tiled or Qwen model: the vision tower and projector counted on the images the
-    pass encoded (hf_vlm_families.counted_vision_macs, once per shape), per sample of the batch; 0 for a
-    pass given the image features."""
+    """prefill_macs of a tiled or Qwen model: the vision tower and projector counted on the images and
+    videos the pass encoded (hf_vlm_families.counted_vision_macs, once per shape), per sample of the
+    batch; 0 for a pass given the features."""
     patch = model._tokenreduce
-    vision: VisionInputs | None = state.extras.get("vision_inputs")
     parts = {"vision_tower": 0, "projector": 0}
-    if vision is not None:
-        key = vision.key()
+    samples = max(len(state.extras["visual_per_sample"]), 1)
+    encoded: list[VisionInputs] = state.extras.get("vision_inputs") or []
+    for inputs in encoded:
+        key = inputs.key()
         if key not in patch.vision_costs:
-            patch.vision_costs[key] = counted_vision_macs(model, patch.family, vision)
-        samples = max(len(state.extras["visual_per_sample"]), 1)
-        parts = {part: round(macs / samples) for part, macs in patch.vision_costs[key].items()}
+            patch.vision_costs[key] = counted_vision_macs(model, patch.family, inputs)
+        for part, macs in patch.vision_costs[key].items():
+            parts[part] += macs
+    parts = {part: round(macs / samples) for part, macs in parts.items()}
     parts.update(blocks=lm["blocks"], reducer=lm["reducer"])
     return {**parts, "total": sum(parts.values())}
 
@@ -1292,10 +1282,15 @@ class VLMAdapter(HFAdapterBase):
             lm = language_model(model)
             patch.handles = [layer.register_forward_pre_hook(LayerHook(patch, lm, i), with_kwargs=True)
                              for i, layer in enumerate(lm.layers)]
-            if patch.family != LLAVA:  # the tower's MACs are counted on the images each pass encodes
+            if patch.family != LLAVA:  # the tower's MACs are counted on the images and videos each pass encodes
                 inner = model.model
-                inner.get_image_features = recording_image_features(lambda images: setattr(patch.local, "vision", images),
-                                                                    inner.get_image_features)
+
+                def record(inputs):
+                    patch.local.vision = [*(getattr(patch.local, "vision", None) or []), inputs]
+
+                for method in ENCODERS:
+                    if hasattr(inner, method):
+                        setattr(inner, method, recording_features(record, getattr(inner, method)))
         model._tokenreduce = patch
         model.token_reducer = reducer
         model.__class__ = self._reduced_class(type(model))
@@ -1303,8 +1298,9 @@ class VLMAdapter(HFAdapterBase):
     def unpatch(self, model: nn.Module) -> None:
         for handle in model._tokenreduce.handles:
             handle.remove()
-        if "get_image_features" in vars(model.model):
-            del model.model.get_image_features  # the instance's override; the class's method shows again
+        for method in ENCODERS:
+            if method in vars(model.model):
+                delattr(model.model, method)  # the instance's override; the class's method shows again
         if model._tokenreduce.in_tower:
             tower = model.model.vision_tower
             tower._tokenreduce.adapter.unpatch(tower)

@@ -130,7 +130,7 @@ def probe_inputs(model: nn.Module, family: str) -> dict:
         image["pixel_values"] = torch.randn(1, tiles, config.vision_config.num_channels, size, size, generator=generator)
         image["image_sizes"] = torch.tensor([[2 * size, 2 * size]])
         with torch.inference_mode():  # the unreduced count: the placeholder run the processor would give
-            features = own_image_features(model)(pixel_values=image["pixel_values"].to(param.device, param.dtype),
+            features = own_features(model)(pixel_values=image["pixel_values"].to(param.device, param.dtype),
                                                  image_sizes=image["image_sizes"].to(param.device), return_dict=True)
         run = [config.image_token_id] * int(features.pooler_output[0].shape[0])
     special = set(visual_token_ids(model)) | {getattr(config.text_config, "pad_token_id", None)} | set(run)
@@ -145,40 +145,47 @@ def probe_inputs(model: nn.Module, family: str) -> dict:
 
 
 # --- the vision tower's MACs -----------------------------------------------------------------------------
-def recording_image_features(record, original):
-    """`get_image_features` that calls `record(inputs)` with what it was given (the pixel values'
-    shape and dtype, and the tensors that size the images) before running; the signature is kept
-    (generate selects the arguments it passes by it)."""
+ENCODERS = {"get_image_features": "pixel_values", "get_video_features": "pixel_values_videos"}  # -> pixel argument
+
+
+def recording_features(record, original):
+    """`get_image_features` or `get_video_features` (`original`) that calls `record(inputs)` with
+    what it was given (the pixel values' shape and dtype, and the tensors that size them) before
+    running; the signature is kept (generate selects the arguments it passes by it)."""
     signature = inspect.signature(original)
+    method = original.__name__
+    name = ENCODERS[method]
 
     @functools.wraps(original)
-    def get_image_features(*args, **kwargs):
+    def encode(*args, **kwargs):
         arguments = signature.bind(*args, **kwargs).arguments
-        pixels = arguments.get("pixel_values")
+        pixels = arguments.get(name)
         if isinstance(pixels, Tensor):
-            sizes = {k: v.detach().clone() for k, v in arguments.items() if k != "pixel_values" and isinstance(v, Tensor)}
-            record(VisionInputs(shape=tuple(pixels.shape), dtype=pixels.dtype, sizes=sizes))
+            sizes = {k: v.detach().clone() for k, v in arguments.items() if k != name and isinstance(v, Tensor)}
+            record(VisionInputs(method=method, shape=tuple(pixels.shape), dtype=pixels.dtype, sizes=sizes))
         return original(*args, **kwargs)
 
-    return get_image_features
+    return encode
 
 
 class VisionInputs:
-    """The images a get_image_features call encoded: the pixel values' shape and dtype, and the
-    tensors that size them (image_sizes, image_grid_thw, ...)."""
+    """The images or videos one call of `method` (get_image_features, get_video_features) encoded:
+    the pixel values' shape and dtype, and the tensors that size them (image_sizes, image_grid_thw,
+    video_grid_thw, ...)."""
 
-    def __init__(self, shape: tuple, dtype: torch.dtype, sizes: dict[str, Tensor]):
-        self.shape, self.dtype, self.sizes = shape, dtype, sizes
+    def __init__(self, method: str, shape: tuple, dtype: torch.dtype, sizes: dict[str, Tensor]):
+        self.method, self.shape, self.dtype, self.sizes = method, shape, dtype, sizes
 
     def key(self) -> tuple:
-        return self.shape, self.dtype, tuple((k, tuple(v.flatten().tolist())) for k, v in sorted(self.sizes.items()))
+        sizes = tuple((k, tuple(v.flatten().tolist())) for k, v in sorted(self.sizes.items()))
+        return self.method, self.shape, self.dtype, sizes
 
 
-def own_image_features(model: nn.Module):
-    """The model's own `get_image_features`, not an override of the adapter's (which records its calls or
-    reduces the features; each keeps the model's as `__wrapped__`)."""
-    override = vars(model.model).get("get_image_features")  # the instance's; the class's own is decorated
-    return model.model.get_image_features if override is None else override.__wrapped__
+def own_features(model: nn.Module, method: str = "get_image_features"):
+    """The model's own `method` (get_image_features, get_video_features), not an override of the
+    adapter's (which records its calls or reduces the features; each keeps the model's as `__wrapped__`)."""
+    override = vars(model.model).get(method)  # the instance's; the class's own is decorated
+    return getattr(model.model, method) if override is None else override.__wrapped__
 
 
 def projector(model: nn.Module, family: str) -> nn.Module:
@@ -187,7 +194,7 @@ def projector(model: nn.Module, family: str) -> nn.Module:
 
 
 def counted_vision_macs(model: nn.Module, family: str, inputs: VisionInputs) -> dict[str, int]:
-    """MACs of get_image_features on `inputs`' images (all of them), as FlopCounterMode counts them
+    """MACs of get_image_features (get_video_features) on `inputs`' images (videos), as FlopCounterMode counts them
     on zeros of the same shapes, split into the projector's (its linear layers on the tokens it
     receives) and the rest (the vision tower: patch embedding, encoder layers, and for Qwen the
     patch merger's norm)."""
@@ -202,7 +209,7 @@ def counted_vision_macs(model: nn.Module, family: str, inputs: VisionInputs) -> 
     counter = FlopCounterMode(display=False)
     try:
         with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), counter:
-            own_image_features(model)(pixel_values=pixels, **sizes)
+            own_features(model, inputs.method)(**{ENCODERS[inputs.method]: pixels}, **sizes)
     finally:
         hook.remove()
     rows = sum(tokens)
