@@ -87,16 +87,22 @@ def visual_count(family: str) -> int:
     return QWEN_GRID ** 2 // 4 if is_qwen(family) else TILED_TOKENS
 
 
+def padded_prompts(family: str, placeholder: int, counts: list[int]) -> dict:
+    """Two prompts of different lengths, each with one run of `counts[i]` placeholders (Qwen's between
+    its start and end tokens), left-padded into one batch: input_ids and attention_mask."""
+    runs = [[START] + [placeholder] * c + [END] if is_qwen(family) else [placeholder] * c for c in counts]
+    rows = [[1, 5, 6] + runs[0] + [7, 8, 9], [4, 5] + runs[1] + [7, 8]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    return {"input_ids": ids, "attention_mask": (ids != PAD).long()}
+
+
 def prompts(family: str, model) -> dict:
     """Two prompts of different lengths with one image each (of the same size, so the same number of
     visual tokens), left-padded into one batch."""
     generator = torch.Generator().manual_seed(1)
-    v = visual_count(family)
-    run = [START] + [IMAGE] * v + [END] if is_qwen(family) else [IMAGE] * v
-    rows = [[1, 5, 6] + run + [7, 8, 9], [4, 5] + run + [7, 8]]
-    width = max(map(len, rows))
-    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
-    inputs = {"input_ids": ids, "attention_mask": (ids != PAD).long()}
+    inputs = padded_prompts(family, IMAGE, [visual_count(family)] * 2)
+    ids = inputs["input_ids"]
     if is_qwen(family):
         patch = model.config.vision_config.patch_size
         inputs["pixel_values"] = torch.randn(2 * QWEN_GRID ** 2, 3 * 2 * patch * patch, generator=generator)
@@ -183,12 +189,8 @@ VIDEO_TOKENS = {"llava_onevision": FRAMES * 4 + 1, "qwen2_vl": FRAMES // 2 * QWE
 def video_prompts(family: str, model) -> dict:
     """prompts() with a video in place of each image (of the same length, so the same tokens)."""
     generator = torch.Generator().manual_seed(6)
-    v = VIDEO_TOKENS[family]
-    run = [START] + [VIDEO] * v + [END] if is_qwen(family) else [VIDEO] * v
-    rows = [[1, 5, 6] + run + [7, 8, 9], [4, 5] + run + [7, 8]]
-    width = max(map(len, rows))
-    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
-    inputs = {"input_ids": ids, "attention_mask": (ids != PAD).long()}
+    inputs = padded_prompts(family, VIDEO, [VIDEO_TOKENS[family]] * 2)
+    ids = inputs["input_ids"]
     if is_qwen(family):
         patch = model.config.vision_config.patch_size
         inputs["pixel_values_videos"] = torch.randn(2 * FRAMES * QWEN_GRID ** 2 // 2, 3 * 2 * patch * patch,
@@ -327,13 +329,9 @@ def uneven_prompts(family: str, model) -> dict:
         inputs["image_sizes"] = torch.tensor([[16, 32], [32, 32]])
         counts = [int(f.shape[0]) for f in model.model.get_image_features(
             pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True).pooler_output]
-    runs = [[START] + [IMAGE] * c + [END] if is_qwen(family) else [IMAGE] * c for c in counts]
-    rows = [[1, 5, 6] + runs[0] + [7, 8, 9], [4, 5] + runs[1] + [7, 8]]
-    width = max(map(len, rows))
-    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
-    inputs.update(input_ids=ids, attention_mask=(ids != PAD).long())
+    inputs.update(padded_prompts(family, IMAGE, counts))
     if is_qwen(family):
-        inputs["mm_token_type_ids"] = (ids == IMAGE).int()
+        inputs["mm_token_type_ids"] = (inputs["input_ids"] == IMAGE).int()
     return inputs, counts
 
 

@@ -193,7 +193,6 @@ class Prefill:
     replaced: dict | None = None  # the shortened layer arguments, once a stage dropped tokens
     entering: list[int] = field(default_factory=list)  # per layer: sequence tokens before its drop (per sample)
     tokens: list[int] = field(default_factory=list)  # per layer: sequence tokens through it (per sample)
-    visual: list[int] = field(default_factory=list)  # per layer: image tokens through it (the most of any sample)
     visual_rows: list = field(default_factory=list)  # per layer: each sample's image tokens through it
     kept_at: list = field(default_factory=list)  # per layer: kept full-sequence indices (-1: a padding slot), None: all
     padded: list[bool] = field(default_factory=list)  # per layer: whether kept_at holds padding slots
@@ -399,9 +398,7 @@ class LayerHook:
             if stage.signal_layer == self.index and stage.layer > self.index:
                 run.stage_inputs[s] = (hidden, dict(kwargs))
         run.tokens.append(hidden.shape[1])
-        through = run.image_mask.sum(dim=1).tolist()
-        run.visual.append(max(through, default=0))
-        run.visual_rows.append(through)
+        run.visual_rows.append(run.image_mask.sum(dim=1).tolist())
         run.kept_at.append(None if run.replaced is None else run.kept)
         run.padded.append(run.replaced is not None and run.has_pads)
         run.shifts.append(run.valid_total - run.valid.sum(dim=1) if run.renumbered else None)
@@ -1098,7 +1095,8 @@ def prefill_state(run: Prefill) -> ReductionState:
     state.records = [LayerRecord(tokens_attn=t, tokens_mlp=t, tokens_in=e)
                      for e, t in zip(run.entering, run.tokens, strict=True)]
     state.final_tokens = run.tokens[-1] if run.tokens else 0
-    state.extras.update(visual=list(run.visual), kept=run.kept, image_tokens=run.num_visual,
+    state.extras.update(visual=[max(row, default=0) for row in run.visual_rows], kept=run.kept,
+                        image_tokens=run.num_visual,
                         visual_by_sample=[list(row) for row in zip(*run.visual_rows, strict=True)],
                         visual_per_sample=run.image_mask.sum(dim=1).tolist(), reducer_macs=run.reducer_macs)
     return state
@@ -1189,8 +1187,13 @@ def decode_macs(model: nn.Module, state: ReductionState) -> int:
 def probe_inputs(model: nn.Module) -> dict:
     """One prompt for a cost probe (`cost.probe_pass`); the tiled and Qwen models' from hf_vlm_families,
     whose placeholder run is as long as the unreduced model's features."""
-    family = model._tokenreduce.family if is_patched(model) else family_of(type(model))
+    family = model_family(model)
     return llava_probe_inputs(model) if family == LLAVA else family_probe_inputs(model, family)
+
+
+def model_family(model: nn.Module) -> str:
+    """The supported class `model` is (hf_vlm_families.FAMILIES), patched or not."""
+    return model._tokenreduce.family if is_patched(model) else family_of(type(model))
 
 
 def llava_probe_inputs(model: nn.Module) -> dict:
@@ -1246,7 +1249,7 @@ class VLMAdapter(HFAdapterBase):
                               f"reducers {inside} on this model, or {reducer.name!r} on {LLAVA} or {LLAVA_NEXT} with "
                               "a CLIP vision tower")
         renumbers = is_prefill_reducer(reducer) and any(stage.renumber for stage in reducer.prefill_stages())
-        if renumbers and family_of(type(model)) in QWEN:
+        if renumbers and family in QWEN:
             raise ConfigError(f"{reducer.name}: renumber=True on {type(model).__name__}, whose positions are 3-D (time, "
                               "height, width) and have no renumbering; allowed: renumber=False")
 
@@ -1326,8 +1329,7 @@ class VLMAdapter(HFAdapterBase):
     def token_bound(self, model: nn.Module) -> int:
         """The image tokens of the probe prompt (LLaVA-1.5: its features per image)."""
         info = facts_of(model)
-        family = model._tokenreduce.family if is_patched(model) else family_of(type(model))
-        if family == LLAVA and info.image_features > 0:
+        if model_family(model) == LLAVA and info.image_features > 0:
             return info.image_features
         return int((probe_inputs(model)["input_ids"] == info.image_token_id).sum())
 

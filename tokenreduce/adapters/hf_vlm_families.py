@@ -16,9 +16,9 @@ functions, and the vision tower's MACs on the images a pass encoded.
   height, width) computed by the model for the full sequence; placement (c) carries each kept
   token's (cos, sin) and the decode steps keep the full sequence's numbering (FastV's rule).
 
-The vision tower of the last four is counted, not derived: its MACs on a pass's images are those
-FlopCounterMode counts on one run of `get_image_features` on zeros of the same shapes (attention
-through the math kernel, which it decomposes into matrix products), once per shape.
+The vision tower of the last four is counted, not derived: its MACs on a pass's images (videos) are
+those FlopCounterMode counts on one run of `get_image_features` (`get_video_features`) on zeros of
+the same shapes (`core.macs.counted_macs`), once per shape.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenreduce.adapters.hf_common import from_transformers, modeling
-from tokenreduce.core.macs import linear_macs
+from tokenreduce.core.macs import counted_macs, linear_macs
 from tokenreduce.errors import UnsupportedModelError
 
 LLAVA = "LlavaForConditionalGeneration"
@@ -43,7 +43,6 @@ FAMILIES = {
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
 }
 LLAVA_NEXT = "LlavaNextForConditionalGeneration"
-TILED = (LLAVA_NEXT, "LlavaOnevisionForConditionalGeneration")
 QWEN = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 # language models whose decoder layers are Llama's (input_layernorm, q/k/v/o projections, rotary (cos,
 # sin) applied as Llama applies them, grouped key-value heads): modeling module -> (model, layer, attention)
@@ -198,23 +197,17 @@ def counted_vision_macs(model: nn.Module, family: str, inputs: VisionInputs) -> 
     on zeros of the same shapes, split into the projector's (its linear layers on the tokens it
     receives) and the rest (the vision tower: patch embedding, encoder layers, and for Qwen the
     patch merger's norm)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     param = next(model.parameters())
     tokens = []
     hook = projector(model, family).register_forward_pre_hook(lambda m, args: tokens.append(args[0].shape[:-1].numel()))
     pixels = torch.zeros(inputs.shape, dtype=inputs.dtype, device=param.device)
     sizes = {k: v.to(param.device) for k, v in inputs.sizes.items()}
-    counter = FlopCounterMode(display=False)
     try:
-        with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), counter:
-            own_features(model, inputs.method)(**{ENCODERS[inputs.method]: pixels}, **sizes)
+        total = counted_macs(lambda: own_features(model, inputs.method)(**{ENCODERS[inputs.method]: pixels}, **sizes))
     finally:
         hook.remove()
     rows = sum(tokens)
     if family in QWEN:  # the merger reads its input's patches in groups of merge^2, one group per token
         rows //= model.config.vision_config.spatial_merge_size ** 2
-    total = counter.get_total_flops() // 2
     projected = rows * linear_macs(projector(model, family))
     return {"vision_tower": total - projected, "projector": projected}

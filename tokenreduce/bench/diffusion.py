@@ -18,8 +18,6 @@ import time
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce
 from tokenreduce.bench.harness import (
@@ -30,6 +28,7 @@ from tokenreduce.bench.harness import (
     ratio_text,
     spread_too_wide,
 )
+from tokenreduce.core.macs import counted_macs
 from tokenreduce.engine.speed import (
     DTYPES,
     NOISY,
@@ -185,17 +184,16 @@ def place(unet: nn.Module, case: Case, reducer=None) -> None:
 
 
 def unet_macs(unet: nn.Module, call: UNetCall, latents: torch.Tensor) -> tuple[float, float]:
-    """MACs of one sample's unreduced call: the whole U-Net's (FlopCounterMode, attention through
-    the math kernel so that it is counted) and its transformer blocks' (tokenreduce.stats, the part
-    a reducer changes)."""
+    """MACs of one sample's unreduced call: the whole U-Net's (`core.macs.counted_macs`, attention
+    through the math kernel so that it is counted) and its transformer blocks' (tokenreduce.stats,
+    the part a reducer changes)."""
     tokenreduce.apply(unet, NONE)
     try:
-        with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            call(latents[:1])
+        total = counted_macs(lambda: call(latents[:1]))
         blocks = tokenreduce.stats(unet)["macs"]
     finally:
         tokenreduce.remove(unet)
-    return counter.get_total_flops() / 2, blocks
+    return total, blocks
 
 
 def peak_memory_mb(unet_name: str, case: Case, latent: int, dtype: str, device: str) -> float:

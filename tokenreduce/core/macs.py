@@ -8,11 +8,24 @@ additions and the merge itself, which are elementwise. This is what the literatu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from tokenreduce.core.state import LayerRecord
+
+
+def counted_macs(call: Callable[[], object]) -> int:
+    """MACs of `call()` as FlopCounterMode counts them (2 FLOPs per MAC), without gradients and with
+    attention through the math kernel, which it decomposes into the matrix products it counts."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        call()
+    return counter.get_total_flops() // 2
 
 
 def linear_macs(module: nn.Module) -> int:
